@@ -1,0 +1,35 @@
+# bento-canary: the two front-door commands are `make demo` and `make test`.
+SHELL  := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test clean system-deps
+
+## setup: create .venv, install the project and the system services (idempotent)
+setup: $(STAMP) system-deps
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing bento-canary into $(VENV) (first run takes a minute or two)"
+	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(BIN)/python -c "import torch, bentoml, mlflow, onnxruntime" 
+	@touch $(STAMP)
+
+system-deps:
+	@bash deploy/system-deps.sh
+
+## demo: train -> register -> export -> build -> serve -> predict, end to end
+demo: setup
+	@$(BIN)/canary demo
+
+## test: the whole test suite
+test: setup
+	@$(BIN)/python -m pytest
+
+## clean: remove all runtime state (.canary/) and exported Bentos
+clean:
+	rm -rf .canary bentos/*.bento

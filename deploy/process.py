@@ -1,0 +1,101 @@
+"""Start and stop the processes the project owns (by pid), and wait on readiness.
+
+Used by `canary demo`/`canary serve`, the tests' fixtures and later the local stack.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from models.errors import CanaryError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the running interpreter's environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class Child:
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM our child (it shuts its workers down), then SIGKILL its group if it lingers."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,  # our own process group, so a crash of ours can't orphan it
+        )
+    return Child(process, log)
+
+
+def wait_http_ok(child: Child, url: str, timeout: float = 120.0) -> None:
+    """Poll `url` until it answers 200; fail fast if the child dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise CanaryError(f"process {child.pid} exited with {child.process.returncode}; log {child.log}:\n{child.tail()}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise CanaryError(f"{url} was not ready after {timeout:.0f}s; log {child.log}")
+
+
+@contextmanager
+def served_bento(bento: str, port: int, log: Path, env: dict[str, str] | None = None, timeout: float = 180.0) -> Iterator[str]:
+    """`bentoml serve <bento>` on `port` until the block ends; yields the base URL."""
+    child = spawn([venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)], log, env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(child, f"{base}/v2/health/ready", timeout)
+        yield base
+    finally:
+        child.stop()

@@ -1,0 +1,63 @@
+"""Build the serving Bento for one registry version and export its archive to `bentos/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import CanaryError
+from models.home import REPO_ROOT, CanaryHome
+from models.pipeline import Say, _quiet, resolve_stored
+
+BENTOFILE = REPO_ROOT / "bentofile.yaml"
+FORBIDDEN_IN_BENTO = ("torch", "mlflow")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    tag: str
+    model_tag: str
+    archive: Path
+    archive_bytes: int
+    requirements: tuple[str, ...]
+
+
+def bento_requirements(bento_path: Path) -> tuple[str, ...]:
+    req = bento_path / "env" / "python" / "requirements.txt"
+    if not req.is_file():
+        return ()
+    lines = (line.strip() for line in req.read_text().splitlines())
+    return tuple(line for line in lines if line and not line.startswith(("#", "-")))
+
+
+def build_bento(home: CanaryHome, version: int | None = None, alias: str | None = None, say: Say = _quiet) -> BuildResult:
+    """`bentofile.yaml` + the stored model of a version -> Bento `digits-service:v<N>` + archive."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    ref, stored = resolve_stored(home, version, alias)
+    bento_version = f"v{ref.version}"
+    say(f"building the Bento for {stored.tag} from {BENTOFILE.name}")
+    try:
+        bentoml.bentos.delete(f"digits-service:{bento_version}")
+    except NotFound:
+        pass
+    bento = bentoml.bentos.build_bentofile(
+        str(BENTOFILE),
+        build_ctx=str(REPO_ROOT),
+        version=bento_version,
+        args={"model_tag": stored.tag},
+        labels={"model_version": str(ref.version), "model_sha256": stored.labels["sha256"], "run_id": ref.run_id},
+    )
+    requirements = bento_requirements(Path(bento.path))
+    heavy = [r for r in requirements if r.split("=")[0].split("<")[0].split(">")[0].strip().lower() in FORBIDDEN_IN_BENTO]
+    if heavy:
+        bentoml.bentos.delete(str(bento.tag))
+        raise CanaryError(f"the Bento would carry {', '.join(heavy)}; serving needs onnxruntime only")
+    home.bentos_dir.mkdir(exist_ok=True)
+    archive = home.bentos_dir / f"digits-service-{bento_version}.bento"
+    archive.unlink(missing_ok=True)
+    bentoml.bentos.export_bento(bento.tag, str(archive))
+    size = archive.stat().st_size
+    say(f"built {bento.tag} ({size / 1e6:.2f} MB archive at {archive.relative_to(REPO_ROOT)})")
+    return BuildResult(str(bento.tag), stored.tag, archive, size, requirements)
