@@ -6,10 +6,15 @@ Domain errors (`CanaryError`) and usage errors print one line and exit 1.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Annotated, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from models.errors import CanaryError
 from models.home import CanaryHome
@@ -80,7 +85,9 @@ def serve(
 
     home = _home()
     home.require()
-    os.execvp("bentoml", ["bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(port)])
+    from deploy.process import venv_bin
+
+    os.execv(venv_bin("bentoml"), [venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)])
 
 
 @app.command()
@@ -94,18 +101,23 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Library deprecation chatter (torch.onnx, mlflow) is not for the user of the CLI.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(args=argv, standalone_mode=False)
     except CanaryError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except click.UsageError as exc:
+    except click_errors.NoArgsIsHelpError:
+        sys.exit(0)  # the help was shown; nothing went wrong
+    except click_errors.ClickException as exc:
         typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(1)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
 
 

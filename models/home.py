@@ -39,8 +39,17 @@ class CanaryHome(BaseSettings):
     )
 
     @property
+    def embedded_uri(self) -> str:
+        return f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
     def mlflow_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+        return self.tracking_uri or self.embedded_uri
+
+    @property
+    def embedded(self) -> bool:
+        """True when MLflow is the SQLite store in the state folder (artifacts live there too)."""
+        return self.mlflow_uri == self.embedded_uri
 
     @property
     def artifacts(self) -> Path:

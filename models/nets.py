@@ -35,7 +35,7 @@ class DigitsHeavy(nn.Module):
     """Same task, deliberately compute-heavy (wide convolutions at full 8x8 resolution):
     about 5 ms per sample at batch 1 on one core, so benchmarks are compute-bound."""
 
-    def __init__(self, width: int = 192, depth: int = 3) -> None:
+    def __init__(self, width: int = 256, depth: int = 7) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU()]
         for _ in range(depth):

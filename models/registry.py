@@ -61,7 +61,7 @@ class Registry:
         exp = self.client.get_experiment_by_name(self.home.experiment)
         if exp is not None:
             return exp.experiment_id
-        location = None if self.home.tracking_uri else self.home.artifacts.resolve().as_uri()
+        location = self.home.artifacts.resolve().as_uri() if self.home.embedded else None
         return self.client.create_experiment(self.home.experiment, artifact_location=location)
 
     def start_run(self, run_name: str) -> Any:

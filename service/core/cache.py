@@ -1,0 +1,249 @@
+"""The response cache: `ResponseCache` interface, `NullCache`, and the Redis-backed `RedisCache`.
+
+Keys carry model name + model version + a digest of the canonical inputs and the requested
+outputs, so blue and green sharing one Redis never serve each other's answers. `RedisCache`
+fails open behind a circuit breaker: a Redis fault costs misses, never an error or a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "canary:v1"
+_MAGIC = b"CNRY\x01"  # format tag + framing version
+_COUNT = struct.Struct("<I")
+_DIM = struct.Struct("<Q")
+_UNSUPPORTED_KINDS = "OV"  # object arrays hold pointers, structured dtypes lose fields in .str
+
+
+class ResponseCache(Protocol):
+    """What the batch function needs from a cache. Implementations never raise on a fault."""
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Return one entry per key, in order; a miss is `None`."""
+        ...
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Store `(key, value)` pairs; storing is best effort."""
+        ...
+
+
+class NullCache:
+    """The cache switched off: always misses, stores nothing."""
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [None] * len(keys)
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        return None
+
+
+def _checked(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind in _UNSUPPORTED_KINDS:
+        raise ValueError(f"dtype {array.dtype} cannot be cached")
+    return array
+
+
+def cache_key(model: str, version: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> str:
+    """Key for one request: model, version, sha256 of the canonical inputs and the output names.
+
+    Inputs are hashed sorted by name as (name, dtype string, shape, C-order bytes), so the
+    memory layout and dict order do not matter; the requested outputs keep their order.
+    """
+    digest = hashlib.sha256()
+
+    def field(data: bytes) -> None:  # length-prefixed, so no two field lists hash alike
+        digest.update(_DIM.pack(len(data)) + data)
+
+    for text in (model, version):  # also hashed: "a:b"/"c" and "a"/"b:c" must not collide
+        field(text.encode())
+    for name in sorted(inputs):
+        array = _checked(inputs[name])
+        field(name.encode())
+        field(array.dtype.str.encode())
+        field(repr(array.shape).encode())
+        field(array.tobytes(order="C"))
+    field(str(len(outputs)).encode())
+    for name in outputs:
+        field(name.encode())
+    return f"{KEY_PREFIX}:{model}:{version}:{digest.hexdigest()}"
+
+
+def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
+    """Frame arrays as magic, count, then per array: dtype string, shape, C-order bytes."""
+    parts = [_MAGIC, _COUNT.pack(len(arrays))]
+    for array in map(_checked, arrays):
+        dtype = array.dtype.str.encode()
+        parts += [bytes([len(dtype)]), dtype, bytes([array.ndim])]
+        parts += [_DIM.pack(d) for d in array.shape]
+        data = array.tobytes(order="C")
+        parts += [_DIM.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def decode_arrays(blob: bytes) -> list[np.ndarray]:
+    """Inverse of `encode_arrays`; raise ValueError on anything it did not produce."""
+    view = memoryview(blob)
+    pos = 0
+
+    def take(n: int) -> memoryview:
+        nonlocal pos
+        if n < 0 or pos + n > len(view):
+            raise ValueError("truncated cache entry")
+        pos += n
+        return view[pos - n : pos]
+
+    if bytes(take(len(_MAGIC))) != _MAGIC:
+        raise ValueError("not a cache entry")
+    arrays = []
+    for _ in range(_COUNT.unpack(take(_COUNT.size))[0]):
+        try:
+            dtype = np.dtype(bytes(take(take(1)[0])).decode("ascii"))
+        except (TypeError, UnicodeDecodeError) as exc:
+            raise ValueError("bad dtype in cache entry") from exc
+        shape = tuple(_DIM.unpack(take(_DIM.size))[0] for _ in range(take(1)[0]))
+        data = take(_DIM.unpack(take(_DIM.size))[0])
+        if dtype.kind in _UNSUPPORTED_KINDS or len(data) != dtype.itemsize * math.prod(shape):
+            raise ValueError("inconsistent array in cache entry")
+        arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
+    if pos != len(view):
+        raise ValueError("trailing bytes in cache entry")
+    return arrays
+
+
+class RedisCache:
+    """`ResponseCache` on Redis: one MGET per get, one SET EX pipeline per put.
+
+    Fails open: a Redis error, timeout or bad reply is counted as event "error", logged once
+    per breaker opening, and answered as all-misses (get) or dropped (put). After
+    `breaker_failures` consecutive failed calls the breaker opens and calls skip Redis; after
+    `breaker_reset_s` one call probes it, and success closes the breaker again.
+    `on_event(kind, n)` reports "hit", "miss", "error" and "skip" (oversized, not stored).
+    Construction does not connect; a malformed `url` raises ValueError.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_seconds: int = 300,
+        max_entry_bytes: int = 1 << 20,
+        connect_timeout_s: float = 0.05,
+        read_timeout_s: float = 0.05,
+        breaker_failures: int = 3,
+        breaker_reset_s: float = 2.0,
+        on_event: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if ttl_seconds < 1 or max_entry_bytes < 1 or breaker_failures < 1 or breaker_reset_s < 0:
+            raise ValueError("ttl_seconds, max_entry_bytes, breaker_failures must be >= 1, breaker_reset_s >= 0")
+        self.ttl_seconds = ttl_seconds
+        self.max_entry_bytes = max_entry_bytes
+        self.breaker_failures = breaker_failures
+        self.breaker_reset_s = breaker_reset_s
+        self._on_event = on_event
+        # No client-side retries: the breaker decides when Redis is worth another try.
+        self._client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=read_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        self._lock = threading.Lock()
+        self._state = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+
+    @property
+    def state(self) -> str:
+        """Breaker state: "closed", "open" or "half-open" (a probe is in flight)."""
+        return self._state
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        values = None
+        if self._admit():
+            try:
+                reply = self._client.mget(keys)
+                if not isinstance(reply, list) or len(reply) != len(keys):
+                    raise redis.ResponseError(f"MGET answered {type(reply).__name__} for {len(keys)} keys")
+                if any(v is not None and not isinstance(v, bytes) for v in reply):
+                    raise redis.ResponseError("MGET answered a non-bytes value")
+                values = reply
+            except Exception as exc:  # fail open: whatever Redis does, the request goes on
+                self._failed(exc)
+            else:
+                self._succeeded()
+        if values is None:
+            values = [None] * len(keys)
+        hits = sum(v is not None for v in values)
+        self._emit("hit", hits)
+        self._emit("miss", len(keys) - hits)
+        return values
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        fitting = [(k, v) for k, v in items if len(v) <= self.max_entry_bytes]
+        self._emit("skip", len(items) - len(fitting))
+        if not fitting or not self._admit():
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in fitting:
+                pipe.set(key, value, ex=self.ttl_seconds)
+            pipe.execute()
+        except Exception as exc:  # fail open, as in get_many
+            self._failed(exc)
+        else:
+            self._succeeded()
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self._client.close()
+
+    # -- circuit breaker ----------------------------------------------------------------
+    def _admit(self) -> bool:
+        with self._lock:
+            if self._state == "closed":
+                return True
+            if self._state == "open" and time.monotonic() - self._opened_at >= self.breaker_reset_s:
+                self._state = "half-open"  # this caller is the one probe
+                return True
+            return False
+
+    def _succeeded(self) -> None:
+        with self._lock:
+            if self._state != "closed":
+                log.info("redis cache reachable again; breaker closed")
+            self._state, self._failures = "closed", 0
+
+    def _failed(self, exc: Exception) -> None:
+        self._emit("error", 1)
+        with self._lock:
+            self._failures += 1
+            was = self._state
+            if was == "half-open" or self._failures >= self.breaker_failures:
+                self._state, self._opened_at = "open", time.monotonic()
+        if was == "closed" and self._state == "open":
+            log.warning("redis cache failing (%s: %s); breaker open, serving misses", type(exc).__name__, exc)
+        else:
+            log.debug("redis cache call failed: %r", exc)
+
+    def _emit(self, kind: str, n: int) -> None:
+        if n and self._on_event is not None:
+            self._on_event(kind, n)

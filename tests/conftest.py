@@ -1,0 +1,28 @@
+"""Test session set-up: an isolated state folder, set before bentoml or mlflow is imported."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Must run before any test module imports bentoml (it reads BENTOML_HOME at import).
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="canary-test-home-"))
+os.environ["CANARY_HOME"] = str(_SESSION_HOME)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from models.home import CanaryHome  # noqa: E402
+
+CanaryHome().activate()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def canary_home() -> CanaryHome:
+    home = CanaryHome()
+    home.create()
+    return home
+
+
+from tests.support.pipeline import built_pipeline, served  # noqa: E402,F401

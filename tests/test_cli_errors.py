@@ -1,0 +1,86 @@
+"""Bad input to the `canary` CLI: one clear line, exit code 1, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.home import CanaryHome
+from models.registry import Registry
+
+CANARY = str(Path(sys.executable).parent / "canary")
+pytestmark = pytest.mark.slow
+
+
+def run_canary(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CANARY, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("train", "--epochs", "0"), "at least 1"),
+        (("train", "--epochs", "abc"), "--epochs"),
+        (("train", "--model", "resnet"), "unknown model"),
+        (("export", "--version", "999"), "does not exist"),
+        (("export", "--alias", "nope"), "alias 'nope'"),
+        (("export",), "exactly one"),
+        (("build", "--version", "999"), "does not exist"),
+        (("build", "--version", "1", "--bogus"), "No such option"),
+        (("nosuch",), "No such command"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_1(args, fragment, built_pipeline):
+    assert_one_line_error(run_canary(*args), fragment)
+
+
+def test_missing_state_folder_is_one_line(tmp_path):
+    missing = tmp_path / "not-here"
+    result = run_canary("export", "--version", "1", env={"CANARY_HOME": str(missing)})
+    assert_one_line_error(result, "no state folder")
+    assert not missing.exists()
+
+
+def test_version_from_a_run_that_never_finished_is_refused(canary_home: CanaryHome, built_pipeline):
+    registry = Registry(canary_home)
+    source = registry.client.get_model_version("digits", str(built_pipeline.version)).source
+    run = registry.client.create_run(registry.experiment_id(), run_name="crashed-midway")  # stays RUNNING
+    version = registry.client.create_model_version("digits", source, run_id=run.info.run_id).version
+    assert_one_line_error(run_canary("export", "--version", str(version)), "did not finish")
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    with pytest.raises(NotFound):
+        bentoml.models.get(f"digits:v{version}")
+
+
+def test_corrupt_onnx_in_the_store_is_refused_by_build(canary_home: CanaryHome):
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from models.pipeline import export_version, train_and_register
+    from models.train import TrainConfig
+
+    trained = train_and_register(canary_home, TrainConfig(epochs=1, seed=11))
+    exported = export_version(canary_home, version=trained.ref.version)
+    onnx_file = Path(bentoml.models.get(exported.stored.tag).path_of("model.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes()[:100] + b"garbage")
+
+    assert_one_line_error(run_canary("build", "--version", str(trained.ref.version)), "corrupt")
+    with pytest.raises(NotFound):
+        bentoml.bentos.get(f"digits-service:v{trained.ref.version}")
