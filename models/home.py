@@ -79,7 +79,8 @@ class CanaryHome(BaseSettings):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("TORCH_HOME", str(self.home / "torch"))
         os.environ.setdefault("MPLCONFIGDIR", str(self.home / "matplotlib"))
-        os.environ.setdefault("TORCH_ONNX_LOG_LEVEL", "error")
+        # onnxruntime (and others) keep a device-id/cache under $XDG_CACHE_HOME or ~/.cache.
+        os.environ["XDG_CACHE_HOME"] = str(self.home / "cache")
 
     def create(self) -> None:
         """Create the state folder (only training does; it is the pipeline's first step)."""
