@@ -44,7 +44,7 @@ def say(message: str) -> None:
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="digits-cnn, digits-heavy or digits-linear (scikit-learn).")] = "digits-cnn",
-    epochs: Annotated[int, typer.Option(help="Training epochs (at least 1).")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs (at least 1).")] = 15,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same model.")] = 0,
 ) -> None:
     """Train a model, log it to MLflow and register a new version of `digits`."""
@@ -92,7 +92,7 @@ def serve(
 
 @app.command()
 def demo(
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
 ) -> None:
     """The whole flow once: train -> register -> export -> build -> serve -> predict."""
     from deploy.demo import run_demo

@@ -89,9 +89,30 @@ def wait_http_ok(child: Child, url: str, timeout: float = 120.0) -> None:
     raise CanaryError(f"{url} was not ready after {timeout:.0f}s; log {child.log}")
 
 
+def serving_home(shared: Path, name: str) -> Path:
+    """A BENTOML_HOME of its own for one `bentoml serve`, sharing the model and Bento stores.
+
+    Every `bentoml serve` wipes `$BENTOML_HOME/prometheus_multiproc_dir` when it starts, so
+    two servers on one BENTOML_HOME (blue and green) would silently erase each other's
+    metrics. Each server gets its own home whose `models` and `bentos` link to the shared ones.
+    """
+    home = shared.parent / "serving" / name
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(parents=True, exist_ok=True)
+        link = home / store
+        if not link.is_symlink():
+            link.symlink_to((shared / store).resolve(), target_is_directory=True)
+    return home
+
+
 @contextmanager
 def served_bento(bento: str, port: int, log: Path, env: dict[str, str] | None = None, timeout: float = 180.0) -> Iterator[str]:
-    """`bentoml serve <bento>` on `port` until the block ends; yields the base URL."""
+    """`bentoml serve <bento>` on `port` until the block ends; yields the base URL.
+
+    The server gets its own BENTOML_HOME (see `serving_home`), named after its log file."""
+    shared = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    env = {"BENTOML_HOME": str(serving_home(shared, log.stem)), **(env or {})}
     child = spawn([venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)], log, env)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -21,7 +21,7 @@ SKLEARN_ARCHITECTURES = ("digits-linear",)
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "digits-cnn"
-    epochs: int = 8
+    epochs: int = 15
     seed: int = 0
     batch_size: int = 64
     learning_rate: float = 2e-3

@@ -2,22 +2,31 @@
 
 Served as `service.app:DigitsService`. The model tag is a Bento argument baked in by
 `canary build` (`bentoml serve service.app:DigitsService --arg model_tag=digits:v1`
-works from a checkout); the service imports neither torch nor mlflow.
+works from a checkout). The service imports neither torch nor mlflow.
+
+Batching is our own (`service.core.batching`), not BentoML's `batchable=True`: BentoML
+batches per `@bentoml.api` method behind its own HTTP stack, so V2 REST, V2 gRPC and the
+native API could not share one batcher; and with max_latency_ms 20-50 and 32-64 clients
+BentoML 1.4.39 answered a few percent of requests 503 "process is overloaded" while the
+CPU was not saturated (measured when this project was planned).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
-from bentoml.exceptions import BentoMLException
-from http import HTTPStatus
 import numpy as np
+from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field
 
-from service.core.errors import InferenceError
-from service.core.inference import InferenceCore
+from service.core.cache import NullCache, RedisCache, ResponseCache
+from service.core.errors import InferenceError, InvalidInput
+from service.core.faults import FaultPlan
+from service.core.inference import BatchingConfig, InferenceCore
 from service.core.model import ModelCard
 from service.core.runner import OnnxRunner
 from service.settings import ServiceSettings
@@ -27,8 +36,8 @@ log = logging.getLogger("bento_canary.service")
 ONNX_FILE = "model.onnx"
 
 
-class BadInput(BentoMLException):
-    error_code = HTTPStatus.BAD_REQUEST
+class BentoArgs(BaseModel):
+    model_tag: str = "digits:latest"
 
 
 def to_bentoml_error(exc: InferenceError) -> BentoMLException:
@@ -36,10 +45,6 @@ def to_bentoml_error(exc: InferenceError) -> BentoMLException:
     error = BentoMLException(str(exc))
     error.error_code = HTTPStatus(exc.http_status)
     return error
-
-
-class BentoArgs(BaseModel):
-    model_tag: str = "digits:latest"
 
 
 _SETTINGS = ServiceSettings()
@@ -55,20 +60,61 @@ class Classified(BaseModel):
     confidences: list[float] = Field(description="Probability of the predicted digit per row.")
 
 
+def build_cache(settings: ServiceSettings, on_event) -> ResponseCache:
+    if not settings.cache_url:
+        return NullCache()
+    timeout = settings.cache_timeout_ms / 1000
+    return RedisCache(
+        settings.cache_url,
+        ttl_seconds=settings.cache_ttl_seconds,
+        max_entry_bytes=settings.cache_max_entry_bytes,
+        connect_timeout_s=timeout,
+        read_timeout_s=timeout,
+        on_event=on_event,
+    )
+
+
 @bentoml.asgi_app(v2_app, path="/")
 @bentoml.service(name="digits-service", workers=1, traffic={"timeout": 30})
 class DigitsService:
     model_ref = bentoml.models.BentoModel(_SETTINGS.model_tag or _ARGS.model_tag)
 
     def __init__(self) -> None:
+        from service.metrics import ServiceMetrics  # after BentoML set up multiprocess metrics
+
         settings = _SETTINGS
         stored = self.model_ref
         card = ModelCard.from_labels(dict(stored.info.labels))
         runner = OnnxRunner(Path(stored.path_of(ONNX_FILE)), card, settings.intra_op_threads)
-        self.core = InferenceCore(runner, settings.max_rows_per_request)
+        self.metrics = ServiceMetrics(card, settings.slot)
+        self.core = InferenceCore(
+            runner,
+            settings.max_rows_per_request,
+            batching=BatchingConfig(settings.max_batch_size, settings.max_latency_ms, settings.max_queue_rows),
+            cache=build_cache(settings, self.metrics.cache_event),
+            observer=self.metrics,
+            faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio),
+        )
         self.core.start()
+        self.grpc = None
         v2_app.state.core = self.core
-        log.info("serving %s version %s (sha256 %s)", card.name, card.version, card.sha256[:12])
+        log.info("serving %s version %s (sha256 %s) in slot %s", card.name, card.version, card.sha256[:12], settings.slot)
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """Serve V2 gRPC from this worker's event loop (BentoML 1.4 has no gRPC for services)."""
+        from service.v2.grpc_server import start_grpc_server
+
+        if _SETTINGS.grpc_port:
+            self.grpc = await start_grpc_server(
+                lambda: self.core, _SETTINGS.grpc_host, _SETTINGS.grpc_port, _SETTINGS.grpc_max_message_bytes
+            )
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(2.0)
+        await self.core.close()
 
     def __is_ready__(self) -> bool:
         return self.core.ready
@@ -76,10 +122,16 @@ class DigitsService:
     @bentoml.api
     async def classify(self, pixels: list[list[float]]) -> Classified:
         """Classify rows of 64 raw pixel values (0-16, row-major 8x8 images)."""
+        started, status = time.perf_counter(), "200"
         try:
-            result = await self.core.classify(np.asarray(pixels, dtype=np.float32))
+            try:
+                array = np.asarray(pixels, dtype=np.float32)
+            except ValueError:
+                raise InvalidInput("pixels must be rows of 64 numbers") from None
+            result = await self.core.classify(array)
         except InferenceError as exc:
+            status = str(exc.http_status)
             raise to_bentoml_error(exc) from None
-        except ValueError:
-            raise BadInput("pixels must be rows of 64 numbers") from None
+        finally:
+            self.metrics.request("bentoml", status, time.perf_counter() - started)
         return Classified(model_version=self.core.card.version, classes=result.classes, confidences=result.confidences)

@@ -1,8 +1,9 @@
-"""`ServiceSettings`: every knob of the serving process, read once from the environment."""
+"""`ServiceSettings`: every knob of the serving process, read once from the environment
+(prefix `CANARY_SERVICE_`, e.g. `CANARY_SERVICE_GRPC_PORT=50052`)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,8 +14,38 @@ class ServiceSettings(BaseSettings):
         default=None,
         description="BentoML model tag to serve; overrides the tag baked into the Bento at build time.",
     )
+    slot: str = Field(default="default", description="Release slot name (blue, green...): a metrics label.")
+    # -- request limits
     max_rows_per_request: int = Field(default=1024, ge=1, description="Rows one request may carry.")
-    max_body_bytes: int = Field(default=8 << 20, ge=1024, description="Largest accepted request body.")
+    max_body_bytes: int = Field(default=8 << 20, ge=1024, description="Largest accepted REST request body.")
+    # -- model runtime
     intra_op_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = cores / workers."
+        default=0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = one per core."
     )
+    # -- adaptive batching (one batcher per worker, shared by REST, gRPC and the native API)
+    max_batch_size: int = Field(default=64, ge=1, description="Most rows in one model call.")
+    max_latency_ms: float = Field(
+        default=2.0, ge=0, description="Longest a request waits for batch companions while the model is free."
+    )
+    max_queue_rows: int = Field(
+        default=4096, ge=1, description="Rows allowed to wait; beyond this requests get 503 / UNAVAILABLE."
+    )
+    # -- response cache (Redis); off when cache_url is empty
+    cache_url: str | None = Field(default=None, description="Redis URL of the response cache, e.g. redis://127.0.0.1:6390/0.")
+    cache_ttl_seconds: int = Field(default=300, ge=1, description="Lifetime of a cached answer.")
+    cache_max_entry_bytes: int = Field(default=1 << 20, ge=64, description="Answers larger than this are not cached.")
+    cache_timeout_ms: float = Field(default=50.0, gt=0, description="Redis connect and read timeout.")
+    # -- V2 gRPC server inside the Bento
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="V2 gRPC port; 0 turns gRPC off.")
+    grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in containers).")
+    grpc_max_message_bytes: int = Field(default=64 << 20, ge=1 << 16, description="Largest gRPC message either way.")
+
+    # -- fault injection (tests and chaos drills only; settable only here, at start)
+    fault_latency_ms: float = Field(default=0.0, ge=0, description="Extra time per model batch (a slower model).")
+    fault_error_ratio: float = Field(default=0.0, ge=0, le=1, description="Share of requests failed with 500.")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> ServiceSettings:
+        if self.max_queue_rows < max(self.max_batch_size, self.max_rows_per_request):
+            raise ValueError("max_queue_rows must be at least max_batch_size and max_rows_per_request")
+        return self

@@ -25,4 +25,4 @@ def canary_home() -> CanaryHome:
     return home
 
 
-from tests.support.pipeline import built_pipeline, served  # noqa: E402,F401
+from tests.support.pipeline import built_pipeline, second_version, served, serving, session_redis  # noqa: E402,F401

@@ -69,7 +69,7 @@ def test_key_changes_with_every_part_of_the_identity() -> None:
         cache_key("digits", "4", PIXELS, ["logits"]),
         cache_key("digits-b", "3", PIXELS, ["logits"]),
         cache_key("digits", "3", {"input": x + 1}, ["logits"]),
-        cache_key("digits", "3", {"input": x.astype(np.float64)}, ["logits"]),
+        cache_key("digits", "3", {"input": x.view(np.int32)}, ["logits"]),  # same bytes
         cache_key("digits", "3", {"input": x.reshape(4, 32)}, ["logits"]),
         cache_key("digits", "3", {"other": x}, ["logits"]),
         cache_key("digits", "3", PIXELS, ["probabilities"]),
@@ -204,12 +204,15 @@ def test_encode_decode_round_trip(arrays: list[np.ndarray]) -> None:
 
 
 GOOD = encode_arrays(LOGITS)
+INTS = encode_arrays([np.arange(2, dtype="<i8")])
 
 
 @pytest.mark.parametrize(
     "blob",
     [b"", b"garbage", GOOD[:-1], GOOD + b"\0", b"XXXX" + GOOD[4:],
-     GOOD.replace(b"<f4", b"zz9"), GOOD.replace(b"<f4", b"|O8"), GOOD.replace(b"<f4", b"<f8")],
+     GOOD.replace(b"<f4", b"zz9"), GOOD.replace(b"<f4", b"<f8"),
+     INTS.replace(b"<i8", b"|O8"), INTS.replace(b"<i8", b"|V8")],
+    ids=["empty", "text", "truncated", "trailing", "magic", "dtype", "size", "object", "void"],
 )  # fmt: skip
 def test_decode_rejects_garbage(blob: bytes) -> None:
     with pytest.raises(ValueError):

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import redis
@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_PREFIX = "canary:v1"
 _MAGIC = b"CNRY\x01"  # format tag + framing version
@@ -34,12 +35,10 @@ class ResponseCache(Protocol):
     """What the batch function needs from a cache. Implementations never raise on a fault."""
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """Return one entry per key, in order; a miss is `None`."""
-        ...
+        """One entry per key, in order; a miss is `None`."""
 
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Store `(key, value)` pairs; storing is best effort."""
-        ...
+        """Store `(key, value)` pairs, best effort."""
 
 
 class NullCache:
@@ -151,23 +150,15 @@ class RedisCache:
     ) -> None:
         if ttl_seconds < 1 or max_entry_bytes < 1 or breaker_failures < 1 or breaker_reset_s < 0:
             raise ValueError("ttl_seconds, max_entry_bytes, breaker_failures must be >= 1, breaker_reset_s >= 0")
-        self.ttl_seconds = ttl_seconds
-        self.max_entry_bytes = max_entry_bytes
-        self.breaker_failures = breaker_failures
-        self.breaker_reset_s = breaker_reset_s
+        self.ttl_seconds, self.max_entry_bytes = ttl_seconds, max_entry_bytes
+        self.breaker_failures, self.breaker_reset_s = breaker_failures, breaker_reset_s
         self._on_event = on_event
         # No client-side retries: the breaker decides when Redis is worth another try.
         self._client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=read_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
+            url, socket_connect_timeout=connect_timeout_s, socket_timeout=read_timeout_s, retry=Retry(NoBackoff(), 0)
         )
         self._lock = threading.Lock()
-        self._state = "closed"
-        self._failures = 0
-        self._opened_at = 0.0
+        self._state, self._failures, self._opened_at = "closed", 0, 0.0
 
     @property
     def state(self) -> str:
@@ -177,21 +168,7 @@ class RedisCache:
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
-        values = None
-        if self._admit():
-            try:
-                reply = self._client.mget(keys)
-                if not isinstance(reply, list) or len(reply) != len(keys):
-                    raise redis.ResponseError(f"MGET answered {type(reply).__name__} for {len(keys)} keys")
-                if any(v is not None and not isinstance(v, bytes) for v in reply):
-                    raise redis.ResponseError("MGET answered a non-bytes value")
-                values = reply
-            except Exception as exc:  # fail open: whatever Redis does, the request goes on
-                self._failed(exc)
-            else:
-                self._succeeded()
-        if values is None:
-            values = [None] * len(keys)
+        values = self._call(lambda: self._mget(keys)) or [None] * len(keys)
         hits = sum(v is not None for v in values)
         self._emit("hit", hits)
         self._emit("miss", len(keys) - hits)
@@ -200,23 +177,38 @@ class RedisCache:
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
         fitting = [(k, v) for k, v in items if len(v) <= self.max_entry_bytes]
         self._emit("skip", len(items) - len(fitting))
-        if not fitting or not self._admit():
-            return
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for key, value in fitting:
-                pipe.set(key, value, ex=self.ttl_seconds)
-            pipe.execute()
-        except Exception as exc:  # fail open, as in get_many
-            self._failed(exc)
-        else:
-            self._succeeded()
+        if fitting:
+            self._call(lambda: self._set_all(fitting))
 
     def close(self) -> None:
-        """Release the connection pool."""
+        """Release the connection pool (the cache stays usable: connections reopen on demand)."""
         self._client.close()
 
+    def _mget(self, keys: list[str]) -> list[bytes | None]:
+        reply = self._client.mget(keys)
+        if len(reply) != len(keys) or not all(v is None or isinstance(v, bytes) for v in reply):
+            raise redis.ResponseError(f"malformed MGET reply for {len(keys)} keys")
+        return reply
+
+    def _set_all(self, items: list[tuple[str, bytes]]) -> list[object]:
+        pipe = self._client.pipeline(transaction=False)
+        for key, value in items:
+            pipe.set(key, value, ex=self.ttl_seconds)
+        return pipe.execute()
+
     # -- circuit breaker ----------------------------------------------------------------
+    def _call(self, command: Callable[[], T]) -> T | None:
+        """One Redis round trip behind the breaker; None when skipped or failed."""
+        if not self._admit():
+            return None
+        try:
+            result = command()
+        except Exception as exc:  # fail open: whatever Redis does, the request goes on
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return result
+
     def _admit(self) -> bool:
         with self._lock:
             if self._state == "closed":
@@ -236,10 +228,10 @@ class RedisCache:
         self._emit("error", 1)
         with self._lock:
             self._failures += 1
-            was = self._state
-            if was == "half-open" or self._failures >= self.breaker_failures:
+            opening = self._state == "closed" and self._failures >= self.breaker_failures
+            if opening or self._state == "half-open":
                 self._state, self._opened_at = "open", time.monotonic()
-        if was == "closed" and self._state == "open":
+        if opening:
             log.warning("redis cache failing (%s: %s); breaker open, serving misses", type(exc).__name__, exc)
         else:
             log.debug("redis cache call failed: %r", exc)

@@ -1,20 +1,36 @@
 """`InferenceCore`: the transport-free heart of the service.
 
-It validates a request against the `ModelCard`, runs it, and answers in the same
-transport-free types; the BentoML, V2 REST and V2 gRPC adapters only translate.
+It validates a request against the `ModelCard`, sends it through the shared adaptive batcher
+(one per worker, fed by every protocol), looks answers up in and stores them to the response
+cache once per batch, and answers in the same transport-free types. The BentoML, V2 REST
+and V2 gRPC adapters only translate.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.batching import AdaptiveBatcher
+from service.core.cache import NullCache, ResponseCache, cache_key, decode_arrays, encode_arrays
+from service.core.faults import FaultPlan
 from service.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Unavailable
 from service.core.model import ModelCard
+from service.core.tensors import TensorSpec
+from service.core.observer import CoreObserver
 from service.core.runner import OnnxRunner
 from service.core.tensors import InferRequest, InferResponse, InferTensor, v2_datatype
+
+log = logging.getLogger("bento_canary.core")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64  # rows per model call
+    max_latency_ms: float = 2.0  # longest a request waits for companions
+    max_queue_rows: int = 4096  # beyond this, 503 / UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -23,17 +39,53 @@ class Classification:
     confidences: list[float]
 
 
+@dataclass(eq=False)
+class _Job:
+    """One validated request on its way through the batcher."""
+
+    feed: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    rows: int
+
+
 class InferenceCore:
-    def __init__(self, runner: OnnxRunner, max_rows_per_request: int = 1024) -> None:
+    def __init__(
+        self,
+        runner: OnnxRunner,
+        max_rows_per_request: int = 1024,
+        *,
+        batching: BatchingConfig | None = None,
+        cache: ResponseCache | None = None,
+        observer: CoreObserver | None = None,
+        faults: FaultPlan | None = None,
+    ) -> None:
         self.runner = runner
         self.card: ModelCard = runner.card
         self.max_rows = max_rows_per_request
+        self.cache: ResponseCache = cache or NullCache()
+        self.observer = observer or CoreObserver()
+        self.faults = faults or FaultPlan()
+        if self.faults.active:
+            log.warning("FAULT INJECTION ACTIVE: %s", self.faults)
+        config = batching or BatchingConfig()
+        self.batcher: AdaptiveBatcher[_Job, list[np.ndarray]] = AdaptiveBatcher(
+            self._run_batch,
+            max_batch_size=config.max_batch_size,
+            max_latency_ms=config.max_latency_ms,
+            max_queue_rows=config.max_queue_rows,
+            on_batch=self._on_batch,
+            on_reject=self.observer.rejected,
+        )
         self.ready = False
 
     def start(self) -> None:
         """Warm up, then turn ready: readiness means the first request will be fast."""
         self.runner.warm_up()
         self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.batcher.close()
 
     # -- identity ------------------------------------------------------------------------
     def check_model(self, name: str, version: str | None = None) -> None:
@@ -44,9 +96,9 @@ class InferenceCore:
                 f"unknown version {version!r} of model {name!r}; this server serves version {self.card.version}"
             )
 
-    # -- inference -----------------------------------------------------------------------
-    def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
-        """Check a request against the card; return the feed and the output names to run."""
+    # -- validation ----------------------------------------------------------------------
+    def validate(self, request: InferRequest) -> _Job:
+        """Check a request against the card; a client mistake never reaches the batcher."""
         self.check_model(request.model_name, request.model_version)
         if not self.ready:
             raise Unavailable("model is not ready yet")
@@ -54,16 +106,17 @@ class InferenceCore:
         given = [t.name for t in request.inputs]
         if sorted(given) != sorted(declared) or len(set(given)) != len(given):
             raise InvalidInput(f"inputs must be exactly {sorted(declared)}, got {given}")
-        feed: dict[str, np.ndarray] = {}
-        for tensor in request.inputs:
-            feed[tensor.name] = self._check_tensor(tensor, declared[tensor.name])
+        feed = {t.name: self._check_tensor(t, declared[t.name]) for t in request.inputs}
+        rows = {array.shape[0] for array in feed.values()}
+        if len(rows) != 1:
+            raise InvalidInput(f"all inputs must have the same number of rows, got {sorted(rows)}")
         outputs = request.outputs or [o.name for o in self.card.outputs]
         unknown = [name for name in outputs if self.card.output_spec(name) is None]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; the model has {[o.name for o in self.card.outputs]}")
-        return feed, list(dict.fromkeys(outputs))
+        return _Job(feed, tuple(dict.fromkeys(outputs)), rows.pop())
 
-    def _check_tensor(self, tensor: InferTensor, spec) -> np.ndarray:
+    def _check_tensor(self, tensor: InferTensor, spec: TensorSpec) -> np.ndarray:
         if tensor.datatype != spec.datatype:
             raise InvalidInput(f"input {tensor.name!r} must be {spec.datatype}, got {tensor.datatype}")
         shape = tuple(tensor.shape)
@@ -75,8 +128,9 @@ class InferenceCore:
         if rows > self.max_rows:
             raise PayloadTooLarge(f"input {tensor.name!r} has {rows} rows; the limit is {self.max_rows}")
         data = tensor.data
-        if data.size != int(np.prod(shape)):
-            raise InvalidInput(f"input {tensor.name!r} has {data.size} values, shape {list(shape)} needs {int(np.prod(shape))}")
+        expected = int(np.prod(shape))
+        if data.size != expected:
+            raise InvalidInput(f"input {tensor.name!r} has {data.size} values, shape {list(shape)} needs {expected}")
         data = data.reshape(shape)
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             raise InvalidInput(f"input {tensor.name!r} contains NaN or Inf")
@@ -86,31 +140,76 @@ class InferenceCore:
                 raise InvalidInput(f"input {tensor.name!r} values must lie in [{low:g}, {high:g}]")
         return np.ascontiguousarray(data)
 
-    def run(self, feed: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        return self.runner.run(feed, outputs)
+    # -- the batch function (runs on the batcher's thread) --------------------------------
+    def _run_batch(self, jobs: list[_Job]) -> list[list[np.ndarray] | BaseException]:
+        keys = [cache_key(self.card.name, self.card.version, job.feed, job.outputs) for job in jobs]
+        results: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
+        for index, blob in enumerate(self.cache.get_many(keys)):
+            if blob is not None:
+                try:
+                    results[index] = decode_arrays(blob)
+                except ValueError:  # a corrupt entry is a miss, never an error for the client
+                    log.warning("undecodable cache entry %s treated as a miss", keys[index])
+        misses = [i for i, r in enumerate(results) if r is None]
+        # Requests asking for the same outputs share one model call.
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index in misses:
+            groups.setdefault(jobs[index].outputs, []).append(index)
+        fresh: list[tuple[str, bytes]] = []
+        for outputs, members in groups.items():
+            feed = {
+                name: np.concatenate([jobs[i].feed[name] for i in members]) if len(members) > 1 else jobs[members[0]].feed[name]
+                for name in jobs[members[0]].feed
+            }
+            self.faults.slow_down()
+            arrays = self.runner.run(feed, list(outputs))
+            bounds = np.cumsum([0, *(jobs[i].rows for i in members)])
+            for position, index in enumerate(members):
+                own = [array[bounds[position] : bounds[position + 1]] for array in arrays]
+                results[index] = own
+                fresh.append((keys[index], encode_arrays(own)))
+        if fresh:
+            self.cache.put_many(fresh)
+        return results  # type: ignore[return-value]
 
+    def _on_batch(self, rows: int, items: int, seconds: float) -> None:
+        self.observer.batch(rows, items, seconds)
+        self.observer.queue_depth(self.batcher.queue_rows)
+
+    # -- inference -----------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
-        feed, outputs = self.validate(request)
-        results = await asyncio.to_thread(self.run, feed, outputs)
+        job = self.validate(request)
+        self.faults.maybe_fail()
+        arrays = await self.batcher.submit(job, job.rows)
+        self.observer.queue_depth(self.batcher.queue_rows)
         tensors = [
             InferTensor(name, v2_datatype(array), tuple(array.shape), array)
-            for name, array in zip(outputs, results, strict=True)
+            for name, array in zip(job.outputs, arrays, strict=True)
         ]
+        self._observe_predictions(job.outputs, arrays)
         return InferResponse(self.card.name, self.card.version, request.id, tensors)
+
+    def _observe_predictions(self, outputs: tuple[str, ...], arrays: list[np.ndarray]) -> None:
+        if self.card.scores_output not in outputs:
+            return
+        probabilities = self.probabilities(arrays[outputs.index(self.card.scores_output)])
+        self.observer.predictions(probabilities.argmax(1).tolist(), probabilities.max(1).tolist())
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        return softmax(scores) if self.card.scores_kind == "logits" else scores
 
     async def classify(self, pixels: np.ndarray) -> Classification:
         """Class and confidence per row: the convenience the native API offers."""
         spec = self.card.inputs[0]
+        if pixels.ndim != 2:
+            raise InvalidInput(f"pixels must be a list of rows of {spec.shape[-1]} numbers")
         request = InferRequest(
             self.card.name, None,
-            [InferTensor(spec.name, "FP32", tuple(pixels.shape), pixels.astype(np.float32, copy=False))],
+            [InferTensor(spec.name, "FP32", tuple(pixels.shape), pixels.astype(np.float32, copy=False).reshape(-1))],
             [self.card.scores_output],
         )  # fmt: skip
-        scores = (await self.infer(request)).outputs[0].data
-        probabilities = softmax(scores) if self.card.scores_kind == "logits" else scores
-        return Classification(
-            probabilities.argmax(1).astype(int).tolist(), probabilities.max(1).astype(float).tolist()
-        )
+        probabilities = self.probabilities((await self.infer(request)).outputs[0].data)
+        return Classification(probabilities.argmax(1).astype(int).tolist(), probabilities.max(1).astype(float).tolist())
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def from_json_tensor(item: Any, index: int) -> InferTensor:
+def from_json_tensor(item: Any, index: int, binary: memoryview | None = None, offset: list[int] | None = None) -> InferTensor:
     where = f"inputs[{index}]"
     if not isinstance(item, dict):
         raise InvalidInput(f"{where} must be an object")
@@ -37,8 +37,10 @@ def from_json_tensor(item: Any, index: int) -> InferTensor:
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput(f"{where} ({name}): 'parameters' must be an object")
+    if "binary_data_size" in parameters:
+        return InferTensor(name, datatype, shape, _take_binary(parameters, binary, offset, datatype, f"{where} ({name})"), parameters)
     if "data" not in item:
-        raise InvalidInput(f"{where} ({name}): 'data' is missing")
+        raise InvalidInput(f"{where} ({name}): 'data' is missing (and no 'binary_data_size' parameter)")
     try:
         data = np.asarray(item["data"], dtype=V2_TO_NUMPY[datatype]).reshape(-1)
     except (ValueError, TypeError, OverflowError):
@@ -46,7 +48,41 @@ def from_json_tensor(item: Any, index: int) -> InferTensor:
     return InferTensor(name, datatype, shape, data, parameters)
 
 
-def from_json_request(body: bytes, model_name: str, model_version: str | None) -> InferRequest:
+def _take_binary(parameters: dict, binary: memoryview | None, offset: list[int] | None, datatype: str, where: str) -> np.ndarray:
+    """Slice this tensor's bytes off the binary tail (Triton's binary tensor extension)."""
+    size = parameters["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{where}: 'binary_data_size' must be a non-negative integer")
+    if binary is None or offset is None:
+        raise InvalidInput(f"{where}: 'binary_data_size' given but the request has no Inference-Header-Content-Length")
+    start = offset[0]
+    if start + size > len(binary):
+        raise InvalidInput(f"{where}: 'binary_data_size' {size} runs past the end of the body")
+    offset[0] = start + size
+    itemsize = V2_TO_NUMPY[datatype].itemsize
+    if size % itemsize:
+        raise InvalidInput(f"{where}: {size} bytes is not a whole number of {datatype} values")
+    return np.frombuffer(binary[start : start + size], dtype=V2_TO_NUMPY[datatype])
+
+
+def from_request_body(
+    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+) -> InferRequest:
+    """Decode a V2 inference body: plain JSON, or JSON + binary tensors when the
+    `Inference-Header-Content-Length` header says where the JSON ends."""
+    if header_length is None:
+        return from_json_request(body, model_name, model_version)
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {header_length!r} must be a byte count within the {len(body)}-byte body"
+        )
+    split = int(header_length)
+    return from_json_request(body[:split], model_name, model_version, memoryview(body)[split:])
+
+
+def from_json_request(
+    body: bytes, model_name: str, model_version: str | None, binary: memoryview | None = None
+) -> InferRequest:
     payload = _parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidInput("the body must be a JSON object")
@@ -62,23 +98,55 @@ def from_json_request(body: bytes, model_name: str, model_version: str | None) -
     request_id = payload.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    offset = [0]
+    tensors = [from_json_tensor(item, i, binary, offset) for i, item in enumerate(inputs)]
+    if binary is not None and offset[0] != len(binary):
+        raise InvalidInput(f"{len(binary) - offset[0]} bytes of binary data are not claimed by any input")
+    binary_outputs = {o["name"] for o in outputs or () if (o.get("parameters") or {}).get("binary_data") is True}
+    if parameters.get("binary_data_output") is True:
+        binary_outputs.add("*")
     return InferRequest(
         model_name=model_name,
         model_version=model_version,
-        inputs=[from_json_tensor(item, i) for i, item in enumerate(inputs)],
+        inputs=tensors,
         outputs=names or None,
         id=request_id,
-        parameters=payload.get("parameters") or {},
+        parameters={**parameters, "binary_outputs": binary_outputs},
     )
 
 
-def to_json_response(response: InferResponse) -> dict[str, Any]:
+def to_response_body(response: InferResponse, binary_outputs: set[str]) -> tuple[bytes, int | None]:
+    """Encode an answer; outputs named in `binary_outputs` ("*" = all) go as raw bytes after
+    the JSON. Returns the body and the JSON length for Inference-Header-Content-Length
+    (None when the answer is plain JSON)."""
+    if not binary_outputs:
+        return json.dumps(to_json_response(response), separators=(",", ":")).encode(), None
+    header = to_json_response(response, binary_outputs)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    tails = [np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes() for t in response.outputs if _is_binary(t.name, binary_outputs)]
+    return b"".join([head, *tails]), len(head)
+
+
+def _is_binary(name: str, binary_outputs: set[str]) -> bool:
+    return "*" in binary_outputs or name in binary_outputs
+
+
+def to_json_response(response: InferResponse, binary_outputs: set[str] | None = None) -> dict[str, Any]:
+    binary_outputs = binary_outputs or set()
+    outputs = []
+    for t in response.outputs:
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if _is_binary(t.name, binary_outputs):
+            entry["parameters"] = {"binary_data_size": int(t.data.nbytes)}
+        else:
+            entry["data"] = t.data.reshape(-1).tolist()
+        outputs.append(entry)
     return {
         "model_name": response.model_name,
         "model_version": response.model_version,
         "id": response.id,
-        "outputs": [
-            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": t.data.reshape(-1).tolist()}
-            for t in response.outputs
-        ],
+        "outputs": outputs,
     }

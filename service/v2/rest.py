@@ -7,6 +7,7 @@ Every route translates with `service.v2.codec` and delegates; `InferenceError` b
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from starlette.applications import Starlette
@@ -14,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.core.errors import INTERNAL_MESSAGE, InferenceError, PayloadTooLarge, Unavailable
+from service.core.errors import INTERNAL_MESSAGE, InferenceError, InvalidInput, PayloadTooLarge, Unavailable
 from service.core.inference import InferenceCore
-from service.v2.codec import from_json_request, to_json_response
+from service.v2 import SERVER_EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from service.v2.codec import from_request_body, to_response_body
 
 log = logging.getLogger("bento_canary.v2")
-SERVER_NAME = "bento-canary"
-SERVER_VERSION = "0.1.0"
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def _core(request: Request) -> InferenceCore:
@@ -53,7 +54,7 @@ async def server_ready(request: Request) -> Response:
 
 
 async def server_metadata(request: Request) -> Response:
-    return JSONResponse({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []})
+    return JSONResponse({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(SERVER_EXTENSIONS)})
 
 
 def model_metadata_body(core: InferenceCore) -> dict[str, Any]:
@@ -88,6 +89,15 @@ async def model_ready(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
+    started = time.perf_counter()
+    response = await _infer(request)
+    core = getattr(request.app.state, "core", None)
+    if core is not None:
+        core.observer.request("rest", str(response.status_code), time.perf_counter() - started)
+    return response
+
+
+async def _infer(request: Request) -> Response:
     try:
         core = _core(request)
         limit = request.app.state.max_body_bytes
@@ -99,8 +109,16 @@ async def infer(request: Request) -> Response:
             raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
         name, version = _versioned(request)
         core.check_model(name, version)
-        response = await core.infer(from_json_request(body, name, version))
-        return JSONResponse(to_json_response(response), headers={"X-Model-Version": response.model_version})
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise InvalidInput("compressed request bodies are not supported; send Content-Encoding: identity")
+        infer_request = from_request_body(body, request.headers.get(HEADER_LENGTH), name, version)
+        response = await core.infer(infer_request)
+        content, json_length = to_response_body(response, infer_request.parameters["binary_outputs"])
+        headers = {"X-Model-Version": response.model_version}
+        if json_length is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers[HEADER_LENGTH] = str(json_length)
+        return Response(content, media_type="application/octet-stream", headers=headers)
     except Exception as exc:  # noqa: BLE001
         return _error(exc)
 

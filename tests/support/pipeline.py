@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from models.home import CanaryHome
+from tests.support.redis_server import RedisProcess
 
 EPOCHS = 3  # small budget: ~90% test accuracy, a few seconds
 
@@ -36,10 +37,77 @@ def built_pipeline(canary_home: CanaryHome) -> BuiltPipeline:
     )
 
 
+@dataclass(frozen=True)
+class ServedBento:
+    url: str  # REST base URL
+    grpc: str  # host:port of the V2 gRPC server
+    redis: RedisProcess  # the response cache's real redis-server
+
+
 @pytest.fixture(scope="session")
-def served(built_pipeline: BuiltPipeline, canary_home: CanaryHome) -> Iterator[str]:
-    """A real `bentoml serve` of the built Bento on a free port; yields its base URL."""
+def session_redis() -> Iterator[RedisProcess]:
+    with RedisProcess() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def serving(built_pipeline: BuiltPipeline, canary_home: CanaryHome, session_redis: RedisProcess) -> Iterator[ServedBento]:
+    """A real `bentoml serve` of the built Bento (REST + gRPC on free ports, Redis cache on)."""
     from deploy.process import free_port, served_bento
 
-    with served_bento(built_pipeline.bento_tag, free_port(), canary_home.logs / "test-serve.log") as base:
-        yield base
+    grpc_port = free_port()
+    env = {
+        "CANARY_SERVICE_GRPC_PORT": str(grpc_port),
+        "CANARY_SERVICE_CACHE_URL": session_redis.url,
+        "CANARY_SERVICE_SLOT": "test",
+    }
+    with served_bento(built_pipeline.bento_tag, free_port(), canary_home.logs / "test-serve.log", env) as base:
+        yield ServedBento(base, f"127.0.0.1:{grpc_port}", session_redis)
+
+
+@pytest.fixture(scope="session")
+def served(serving: ServedBento) -> str:
+    """The REST base URL of the served Bento."""
+    return serving.url
+
+
+@dataclass(frozen=True)
+class SecondVersion:
+    """Another registry version (the scikit-learn model) served from the same Bento with a
+    long batching window, 300 ms injected per batch and a small queue: batches form
+    deterministically and overload is easy to reach."""
+
+    version: int
+    url: str
+    grpc: str
+
+
+SLOW_WINDOW_MS = 400
+SLOW_BATCH_MS = 300  # injected per-batch latency: the model stays busy long enough to queue
+
+
+@pytest.fixture(scope="session")
+def second_version(
+    built_pipeline: BuiltPipeline, canary_home: CanaryHome, session_redis: RedisProcess
+) -> Iterator[SecondVersion]:
+    from deploy.process import free_port, served_bento
+    from models.pipeline import export_version, train_and_register
+    from models.train import TrainConfig
+
+    trained = train_and_register(canary_home, TrainConfig(model="digits-linear", epochs=5, seed=0))
+    exported = export_version(canary_home, version=trained.ref.version)
+    grpc_port = free_port()
+    env = {
+        "CANARY_SERVICE_MODEL_TAG": exported.stored.tag,
+        "CANARY_SERVICE_GRPC_PORT": str(grpc_port),
+        "CANARY_SERVICE_CACHE_URL": session_redis.url,
+        "CANARY_SERVICE_MAX_LATENCY_MS": str(SLOW_WINDOW_MS),
+        "CANARY_SERVICE_MAX_BATCH_SIZE": "64",
+        "CANARY_SERVICE_MAX_ROWS_PER_REQUEST": "64",
+        "CANARY_SERVICE_MAX_QUEUE_ROWS": "128",
+        "CANARY_SERVICE_SLOT": "second",
+        "CANARY_SERVICE_FAULT_LATENCY_MS": str(SLOW_BATCH_MS),
+    }
+    log = canary_home.logs / "test-serve-second.log"
+    with served_bento(built_pipeline.bento_tag, free_port(), log, env) as base:
+        yield SecondVersion(trained.ref.version, base, f"127.0.0.1:{grpc_port}")

@@ -1,0 +1,28 @@
+"""What the core reports while it works. The core calls these; `service.metrics` implements
+them with Prometheus, tests may record them. The default does nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CoreObserver:
+    """No-op base: override what you need. Calls come from the event loop or the batch thread."""
+
+    def request(self, protocol: str, status: str, seconds: float) -> None:
+        """An inference request finished at an adapter (status: HTTP code or gRPC code name)."""
+
+    def batch(self, rows: int, items: int, seconds: float) -> None:
+        """A batch of `items` requests holding `rows` rows ran through the model."""
+
+    def queue_depth(self, rows: int) -> None:
+        """Rows waiting for the model right now."""
+
+    def rejected(self) -> None:
+        """A request was refused because the queue was full (503 / UNAVAILABLE)."""
+
+    def cache_event(self, kind: str, count: int) -> None:
+        """Cache outcome counts: kind is hit, miss, error or skip."""
+
+    def predictions(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
+        """Predicted classes and their confidences, per answered row."""

@@ -1,0 +1,80 @@
+"""Every Prometheus metric of the service, in one place, with low-cardinality labels.
+
+BentoML serves them at /metrics (multiprocess mode): `ServiceMetrics` must be created
+inside the worker (the service's __init__), after BentoML set PROMETHEUS_MULTIPROC_DIR,
+which is why prometheus_client is imported here lazily.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Sequence
+
+from service.core.model import ModelCard
+from service.core.observer import CoreObserver
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServiceMetrics(CoreObserver):
+    """Prometheus metrics for one served model version in one slot."""
+
+    def __init__(self, card: ModelCard, slot: str) -> None:
+        import prometheus_client as prom
+
+        base = {"model": card.name, "version": card.version, "slot": slot}
+        names = list(base)
+        self._base = base
+        self._requests = prom.Counter(
+            "canary_requests", "Requests by protocol and status.", [*names, "protocol", "status"]
+        )
+        self._latency = prom.Histogram(
+            "canary_request_duration_seconds", "Request latency inside the server.", [*names, "protocol"],
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self._batch_rows = prom.Histogram("canary_batch_rows", "Rows per model batch.", names, buckets=BATCH_BUCKETS)
+        self._batch_requests = prom.Histogram(
+            "canary_batch_requests", "Requests per model batch.", names, buckets=BATCH_BUCKETS
+        )
+        self._inference = prom.Histogram(
+            "canary_inference_duration_seconds", "Time of one batch in the model.", names, buckets=LATENCY_BUCKETS
+        )
+        self._queue = prom.Gauge("canary_queue_rows", "Rows waiting for the model.", names, multiprocess_mode="livesum")
+        self._rejected = prom.Counter("canary_overload_rejections", "Requests refused: queue full.", names)
+        self._cache = prom.Counter("canary_cache_events", "Cache hits, misses, errors, skips.", [*names, "kind"])
+        self._classes = prom.Counter("canary_predictions", "Predicted class per answered row.", [*names, "class"])
+        self._confidence = prom.Histogram(
+            "canary_prediction_confidence", "Confidence of the predicted class.", names, buckets=CONFIDENCE_BUCKETS
+        )
+        info = prom.Gauge(
+            "canary_model_info", "The served model (value 1).", [*names, "sha256", "architecture"],
+            multiprocess_mode="max",
+        )  # fmt: skip
+        info.labels(**base, sha256=card.sha256, architecture=card.lineage.get("architecture", "unknown")).set(1)
+
+    def request(self, protocol: str, status: str, seconds: float) -> None:
+        self._requests.labels(**self._base, protocol=protocol, status=status).inc()
+        self._latency.labels(**self._base, protocol=protocol).observe(seconds)
+
+    def batch(self, rows: int, items: int, seconds: float) -> None:
+        self._batch_rows.labels(**self._base).observe(rows)
+        self._batch_requests.labels(**self._base).observe(items)
+        self._inference.labels(**self._base).observe(seconds)
+
+    def queue_depth(self, rows: int) -> None:
+        self._queue.labels(**self._base).set(rows)
+
+    def rejected(self) -> None:
+        self._rejected.labels(**self._base).inc()
+
+    def cache_event(self, kind: str, count: int) -> None:
+        self._cache.labels(**self._base, kind=kind).inc(count)
+
+    def predictions(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
+        for label, count in Tally(classes).items():
+            self._classes.labels(**self._base, **{"class": str(label)}).inc(count)
+        histogram = self._confidence.labels(**self._base)
+        for value in confidences:
+            histogram.observe(value)

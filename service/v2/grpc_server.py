@@ -1,0 +1,181 @@
+"""Open Inference Protocol (V2) over gRPC: a thin `grpc.aio` adapter over the core.
+
+`InferenceServicer` implements the core RPCs of `inference.GRPCInferenceService`
+(ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer) with
+tritonclient's generated classes; every other RPC (ModelConfig, ModelStreamInfer, ...)
+answers UNIMPLEMENTED through the generated base class. `start_grpc_server` runs it, with
+the standard `grpc.health.v1.Health` service, inside the caller's running event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb2
+from tritonclient.grpc import service_pb2_grpc as pb2_grpc
+
+from service.core.errors import INTERNAL_MESSAGE, InferenceError, Unavailable
+from service.core.model import ModelCard
+from service.core.tensors import InferRequest, InferResponse
+from service.v2.grpc_codec import from_model_infer_request, to_model_infer_response, to_model_metadata_response
+from service.v2 import SERVER_NAME, SERVER_VERSION
+
+log = logging.getLogger("bento_canary.v2.grpc")
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+MODEL_VERSION_KEY = "x-model-version"
+
+
+class Core(Protocol):
+    """The only part of the inference core this adapter uses."""
+
+    card: ModelCard
+    ready: bool
+
+    def check_model(self, name: str, version: str | None = None) -> None: ...
+    async def infer(self, request: InferRequest) -> InferResponse: ...
+
+
+CoreProvider = Callable[[], "Core | None"]
+"""Returns the core, or None while the model is still loading (answered UNAVAILABLE)."""
+
+
+def _mapped(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """The boundary: `InferenceError` -> its gRPC code and safe message, the rest INTERNAL."""
+
+    counted = method.__name__ == "ModelInfer"  # request metrics count inferences only
+
+    @functools.wraps(method)
+    async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started, status = time.perf_counter(), "OK"
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            status = "ABORTED"
+            raise
+        except InferenceError as exc:
+            status = exc.grpc_code
+            await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+        except Exception:
+            status = "INTERNAL"
+            log.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        finally:
+            core = self._core_provider() if counted else None
+            if core is not None and hasattr(core, "observer"):
+                core.observer.request("grpc", status, time.perf_counter() - started)
+
+    return handler
+
+
+class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
+    """The V2 gRPC data plane over whatever core `core_provider` returns at call time."""
+
+    def __init__(self, core_provider: CoreProvider) -> None:
+        self._core_provider = core_provider
+
+    def _core(self) -> Core:
+        core = self._core_provider()
+        if core is None:
+            raise Unavailable("the model is still loading")
+        return core
+
+    @_mapped
+    async def ServerLive(self, request: pb2.ServerLiveRequest, context: Any) -> pb2.ServerLiveResponse:
+        return pb2.ServerLiveResponse(live=True)
+
+    @_mapped
+    async def ServerReady(self, request: pb2.ServerReadyRequest, context: Any) -> pb2.ServerReadyResponse:
+        core = self._core_provider()
+        return pb2.ServerReadyResponse(ready=bool(core is not None and core.ready))
+
+    @_mapped
+    async def ModelReady(self, request: pb2.ModelReadyRequest, context: Any) -> pb2.ModelReadyResponse:
+        # An unknown model or version is NOT_FOUND, as on REST (404), not ready=false.
+        core = self._core()
+        core.check_model(request.name, request.version or None)
+        return pb2.ModelReadyResponse(ready=core.ready)
+
+    @_mapped
+    async def ServerMetadata(self, request: pb2.ServerMetadataRequest, context: Any) -> pb2.ServerMetadataResponse:
+        return pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+
+    @_mapped
+    async def ModelMetadata(self, request: pb2.ModelMetadataRequest, context: Any) -> pb2.ModelMetadataResponse:
+        core = self._core()
+        core.check_model(request.name, request.version or None)
+        return to_model_metadata_response(core.card)
+
+    @_mapped
+    async def ModelInfer(self, request: pb2.ModelInferRequest, context: Any) -> pb2.ModelInferResponse:
+        core = self._core()
+        response = await core.infer(from_model_infer_request(request))
+        # Initial metadata, not trailing: it is an HTTP/2 header, so nginx can log or
+        # route on it ($upstream_http_x_model_version) like REST's X-Model-Version.
+        await context.send_initial_metadata(((MODEL_VERSION_KEY, response.model_version),))
+        return to_model_infer_response(response)
+
+
+class GrpcEndpoint:
+    """A running gRPC server: `port` is the bound one (useful after binding port 0)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer) -> None:
+        self.server = server
+        self.port = port
+        self._health = health_servicer
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip grpc.health.v1 for "" and the inference service (Kubernetes gRPC probes)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING for good, then stop; in-flight calls get `grace` seconds."""
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start_grpc_server(
+    core_provider: CoreProvider, host: str, port: int, max_message_bytes: int = 64 << 20
+) -> GrpcEndpoint:
+    """Start the V2 gRPC server in the running event loop and return its endpoint.
+
+    `port=0` binds a free port (see `GrpcEndpoint.port`). Messages over `max_message_bytes`
+    either way are refused by gRPC with RESOURCE_EXHAUSTED. Health starts SERVING if the
+    core is already ready, NOT_SERVING otherwise (call `set_serving(True)` once it is).
+    Raises OSError if the address cannot be bound (e.g. the port is taken).
+    """
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # grpc enables SO_REUSEPORT by default on Linux: a second server on a taken port
+        # would then bind "successfully" and silently share traffic with the first one.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core_provider), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises instead of returning 0 in recent versions
+        raise OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable ({exc})") from None
+    if not bound:
+        raise OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable")
+    endpoint = GrpcEndpoint(server, bound, health_servicer)
+    core = core_provider()
+    await endpoint.set_serving(core is not None and core.ready)
+    await server.start()
+    log.info("V2 gRPC server listening on %s", _address(host, bound))
+    return endpoint
