@@ -100,6 +100,151 @@ def demo(
     run_demo(_home(), epochs, say)
 
 
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and the routing diff; change nothing.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _stack():
+    from deploy.stack import LocalStack
+
+    return LocalStack(_home())
+
+
+def _run_plan(stack, plan, dry_run: bool) -> None:
+    for line in plan.describe():
+        typer.echo(line)
+    if dry_run:
+        typer.echo(plan.diff() or "(routing unchanged)")
+        return
+
+    def move_champion(version: str) -> None:
+        from models.registry import CHAMPION, Registry
+
+        Registry(stack.home).set_alias(CHAMPION, int(version))
+
+    after = stack.execute(plan, on_champion=move_champion)
+    typer.echo(f"done: stable {after.stable}, candidate {after.candidate or '-'} at {after.weight}%")
+
+
+@app.command()
+def up() -> None:
+    """Start the local stack: Redis, the Bento slots, nginx (REST + gRPC). Idempotent."""
+    from models.bento import find_bento
+
+    stack = _stack()
+    stack.home.require()
+    state = stack.store.load()
+    champion = None
+    if state.slots[state.stable].bento is None:
+        champion = find_bento(stack.home, "@champion")
+    state = stack.up(champion)
+    s = stack.settings
+    typer.echo(f"stack up: REST http://{s.host}:{s.nginx_rest_port}  gRPC {s.host}:{s.nginx_grpc_port}  "
+               f"stable {state.stable}={state.slots[state.stable].bento}")
+
+
+@app.command()
+def down() -> None:
+    """Stop every process `canary up` started, and nothing else."""
+    stopped = _stack().down()
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def deploy(
+    release: Annotated[str, typer.Argument(help="Model version (3), alias (@challenger) or Bento tag.")],
+    dry_run: DryRun = False,
+) -> None:
+    """Start a candidate in the idle slot; it gets 0% of traffic until `weight`/`switch`."""
+    from deploy.release import plan_deploy
+    from models.bento import find_bento
+
+    stack = _stack()
+    bento, version = find_bento(stack.home, release)
+    _run_plan(stack, plan_deploy(stack.store.load(), bento, version), dry_run)
+
+
+@app.command()
+def weight(
+    percent: Annotated[int, typer.Argument(help="Candidate share of REST and gRPC traffic, 0-100.")],
+    dry_run: DryRun = False,
+) -> None:
+    """Set the candidate's share of traffic (applied within a second, no nginx reload)."""
+    from deploy.release import plan_weight
+
+    stack = _stack()
+    _run_plan(stack, plan_weight(stack.store.load(), percent), dry_run)
+
+
+@app.command()
+def switch(dry_run: DryRun = False) -> None:
+    """Blue-green cut-over: the candidate takes 100%; the old stable stays warm for a switch back."""
+    from deploy.release import plan_switch
+
+    stack = _stack()
+    _run_plan(stack, plan_switch(stack.store.load()), dry_run)
+
+
+@app.command()
+def promote(dry_run: DryRun = False) -> None:
+    """The candidate becomes stable at 100%; MLflow alias `champion` moves to its version."""
+    from deploy.release import plan_promote
+
+    stack = _stack()
+    _run_plan(stack, plan_promote(stack.store.load()), dry_run)
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (kept in `canary history`).")] = "",
+    dry_run: DryRun = False,
+) -> None:
+    """Send the candidate to 0% at once."""
+    from deploy.release import plan_rollback
+
+    stack = _stack()
+    _run_plan(stack, plan_rollback(stack.store.load(), reason), dry_run)
+
+
+@app.command()
+def shadow(
+    mode: Annotated[str, typer.Argument(help="on or off.")],
+    dry_run: DryRun = False,
+) -> None:
+    """Mirror a copy of stable traffic to the candidate (answers discarded) or stop it."""
+    from deploy.release import plan_shadow
+
+    if mode not in ("on", "off"):
+        raise CanaryError(f"shadow takes on or off, got {mode!r}")
+    stack = _stack()
+    _run_plan(stack, plan_shadow(stack.store.load(), mode == "on"), dry_run)
+
+
+@app.command()
+def status(as_json: JsonOut = False) -> None:
+    """Slots, Bentos, model versions, weights, health, requests per slot, last gate verdict."""
+    import json
+
+    from deploy.report import format_status
+
+    data = _stack().status()
+    typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))
+
+
+@app.command()
+def history(as_json: JsonOut = False) -> None:
+    """The audit trail: who changed what, when and why."""
+    import json
+
+    entries = _stack().store.history.entries()
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        reason = f"  ({e['reason']})" if e.get("reason") else ""
+        typer.echo(f"{e['time']}  {e['who']:<10} {e['action']:<9} {e['detail']}{reason}")
+
+
 def main(argv: list[str] | None = None) -> None:
     # Library deprecation chatter (torch.onnx, mlflow) is not for the user of the CLI.
     warnings.filterwarnings("ignore", category=FutureWarning)

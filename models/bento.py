@@ -61,3 +61,35 @@ def build_bento(home: CanaryHome, version: int | None = None, alias: str | None 
     size = archive.stat().st_size
     say(f"built {bento.tag} ({size / 1e6:.2f} MB archive at {archive.relative_to(REPO_ROOT)})")
     return BuildResult(str(bento.tag), stored.tag, archive, size, requirements)
+
+
+def find_bento(home: CanaryHome, ref: str) -> tuple[str, str]:
+    """A release reference -> (Bento tag, model version). `ref` is a registry version
+    number ("3"), an alias ("@champion") or a Bento tag ("digits-service:v3")."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from models.registry import Registry
+
+    home.require()
+    if ":" in ref:
+        tag = ref
+    else:
+        registry = Registry(home)
+        mv = registry.resolve(alias=ref[1:]) if ref.startswith("@") else registry.resolve(version=_version_number(ref))
+        tag = f"digits-service:v{mv.version}"
+    try:
+        bento = bentoml.bentos.get(tag)
+    except NotFound:
+        version = tag.rsplit(":v", 1)[-1]
+        raise CanaryError(f"Bento {tag} is not built: run `canary build --version {version}` first") from None
+    version = bento.info.labels.get("model_version")
+    if not version:
+        raise CanaryError(f"Bento {tag} has no model_version label; build it with `canary build`")
+    return str(bento.tag), version
+
+
+def _version_number(ref: str) -> int:
+    if not ref.isdigit():
+        raise CanaryError(f"{ref!r} is not a model version, @alias or Bento tag (e.g. 3, @champion, digits-service:v3)")
+    return int(ref)

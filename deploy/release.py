@@ -1,0 +1,118 @@
+"""The release planner: pure functions from the current state and a request to a `ReleasePlan`.
+
+Nothing here touches a process, nginx or MLflow; `deploy.stack.LocalStack.execute` applies a
+plan. So every rule (what needs a candidate, what happens to weights) is testable alone,
+and `--dry-run` prints exactly what would be done.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+
+from models.errors import CanaryError
+from deploy.state import ReleaseState, SlotState
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    action: str
+    before: ReleaseState
+    after: ReleaseState
+    start_slot: tuple[str, str] | None = None  # (slot, bento) started and checked before routing changes
+    stop_slot: str | None = None  # stopped after routing changed
+    champion_version: str | None = None  # MLflow alias `champion` moves here
+    reason: str = ""
+
+    def routing(self, state: ReleaseState | None = None) -> dict:
+        state = state or self.after
+        return {"stable": state.stable, "candidate": state.candidate, "weight": state.weight, "shadow": state.shadow}
+
+    def describe(self) -> list[str]:
+        lines = [f"plan: {self.action}" + (f" ({self.reason})" if self.reason else "")]
+        if self.start_slot:
+            lines.append(f"  start slot {self.start_slot[0]} with {self.start_slot[1]}, wait for readiness and a smoke inference")
+        before, after = self.routing(self.before), self.routing()
+        if before != after:
+            lines.append(f"  routing: {_summary(self.before)}  ->  {_summary(self.after)}")
+        if self.stop_slot:
+            lines.append(f"  stop slot {self.stop_slot}")
+        if self.champion_version:
+            lines.append(f"  move MLflow alias champion to version {self.champion_version}")
+        return lines
+
+    def diff(self) -> str:
+        """Unified diff of the routing file nginx loads (the config that changes)."""
+        old = json.dumps(self.routing(self.before), indent=2, sort_keys=True).splitlines()
+        new = json.dumps(self.routing(), indent=2, sort_keys=True).splitlines()
+        return "\n".join(difflib.unified_diff(old, new, "routing.json (now)", "routing.json (planned)", lineterm=""))
+
+
+def _summary(state: ReleaseState) -> str:
+    stable = f"{state.stable}={state.slots[state.stable].bento or '-'}"
+    if state.candidate is None:
+        return f"{stable} 100%"
+    candidate = f"{state.candidate}={state.slots[state.candidate].bento or '-'}"
+    shadow = " +shadow" if state.shadow else ""
+    return f"{stable} {100 - state.weight}%, {candidate} {state.weight}%{shadow}"
+
+
+def _need_candidate(state: ReleaseState, action: str) -> str:
+    if state.candidate is None:
+        raise CanaryError(f"{action} needs a candidate: run `canary deploy <version>` first")
+    return state.candidate
+
+
+def plan_initial(state: ReleaseState, bento: str, model_version: str) -> ReleasePlan:
+    """`canary up` with nothing serving yet: the champion goes into the stable slot at 100%."""
+    slots = {**state.slots, state.stable: SlotState(bento, model_version)}
+    after = state.with_changes(slots=slots, candidate=None, weight=0, shadow=False)
+    return ReleasePlan("up", state, after, start_slot=(state.stable, bento), reason="first stable release")
+
+
+def plan_deploy(state: ReleaseState, bento: str, model_version: str) -> ReleasePlan:
+    stable = state.slots[state.stable]
+    if stable.bento is None:
+        raise CanaryError("nothing is serving yet: run `canary up` first")
+    if stable.bento == bento:
+        raise CanaryError(f"{bento} is already the stable release in slot {state.stable}")
+    slot = state.idle
+    slots = {**state.slots, slot: SlotState(bento, model_version)}
+    after = state.with_changes(slots=slots, candidate=slot, weight=0, shadow=False, last_gate=None, note="")
+    return ReleasePlan("deploy", state, after, start_slot=(slot, bento), reason=f"candidate {bento} at 0%")
+
+
+def plan_weight(state: ReleaseState, weight: int, reason: str = "") -> ReleasePlan:
+    _need_candidate(state, "weight")
+    if not 0 <= weight <= 100:
+        raise CanaryError(f"weight must be between 0 and 100, got {weight}")
+    return ReleasePlan("weight", state, state.with_changes(weight=weight, note=""), reason=reason)
+
+
+def plan_switch(state: ReleaseState) -> ReleasePlan:
+    """Blue-green cut-over: the candidate takes all traffic, the old stable stays warm at 0%."""
+    candidate = _need_candidate(state, "switch")
+    after = state.with_changes(stable=candidate, candidate=state.stable, weight=0, shadow=False, note="")
+    return ReleasePlan("switch", state, after, reason=f"{candidate} takes 100%, {state.stable} kept warm")
+
+
+def plan_promote(state: ReleaseState) -> ReleasePlan:
+    candidate = _need_candidate(state, "promote")
+    after = state.with_changes(stable=candidate, candidate=None, weight=0, shadow=False, note="")
+    return ReleasePlan(
+        "promote", state, after, stop_slot=state.stable,
+        champion_version=state.slots[candidate].model_version, reason=f"{candidate} becomes stable",
+    )  # fmt: skip
+
+
+def plan_rollback(state: ReleaseState, reason: str = "") -> ReleasePlan:
+    _need_candidate(state, "rollback")
+    after = state.with_changes(weight=0, shadow=False, note=f"rolled back: {reason}" if reason else "rolled back")
+    return ReleasePlan("rollback", state, after, reason=reason or "manual rollback")
+
+
+def plan_shadow(state: ReleaseState, on: bool) -> ReleasePlan:
+    if on:
+        _need_candidate(state, "shadow on")
+    return ReleasePlan("shadow", state, state.with_changes(shadow=on), reason="mirror stable traffic" if on else "")

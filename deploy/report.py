@@ -1,0 +1,27 @@
+"""Human-readable renderings of stack status for the CLI."""
+
+from __future__ import annotations
+
+
+def format_status(data: dict) -> str:
+    lines = []
+    nginx = data["nginx"]
+    state = "up" if nginx["running"] else "DOWN"
+    lines.append(f"nginx {state}: REST :{nginx['rest']}  gRPC :{nginx['grpc']}    redis {'up' if data['redis'] else 'DOWN'}")
+    counts = (nginx.get("router") or {}).get("requests", {}) if isinstance(nginx.get("router"), dict) else {}
+    lines.append(f"{'slot':<6} {'role':<10} {'weight':>6}  {'bento':<22} {'version':>7}  {'health':<9} {'requests':>8}")
+    for name, slot in data["slots"].items():
+        health = "healthy" if slot["healthy"] else ("DEAD" if slot["bento"] and not slot["alive"] else "-")
+        if slot["alive"] and not slot["healthy"]:
+            health = "UNHEALTHY"
+        lines.append(
+            f"{name:<6} {slot['role']:<10} {slot['weight']:>5}%  {slot['bento'] or '-':<22} "
+            f"{slot['model_version'] or '-':>7}  {health:<9} {counts.get(name, 0):>8}"
+        )
+    if data.get("shadow"):
+        lines.append("shadow: stable traffic is mirrored to the candidate")
+    gate = data.get("last_gate")
+    lines.append(f"last gate: {gate['verdict']} ({gate.get('summary', '')})" if gate else "last gate: -")
+    if data.get("note"):
+        lines.append(f"note: {data['note']}")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""The local stack: Redis, two Bento slots and nginx as supervised local processes.
+
+`LocalStack` owns the processes it starts (pid files under the state folder, each checked
+against its command line before it is signalled) and executes `ReleasePlan`s: start and
+smoke-test a slot, then change routing through nginx's admin API (no reload), then record
+the new state and the audit line. A failure before routing changes leaves traffic as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deploy.process import spawn, serving_home, venv_bin, wait_http_ok
+from deploy.release import ReleasePlan, plan_initial
+from deploy.state import SLOTS, ReleaseState, StateStore
+from models.errors import CanaryError
+from models.home import CanaryHome
+
+
+class StackSettings(BaseSettings):
+    """Ports and timeouts of the local stack (env prefix CANARY_STACK_)."""
+
+    model_config = SettingsConfigDict(env_prefix="CANARY_STACK_", extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Address every local process binds.")
+    nginx_rest_port: int = Field(default=8080, description="Public REST listener.")
+    nginx_grpc_port: int = Field(default=8081, description="Public gRPC (HTTP/2) listener.")
+    nginx_admin_port: int = Field(default=8079, description="Loopback-only admin listener (routing).")
+    blue_rest_port: int = Field(default=3001, description="Blue slot REST port.")
+    blue_grpc_port: int = Field(default=50051, description="Blue slot gRPC port.")
+    green_rest_port: int = Field(default=3002, description="Green slot REST port.")
+    green_grpc_port: int = Field(default=50052, description="Green slot gRPC port.")
+    redis_port: int = Field(default=6390, description="Redis (shared response cache).")
+    slot_ready_timeout_s: float = Field(default=180.0, description="How long a new slot may take to get ready.")
+
+    def slot_ports(self, slot: str) -> tuple[int, int]:
+        return getattr(self, f"{slot}_rest_port"), getattr(self, f"{slot}_grpc_port")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    name: str
+    pid: int | None
+    alive: bool
+
+
+class LocalStack:
+    def __init__(self, home: CanaryHome, settings: StackSettings | None = None) -> None:
+        self.home = home
+        self.settings = settings or StackSettings()
+        self.folder = home.home / "stack"
+        self.store = StateStore(self.folder)
+        self.routing_file = self.folder / "routing.json"
+        self.token_file = self.folder / "admin.token"
+
+    # -- processes ----------------------------------------------------------------------
+    def _pid_file(self, name: str) -> Path:
+        return self.home.run_dir / f"{name}.pid"
+
+    def process(self, name: str) -> ProcessInfo:
+        """Our process `name`, alive only if its pid still runs the command we started."""
+        path = self._pid_file(name)
+        if not path.exists():
+            return ProcessInfo(name, None, False)
+        record = json.loads(path.read_text())
+        try:
+            cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ProcessInfo(name, record["pid"], False)
+        return ProcessInfo(name, record["pid"], record["marker"] in cmdline)
+
+    def _record(self, name: str, pid: int, marker: str) -> None:
+        self.home.run_dir.mkdir(parents=True, exist_ok=True)
+        self._pid_file(name).write_text(json.dumps({"pid": pid, "marker": marker}))
+
+    def _stop(self, name: str, timeout: float = 20.0) -> None:
+        info = self.process(name)
+        if info.alive and info.pid:
+            os.kill(info.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.process(name).alive and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.process(name).alive:
+                os.killpg(info.pid, signal.SIGKILL)
+        self._pid_file(name).unlink(missing_ok=True)
+
+    def _require_free(self, port: int, what: str, env: str) -> None:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.settings.host, port))
+            except OSError:
+                raise CanaryError(f"port {port} ({what}) is already taken; free it or set {env}") from None
+
+    # -- redis ----------------------------------------------------------------------------
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.settings.host}:{self.settings.redis_port}/0"
+
+    def start_redis(self) -> None:
+        if self.process("redis").alive:
+            return
+        port = self.settings.redis_port
+        self._require_free(port, "redis", "CANARY_STACK_REDIS_PORT")
+        data = self.home.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        marker = f"redis-server {self.settings.host}:{port}"
+        argv = ["redis-server", "--port", str(port), "--bind", self.settings.host, "--save", "", "--appendonly", "no",
+                "--dir", str(data)]  # fmt: skip
+        child = spawn(argv, self.home.logs / "redis.log")
+        self._record("redis", child.pid, marker)
+        import redis
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(host=self.settings.host, port=port, socket_timeout=1).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise CanaryError(f"redis-server did not start on port {port}; see {self.home.logs / 'redis.log'}")
+
+    # -- slots ----------------------------------------------------------------------------
+    def slot_url(self, slot: str) -> str:
+        return f"http://{self.settings.host}:{self.settings.slot_ports(slot)[0]}"
+
+    def start_slot(self, slot: str, bento: str, model_version: str) -> None:
+        """Start `bento` in `slot`, wait for readiness and a correct smoke inference."""
+        self._stop(f"slot-{slot}")
+        rest, grpc = self.settings.slot_ports(slot)
+        upper = slot.upper()
+        self._require_free(rest, f"{slot} REST", f"CANARY_STACK_{upper}_REST_PORT")
+        self._require_free(grpc, f"{slot} gRPC", f"CANARY_STACK_{upper}_GRPC_PORT")
+        env = {
+            "BENTOML_HOME": str(serving_home(self.home.bentoml_home, f"slot-{slot}")),
+            "CANARY_SERVICE_SLOT": slot,
+            "CANARY_SERVICE_GRPC_PORT": str(grpc),
+            "CANARY_SERVICE_GRPC_HOST": self.settings.host,
+            "CANARY_SERVICE_CACHE_URL": self.redis_url,
+        }
+        argv = [venv_bin("bentoml"), "serve", bento, "--host", self.settings.host, "--port", str(rest)]
+        child = spawn(argv, self.home.logs / f"slot-{slot}.log", env)
+        self._record(f"slot-{slot}", child.pid, f"serve {bento}")
+        try:
+            wait_http_ok(child, f"{self.slot_url(slot)}/v2/health/ready", self.settings.slot_ready_timeout_s)
+            self.smoke_test(slot, model_version)
+        except CanaryError:
+            self._stop(f"slot-{slot}")
+            raise
+
+    def smoke_test(self, slot: str, model_version: str) -> None:
+        from models.data import load_split
+
+        split = load_split()
+        rows = split.x_test[:8]
+        body = {"inputs": [{"name": "input", "shape": [8, 64], "datatype": "FP32", "data": rows.tolist()}]}
+        answer = httpx.post(f"{self.slot_url(slot)}/v2/models/digits/infer", json=body, timeout=30)
+        if answer.status_code != 200 or answer.json().get("model_version") != model_version:
+            raise CanaryError(f"smoke inference on slot {slot} failed: HTTP {answer.status_code} {answer.text[:200]}")
+
+    def stop_slot(self, slot: str) -> None:
+        self._stop(f"slot-{slot}")
+
+    # -- nginx ----------------------------------------------------------------------------
+    def nginx(self):
+        from deploy.nginx import NginxController
+
+        return NginxController(self.home.home / "nginx")
+
+    def _slot_addresses(self):
+        from deploy.nginx import SlotAddress
+
+        return [SlotAddress(slot, self.settings.host, *self.settings.slot_ports(slot)) for slot in SLOTS]
+
+    def _routing(self, state: ReleaseState):
+        from deploy.nginx import Routing
+
+        return Routing(state.stable, state.candidate, state.weight, state.shadow)
+
+    def apply_nginx_config(self, state: ReleaseState) -> None:
+        from deploy.nginx import NginxPorts, ensure_token, render_config, write_routing_file
+
+        ensure_token(self.token_file)
+        write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
+        controller = self.nginx()
+        if not controller.running():
+            s = self.settings
+            self._require_free(s.nginx_rest_port, "nginx REST", "CANARY_STACK_NGINX_REST_PORT")
+            self._require_free(s.nginx_grpc_port, "nginx gRPC", "CANARY_STACK_NGINX_GRPC_PORT")
+            self._require_free(s.nginx_admin_port, "nginx admin", "CANARY_STACK_NGINX_ADMIN_PORT")
+        generation = int(time.time() * 1000) % 2_000_000_000
+        ports = NginxPorts(self.settings.nginx_rest_port, self.settings.nginx_grpc_port, self.settings.nginx_admin_port)
+        config = render_config(
+            controller.prefix, ports, self._slot_addresses(), self.routing_file, self.token_file, generation
+        )
+        controller.apply(config, generation)
+
+    def set_routing(self, state: ReleaseState) -> None:
+        from deploy.nginx import ensure_token, write_routing_file
+
+        write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
+        self.nginx().set_routing(self._routing(state), ensure_token(self.token_file))
+
+    # -- the commands -------------------------------------------------------------------
+    def up(self, champion: tuple[str, str] | None) -> ReleaseState:
+        """Start whatever is not running; with nothing deployed, serve `champion` (bento, version)."""
+        with self.store.locked():
+            state = self.store.load()
+            self.start_redis()
+            if state.slots[state.stable].bento is None:
+                if champion is None:
+                    raise CanaryError("nothing to serve: train, export and build a model first (make demo does)")
+                plan = plan_initial(state, *champion)
+                state = plan.after
+                self.store.history.append("up", f"{champion[0]} in slot {state.stable}", plan.reason)
+            for slot in SLOTS:
+                slot_state = state.slots[slot]
+                if slot_state.bento and not self.process(f"slot-{slot}").alive and (slot in (state.stable, state.candidate)):
+                    self.start_slot(slot, slot_state.bento, slot_state.model_version or "")
+            self.apply_nginx_config(state)
+            self.store.save(state)
+            return state
+
+    def down(self) -> list[str]:
+        """Stop every process this stack started (and nothing else)."""
+        stopped = []
+        with self.store.locked():
+            if self.nginx().running():
+                self.nginx().stop()
+                stopped.append("nginx")
+            for name in ("slot-blue", "slot-green", "redis"):
+                if self.process(name).alive:
+                    stopped.append(name)
+                self._stop(name)
+        return stopped
+
+    def execute(self, plan: ReleasePlan, on_champion=None) -> ReleaseState:
+        """Apply a plan: start + check a slot, change routing, persist, stop, audit."""
+        with self.store.locked():
+            current = self.store.load()
+            if current.generation != plan.before.generation:
+                raise CanaryError("the release state changed while planning; run the command again")
+            if not self.nginx().running():
+                raise CanaryError("the stack is not running: run `canary up` first")
+            if plan.start_slot:
+                slot, bento = plan.start_slot
+                self.start_slot(slot, bento, plan.after.slots[slot].model_version or "")
+            self.set_routing(plan.after)
+            self.store.save(plan.after)
+            if plan.stop_slot:
+                self.stop_slot(plan.stop_slot)
+            if plan.champion_version and on_champion is not None:
+                on_champion(plan.champion_version)
+            self.store.history.append(plan.action, " | ".join(plan.describe()[1:]) or plan.action, plan.reason)
+            return plan.after
+
+    def status(self) -> dict:
+        state = self.store.load()
+        slots = {}
+        for slot in SLOTS:
+            info = self.process(f"slot-{slot}")
+            healthy = False
+            if info.alive:
+                try:
+                    healthy = httpx.get(f"{self.slot_url(slot)}/v2/health/ready", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    healthy = False
+            role = "stable" if slot == state.stable else "candidate" if slot == state.candidate else "idle"
+            share = (100 - state.weight if state.candidate else 100) if role == "stable" else state.weight if role == "candidate" else 0
+            slots[slot] = {
+                "role": role, "bento": state.slots[slot].bento, "model_version": state.slots[slot].model_version,
+                "weight": share, "pid": info.pid if info.alive else None, "alive": info.alive, "healthy": healthy,
+                "rest": self.slot_url(slot), "grpc": f"{self.settings.host}:{self.settings.slot_ports(slot)[1]}",
+            }  # fmt: skip
+        router: dict = {}
+        nginx_running = self.nginx().running()
+        if nginx_running and self.token_file.exists():
+            try:
+                router = self.nginx().status(self.token_file.read_text().strip())
+            except Exception as exc:  # noqa: BLE001 - status must always answer
+                router = {"error": str(exc)}
+        return {
+            "stable": state.stable, "candidate": state.candidate, "weight": state.weight, "shadow": state.shadow,
+            "slots": slots, "nginx": {"running": nginx_running, "rest": self.settings.nginx_rest_port,
+                                      "grpc": self.settings.nginx_grpc_port, "router": router},
+            "redis": self.process("redis").alive, "last_gate": state.last_gate, "note": state.note,
+        }  # fmt: skip
