@@ -34,6 +34,9 @@ from service.v2.rest import build_v2_app
 
 log = logging.getLogger("bento_canary.service")
 ONNX_FILE = "model.onnx"
+# One worker per Bento process: batching needs one queue per process to form batches and the
+# gRPC server binds one port per process; scale out with slots/replicas, not workers.
+WORKERS = 1
 
 
 class BentoArgs(BaseModel):
@@ -75,7 +78,7 @@ def build_cache(settings: ServiceSettings, on_event) -> ResponseCache:
 
 
 @bentoml.asgi_app(v2_app, path="/")
-@bentoml.service(name="digits-service", workers=1, traffic={"timeout": 30})
+@bentoml.service(name="digits-service", workers=WORKERS, traffic={"timeout": 30})
 class DigitsService:
     model_ref = bentoml.models.BentoModel(_SETTINGS.model_tag or _ARGS.model_tag)
 
@@ -85,7 +88,7 @@ class DigitsService:
         settings = _SETTINGS
         stored = self.model_ref
         card = ModelCard.from_labels(dict(stored.info.labels))
-        runner = OnnxRunner(Path(stored.path_of(ONNX_FILE)), card, settings.intra_op_threads)
+        runner = OnnxRunner(Path(stored.path_of(ONNX_FILE)), card, settings.intra_op_threads, WORKERS)
         self.metrics = ServiceMetrics(card, settings.slot)
         self.core = InferenceCore(
             runner,

@@ -26,7 +26,7 @@ def file_sha256(path: Path) -> str:
 class OnnxRunner:
     """Runs batches through ONNX Runtime. `run` is the pure batch function batching wraps."""
 
-    def __init__(self, path: Path, card: ModelCard, intra_op_threads: int = 0) -> None:
+    def __init__(self, path: Path, card: ModelCard, intra_op_threads: int = 0, workers: int = 1) -> None:
         import onnxruntime as ort
 
         actual = file_sha256(path)
@@ -34,8 +34,9 @@ class OnnxRunner:
             raise ModelIntegrityError(f"{path} has sha256 {actual}, lineage says {card.sha256}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One worker per core by default, so each session gets the cores divided among workers.
-        options.intra_op_num_threads = intra_op_threads or max(1, (os.cpu_count() or 1))
+        # By default the cores are divided among the worker processes, so workers never
+        # oversubscribe the CPU with ONNX Runtime threads.
+        options.intra_op_num_threads = intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         options.inter_op_num_threads = 1
         self.card = card
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
