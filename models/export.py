@@ -7,7 +7,6 @@ unless it reproduces the source model (max |score diff| <= atol, identical argma
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 
 from models.data import N_FEATURES
 from models.errors import IntegrityError, ParityError
+# One sha256 routine for export, the store and the serving side (which cannot import models/).
+from service.core.runner import file_sha256 as sha256_of  # noqa: F401 - re-exported
 
 INPUT_NAME = "input"
 DEFAULT_ATOL = 1e-4
@@ -50,14 +51,6 @@ class ParityReport:
             "parity_samples": str(self.samples),
             "onnx_test_accuracy": f"{self.onnx_test_accuracy:.6f}",
         }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_onnx(flavor: str, model: Any, target: Path) -> GraphContract:
