@@ -33,6 +33,33 @@ def venv_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (BentoML's workers run in sessions of their own, so a
+    process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal `pid` and every process below it (collected first, so none is missed)."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Child:
     process: subprocess.Popen
@@ -49,15 +76,21 @@ class Child:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM our child (it shuts its workers down), then SIGKILL its group if it lingers."""
+        """SIGTERM our child (it shuts its workers down), then SIGKILL its whole tree if it lingers."""
         if self.process.poll() is not None:
             return
+        tree = descendants(self.process.pid)
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            kill_tree(self.process.pid)
             self.process.wait(5)
+        for pid in tree:  # workers that outlived their parent
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:

@@ -8,12 +8,16 @@ def format_status(data: dict) -> str:
     nginx = data["nginx"]
     state = "up" if nginx["running"] else "DOWN"
     lines.append(f"nginx {state}: REST :{nginx['rest']}  gRPC :{nginx['grpc']}    redis {'up' if data['redis'] else 'DOWN'}")
-    counts = (nginx.get("router") or {}).get("requests", {}) if isinstance(nginx.get("router"), dict) else {}
+    router_slots = (nginx.get("router") or {}).get("slots", {})
+    counts = {name: info.get("requests", 0) for name, info in router_slots.items()}
+    down = {name for name, info in router_slots.items() if info.get("down")}
     lines.append(f"{'slot':<6} {'role':<10} {'weight':>6}  {'bento':<22} {'version':>7}  {'health':<9} {'requests':>8}")
     for name, slot in data["slots"].items():
         health = "healthy" if slot["healthy"] else ("DEAD" if slot["bento"] and not slot["alive"] else "-")
         if slot["alive"] and not slot["healthy"]:
             health = "UNHEALTHY"
+        if name in down:
+            health += " (nginx: down)"
         lines.append(
             f"{name:<6} {slot['role']:<10} {slot['weight']:>5}%  {slot['bento'] or '-':<22} "
             f"{slot['model_version'] or '-':>7}  {health:<9} {counts.get(name, 0):>8}"

@@ -8,6 +8,7 @@ the new state and the audit line. A failure before routing changes leaves traffi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from deploy.process import spawn, serving_home, venv_bin, wait_http_ok
+from deploy.process import descendants, kill_tree, serving_home, spawn, venv_bin, wait_http_ok
 from deploy.release import ReleasePlan, plan_initial
 from deploy.state import SLOTS, ReleaseState, StateStore
 from models.errors import CanaryError
@@ -86,12 +87,16 @@ class LocalStack:
     def _stop(self, name: str, timeout: float = 20.0) -> None:
         info = self.process(name)
         if info.alive and info.pid:
+            tree = descendants(info.pid)
             os.kill(info.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self.process(name).alive and time.monotonic() < deadline:
                 time.sleep(0.1)
             if self.process(name).alive:
-                os.killpg(info.pid, signal.SIGKILL)
+                kill_tree(info.pid)
+            for pid in tree:  # BentoML workers live in sessions of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self._pid_file(name).unlink(missing_ok=True)
 
     def _require_free(self, port: int, what: str, env: str) -> None:
@@ -261,7 +266,8 @@ class LocalStack:
                 self.stop_slot(plan.stop_slot)
             if plan.champion_version and on_champion is not None:
                 on_champion(plan.champion_version)
-            self.store.history.append(plan.action, " | ".join(plan.describe()[1:]) or plan.action, plan.reason)
+            detail = "; ".join(line.strip() for line in plan.describe()[1:]) or "routing unchanged"
+            self.store.history.append(plan.action, detail, plan.reason, generation=plan.after.generation)
             return plan.after
 
     def status(self) -> dict:

@@ -1,0 +1,282 @@
+-- Blue/green and weighted canary routing for nginx, driven by one shared dict.
+--
+-- The routing state lives in `ngx.shared.canary` so the admin API can move traffic at
+-- runtime: `nginx -s reload` on 1.22 closes idle keep-alive connections and loses requests.
+-- Dict keys: "state" (JSON: stable, candidate, weight, shadow, slots{name: host, ports}),
+-- "generation" (bumped on every change), "fails:<slot>"/"down:<slot>" (passive health,
+-- expiring after fail_timeout), "requests:<slot>"/"shadow:<slot>" (counters).
+local balancer = require "ngx.balancer"
+local json = require "canary_json"
+
+local M = {}
+local dict = ngx.shared.canary
+
+-- Set by init() in the master and inherited by the workers it forks, so status tells
+-- which rendered config the answering worker runs (a failed reload keeps old workers).
+local cfg = { config_generation = -1, max_fails = 1, fail_timeout = 10, token_digest = nil }
+
+local SLOT_NAME = "^%l[%l%d_%-]*$"
+
+local function read_file(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local text = f:read("*a")
+  f:close()
+  return text
+end
+
+local function is_int(v, lo, hi)
+  return type(v) == "number" and v == math.floor(v) and v >= lo and v <= hi
+end
+
+-- validate(doc, known_slots) -> state, or nil and a one-line reason. Used for the routing
+-- file at init and for PUT /canary/routing; `doc.slots` may add or move slots.
+local function validate(doc, known)
+  if type(doc) ~= "table" then return nil, "routing must be a JSON object" end
+  local slots = {}
+  for name, a in pairs(known) do slots[name] = a end
+  if doc.slots ~= nil and type(doc.slots) ~= "table" then return nil, "slots must be an object" end
+  for name, a in pairs(doc.slots or {}) do
+    if type(name) ~= "string" or not name:match(SLOT_NAME) then
+      return nil, "bad slot name " .. tostring(name)
+    end
+    if type(a) ~= "table" or type(a.host) ~= "string" or a.host == ""
+        or not is_int(a.rest_port, 1, 65535) or not is_int(a.grpc_port, 1, 65535) then
+      return nil, "slot " .. name .. " needs host, rest_port and grpc_port (1-65535)"
+    end
+    slots[name] = { host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port }
+  end
+  local stable, candidate, weight, shadow = doc.stable, doc.candidate, doc.weight, doc.shadow
+  if type(stable) ~= "string" or not slots[stable] then
+    return nil, "stable must name a known slot, got " .. tostring(stable)
+  end
+  if candidate ~= nil and (type(candidate) ~= "string" or not slots[candidate]) then
+    return nil, "candidate must be null or a known slot, got " .. tostring(candidate)
+  end
+  if candidate == stable then return nil, "candidate must differ from stable" end
+  if not is_int(weight, 0, 100) then
+    return nil, "weight must be an integer 0-100, got " .. json.encode(weight)
+  end
+  if type(shadow) ~= "boolean" then return nil, "shadow must be true or false" end
+  if candidate == nil and (weight > 0 or shadow) then
+    return nil, "weight above 0 or shadow on needs a candidate"
+  end
+  return { stable = stable, candidate = candidate, weight = weight, shadow = shadow, slots = slots }
+end
+
+-- Each worker decodes the state once per generation, not once per request.
+local cached_generation, cached_state = nil, nil
+local function state()
+  local generation = dict:get("generation")
+  if generation ~= cached_generation then
+    cached_state, cached_generation = json.decode(dict:get("state")), generation
+  end
+  return cached_state
+end
+
+local function save(new)
+  local text = json.encode(new)
+  local old_text = dict:get("state")
+  if text == old_text then return end
+  local old = old_text and json.decode(old_text) or { slots = {} }
+  for name, a in pairs(new.slots) do
+    local o = old.slots[name]
+    -- a slot at a new address is a new process: forget the old one's failures
+    if not o or o.host ~= a.host or o.rest_port ~= a.rest_port or o.grpc_port ~= a.grpc_port then
+      dict:delete("down:" .. name)
+      dict:delete("fails:" .. name)
+    end
+  end
+  local ok, err = dict:set("state", text)
+  if not ok then error("cannot store routing state: " .. err, 0) end
+  -- bumped after the state is stored, so a worker that sees it reads the new state
+  dict:incr("generation", 1, 0)
+end
+
+-- init_by_lua (master, at start and on every reload). `text` is JSON rendered by
+-- deploy/nginx.py. Errors make `nginx -t` fail, so a bad token or routing file never goes live.
+function M.init(text)
+  local conf = json.decode(text)
+  cfg.config_generation, cfg.max_fails, cfg.fail_timeout =
+    conf.config_generation, conf.max_fails, conf.fail_timeout
+  local token, err = read_file(conf.token_file)
+  token = token and token:match("^%s*(.-)%s*$")
+  if not token or token == "" then error("token file " .. conf.token_file .. " unreadable or empty: " .. tostring(err), 0) end
+  cfg.token_digest = ngx.sha1_bin(token)
+
+  -- The routing file is the durable copy (it survives restarts); the dict survives reloads.
+  local doc
+  local file_text = read_file(conf.routing_file)
+  if file_text then
+    local ok, parsed = pcall(json.decode, file_text)
+    if not ok then error(conf.routing_file .. ": " .. parsed, 0) end
+    doc = parsed
+  elseif dict:get("state") then
+    doc = json.decode(dict:get("state"))
+  else
+    doc = { stable = conf.default_stable, weight = 0, shadow = false }
+  end
+  local new, reason = validate(doc, conf.slots)
+  if not new then error(conf.routing_file .. ": " .. reason, 0) end
+  save(new)
+end
+
+function M.init_worker()
+  -- workers are forked from one master: seed each differently
+  math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+end
+
+local function is_down(slot) return dict:get("down:" .. slot) ~= nil end
+
+-- The slot a failing slot's traffic moves to: stable <-> candidate.
+local function partner(s, slot)
+  if slot == s.stable then return s.candidate end
+  if slot == s.candidate then return s.stable end
+end
+
+-- Unforced traffic without a user draws from a shuffled deck of 0..99 per worker: each draw
+-- is uniform like math.random, but every 100 draws hit the weight exactly, so the split
+-- stays accurate over a few hundred requests.
+local deck, dealt = {}, 100
+local function draw()
+  if dealt == 100 then
+    for i = 1, 100 do deck[i] = i - 1 end
+    for i = 100, 2, -1 do
+      local j = math.random(i)
+      deck[i], deck[j] = deck[j], deck[i]
+    end
+    dealt = 0
+  end
+  dealt = dealt + 1
+  return deck[dealt]
+end
+
+local function choose(s)
+  local candidate = s.candidate
+  if not candidate then return s.stable end
+  local force = ngx.var.http_x_canary
+  if force == "always" then return candidate end
+  if force == "never" then return s.stable end
+  if s.weight == 0 then return s.stable end
+  local user = ngx.var.http_x_user_id
+  if not user or user == "" then user = ngx.var["cookie_canary-user"] end
+  -- crc32 is stable across workers and restarts: a user keeps a slot at a given weight,
+  -- and raising the weight only moves more users to the candidate, never back
+  local bucket = (user and user ~= "") and ngx.crc32_long(user) % 100 or draw()
+  return bucket < s.weight and candidate or s.stable
+end
+
+-- access_by_lua on both public listeners.
+function M.route()
+  local s = state()
+  local slot = choose(s)
+  local other = partner(s, slot)
+  if is_down(slot) and other and not is_down(other) then slot = other end
+  ngx.ctx.slot = slot
+  ngx.var.canary_slot = slot -- variables are shared with the mirror subrequest
+end
+
+local function note_failure(slot)
+  local fails = dict:incr("fails:" .. slot, 1, 0, cfg.fail_timeout)
+  if fails and fails >= cfg.max_fails then
+    dict:set("down:" .. slot, true, cfg.fail_timeout)
+  end
+end
+
+-- balancer_by_lua; `port_field` is "rest_port" or "grpc_port".
+function M.balance(port_field)
+  local ctx = ngx.ctx
+  local s = state()
+  local slot = ctx.slot or s.stable
+  local failed, code = balancer.get_last_failure()
+  if failed then
+    -- proxy_next_upstream/grpc_next_upstream is retrying: the last try failed
+    ngx.log(ngx.WARN, "canary: slot ", slot, " failed (", failed, " ", tostring(code), "), retrying")
+    note_failure(slot)
+    slot = partner(s, slot) or slot
+    ctx.slot = slot
+  elseif not ctx.shadow then
+    balancer.set_more_tries(1)
+  end
+  local addr = s.slots[slot] or s.slots[s.stable]
+  local ok, err = balancer.set_current_peer(addr.host, addr[port_field])
+  if not ok then
+    ngx.log(ngx.ERR, "canary: cannot route to ", slot, ": ", err)
+    return ngx.exit(ngx.ERROR)
+  end
+end
+
+-- rewrite_by_lua of the internal shadow location (a mirror subrequest; subrequests skip
+-- the access phase). Copies only stable-bound POSTs; otherwise ends before any upstream call.
+function M.shadow()
+  local s = state()
+  local candidate = s.candidate
+  if not (s.shadow and candidate) or ngx.req.get_method() ~= "POST"
+      or ngx.var.canary_slot ~= s.stable or is_down(candidate) then
+    return ngx.exit(ngx.HTTP_NO_CONTENT)
+  end
+  ngx.ctx.slot, ngx.ctx.shadow = candidate, true
+  dict:incr("shadow:" .. candidate, 1, 0)
+end
+
+function M.header_filter()
+  if ngx.ctx.slot then ngx.header["X-Canary-Slot"] = ngx.ctx.slot end
+end
+
+function M.log()
+  if ngx.ctx.slot then dict:incr("requests:" .. ngx.ctx.slot, 1, 0) end
+end
+
+local function status_table()
+  local s = state()
+  local slots = {}
+  for name, a in pairs(s.slots) do
+    slots[name] = {
+      host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port,
+      down = is_down(name), down_for_s = dict:ttl("down:" .. name) or 0,
+      recent_failures = dict:get("fails:" .. name) or 0,
+      requests = dict:get("requests:" .. name) or 0,
+      shadow_requests = dict:get("shadow:" .. name) or 0,
+    }
+  end
+  return {
+    stable = s.stable, candidate = s.candidate or json.null, weight = s.weight, shadow = s.shadow,
+    slots = slots, generation = dict:get("generation"),
+    config_generation = cfg.config_generation, worker_pid = ngx.worker.pid(),
+    max_fails = cfg.max_fails, fail_timeout_s = cfg.fail_timeout,
+  }
+end
+
+local function reply(status, body)
+  ngx.status = status
+  ngx.header.content_type = "application/json"
+  ngx.say(json.encode(body))
+end
+
+local function authorized()
+  local given = ngx.var.http_x_canary_token
+  -- compare digests: the time taken says nothing about how much of the token matched
+  return given ~= nil and ngx.sha1_bin(given) == cfg.token_digest
+end
+
+-- content_by_lua of GET /canary/status on the loopback admin listener.
+function M.admin_status()
+  if not authorized() then return reply(401, { error = "missing or wrong X-Canary-Token" }) end
+  if ngx.req.get_method() ~= "GET" then return reply(405, { error = "use GET" }) end
+  reply(200, status_table())
+end
+
+-- content_by_lua of PUT /canary/routing: validate, store, answer the new status.
+function M.admin_routing()
+  if not authorized() then return reply(401, { error = "missing or wrong X-Canary-Token" }) end
+  if ngx.req.get_method() ~= "PUT" then return reply(405, { error = "use PUT" }) end
+  ngx.req.read_body()
+  local ok, doc = pcall(json.decode, ngx.req.get_body_data())
+  if not ok then return reply(400, { error = doc }) end
+  local new, reason = validate(doc, state().slots)
+  if not new then return reply(400, { error = reason }) end
+  save(new)
+  reply(200, status_table())
+end
+
+return M

@@ -1,0 +1,539 @@
+"""deploy/k8s: every overlay rendered by a real kustomize and checked against the official
+Kubernetes schemas (kubernetes-validate); the Gateway API objects, which those schemas lack,
+checked structurally against the rendered Services; and deploy/k8s_plan.py's exact patch
+bodies against recorded API objects (tests/testdata/k8s)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy import k8s_plan
+from deploy.k8s_plan import MERGE_PATCH, STRATEGIC_MERGE_PATCH, K8sPatch
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+RECORDED = ROOT / "tests" / "testdata" / "k8s"
+OVERLAYS = ("dev", "prod", "ingress-nginx")
+# Oldest cluster the manifests target (native gRPC probes, autoscaling/v2, policy/v1) and the
+# newest schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+GATEWAY_KINDS = {"Gateway", "HTTPRoute", "GRPCRoute"}
+
+
+def kustomize_command() -> list[str]:
+    """A real kustomize: the standalone binary, else the one built into kubectl."""
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    pytest.skip("no kustomize renderer: install kubectl (it ships kustomize) or kustomize")
+
+
+@functools.cache
+def _rendered(name: str) -> str:
+    run = subprocess.run([*kustomize_command(), str(K8S / "overlays" / name)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def render(name: str) -> list[dict[str, Any]]:
+    """The overlay's objects, rendered once per session, parsed fresh for each caller."""
+    return [doc for doc in yaml.safe_load_all(_rendered(name)) if doc]
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(request.param)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def recorded(name: str) -> dict[str, Any]:
+    return json.loads((RECORDED / f"{name}.json").read_text())
+
+
+def validate(doc: dict[str, Any], version: str) -> None:
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+# -- rendered manifests ------------------------------------------------------------------
+
+
+def test_every_rendered_object_passes_the_official_schemas(overlay):
+    name, docs = overlay
+    unchecked = set()
+    for doc in docs:
+        if doc["kind"] in GATEWAY_KINDS:
+            continue  # CRDs: not in the core schemas, see test_gateway_routes_point_at_rendered_services
+        for version in KUBERNETES_VERSIONS:
+            try:
+                validate(doc, version)
+            except kubernetes_validate.SchemaNotFoundError:
+                unchecked.add(doc["kind"])
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} (k8s {version}): {exc}")
+    assert not unchecked, f"{name}: no schema for {sorted(unchecked)}"
+    assert {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"} == {
+        by_kind(docs, "Namespace").popitem()[0]
+    }
+
+
+def test_the_schema_check_rejects_a_broken_manifest(overlay):
+    _, docs = overlay
+    deployment = copy.deepcopy(by_kind(docs, "Deployment")["digits-blue"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["startupProbe"]["grpc"]["port"] = "grpc"  # the grpc probe takes a number only
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment, KUBERNETES_VERSIONS[0])
+    container["startupProbe"]["grpc"]["port"] = 50051
+    container["readinesProbe"] = container.pop("readinessProbe")  # a typo, strict mode
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment, KUBERNETES_VERSIONS[0])
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_each_slot_has_its_own_deployment_service_hpa_and_pdb(overlay):
+    _, docs = overlay
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    hpas, pdbs = by_kind(docs, "HorizontalPodAutoscaler"), by_kind(docs, "PodDisruptionBudget")
+    for slot, other in (("blue", "green"), ("green", "blue")):
+        name = f"digits-{slot}"
+        pods = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        other_pods = deployments[f"digits-{other}"]["spec"]["template"]["metadata"]["labels"]
+        assert pods["bento-canary/slot"] == slot
+        for selector in (
+            services[name]["spec"]["selector"],
+            deployments[name]["spec"]["selector"]["matchLabels"],
+            pdbs[name]["spec"]["selector"]["matchLabels"],
+        ):
+            assert _selects(selector, pods) and not _selects(selector, other_pods)
+        assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert hpas[name]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+        assert "replicas" not in deployments[name]["spec"]  # the HPA owns it
+        assert {(p["name"], p["port"]) for p in services[name]["spec"]["ports"]} == {("http", 3000), ("grpc", 50051)}
+    assert set(services) >= {"redis"} and set(deployments) >= {"redis"}
+
+
+def test_slot_pods_probe_health_expose_metrics_and_run_locked_down(overlay):
+    _, docs = overlay
+    for name in ("digits-blue", "digits-green"):
+        template = by_kind(docs, "Deployment")[name]["spec"]["template"]
+        (bento,) = template["spec"]["containers"]
+        assert {(p["name"], p["containerPort"]) for p in bento["ports"]} == {("http", 3000), ("grpc", 50051)}
+        assert bento["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+        assert bento["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+        assert bento["startupProbe"]["grpc"] == {"port": 50051}
+        env = {item["name"]: item for item in bento["env"]}
+        assert env["CANARY_SERVICE_GRPC_HOST"]["value"] == "0.0.0.0"
+        assert env["CANARY_SERVICE_GRPC_PORT"]["value"] == "50051"
+        assert env["CANARY_SERVICE_CACHE_URL"]["value"] == "redis://redis:6379/0"
+        assert (
+            env["CANARY_SERVICE_SLOT"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['bento-canary/slot']"
+        )
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "3000"
+    for deployment in by_kind(docs, "Deployment").values():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert isinstance(pod["securityContext"]["runAsUser"], int) and pod["securityContext"]["runAsUser"] > 0
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert set(container["resources"]) == {"requests", "limits"}
+
+
+def test_overlays_size_and_tag_the_slots_differently():
+    sizes = {}
+    for name in ("dev", "prod"):
+        docs = render(name)
+        deployments, hpas = by_kind(docs, "Deployment"), by_kind(docs, "HorizontalPodAutoscaler")
+        images = {slot: deployments[f"digits-{slot}"]["spec"]["template"]["spec"]["containers"][0]["image"]
+                  for slot in ("blue", "green")}  # fmt: skip
+        limits = deployments["digits-blue"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        sizes[name] = (
+            images,
+            hpas["digits-blue"]["spec"]["minReplicas"],
+            hpas["digits-blue"]["spec"]["maxReplicas"],
+            limits,
+        )
+    assert sizes["dev"][0] == {"blue": "digits-service:v1", "green": "digits-service:v1"}
+    assert all(
+        image.startswith("registry.example.com/bento-canary/digits-service:v") for image in sizes["prod"][0].values()
+    )
+    assert (sizes["dev"][1], sizes["dev"][2]) == (1, 2) and (sizes["prod"][1], sizes["prod"][2]) == (3, 12)
+    assert sizes["dev"][3] != sizes["prod"][3]
+
+
+def test_gateway_routes_point_at_rendered_services():
+    """Structural Gateway API checks (the CRD schemas are not in kubernetes-validate)."""
+    for name in ("dev", "prod"):
+        docs = render(name)
+        services, (gateway,) = by_kind(docs, "Service"), by_kind(docs, "Gateway").values()
+        listeners = {listener["name"]: listener for listener in gateway["spec"]["listeners"]}
+        for kind, port_name in (("HTTPRoute", "http"), ("GRPCRoute", "grpc")):
+            route = by_kind(docs, kind)["digits"]
+            assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+            (parent,) = route["spec"]["parentRefs"]
+            assert parent["name"] == gateway["metadata"]["name"]
+            assert listeners[parent["sectionName"]]["allowedRoutes"]["kinds"] == [{"kind": kind}]
+            for rule in route["spec"]["rules"]:
+                for ref in rule["backendRefs"]:
+                    ports = {p["name"]: p for p in services[ref["name"]]["spec"]["ports"]}
+                    assert ref["port"] == ports[port_name]["port"]
+                    assert isinstance(ref.get("weight", 1), int) and 0 <= ref.get("weight", 1) <= 1_000_000
+                for match in rule.get("matches", []):
+                    for header in match.get("headers", []):
+                        assert header["type"] == "Exact" and header["name"] == "x-canary"
+        assert services["digits-blue"]["spec"]["ports"][1]["appProtocol"] == "kubernetes.io/h2c"
+        slots = [by_kind(docs, "Deployment")[f"digits-{slot}"] for slot in ("blue", "green")]
+        status = k8s_plan.read_status(slots, by_kind(docs, "HTTPRoute")["digits"], by_kind(docs, "GRPCRoute")["digits"])
+        # The planner understands the shipped routes: blue stable, green idle candidate.
+        assert (status["stable"], status["candidate"], status["weight"], status["consistent"]) == (
+            "blue",
+            "green",
+            0,
+            True,
+        )
+
+
+def test_ingress_nginx_variant_has_main_and_canary_ingresses_and_no_gateway_objects():
+    docs = render("ingress-nginx")
+    assert not GATEWAY_KINDS & {doc["kind"] for doc in docs}
+    ingresses = by_kind(docs, "Ingress")
+    for main, canary, port in (("digits", "digits-canary", "http"), ("digits-grpc", "digits-grpc-canary", "grpc")):
+        main_backend = ingresses[main]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        canary_backend = ingresses[canary]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert main_backend == {"name": "digits-blue", "port": {"name": port}}
+        assert canary_backend == {"name": "digits-green", "port": {"name": port}}
+        annotations = ingresses[canary]["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/canary"] == "true"
+        assert annotations["nginx.ingress.kubernetes.io/canary-weight"] == "0"
+        assert annotations["nginx.ingress.kubernetes.io/canary-by-header"] == "x-canary"
+        assert "nginx.ingress.kubernetes.io/canary" not in ingresses[main]["metadata"].get("annotations", {})
+        assert ingresses[main]["spec"]["rules"][0]["host"] == ingresses[canary]["spec"]["rules"][0]["host"]
+    assert ingresses["digits-grpc"]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+def test_the_scrape_configmap_is_a_valid_prometheus_config(tmp_path):
+    """promtool checks the job (relabel rules, RE2 regexes...). Debian builds Prometheus
+    without Kubernetes service discovery, so its one `kubernetes_sd_configs` stanza is checked
+    here and swapped for an empty static target list before promtool sees the file."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool missing: apt-get install prometheus")
+    (configmap,) = [doc for doc in render("dev") if doc["kind"] == "ConfigMap"]
+    config = yaml.safe_load(configmap["data"]["bento-canary.yml"])
+    (job,) = config["scrape_configs"]
+    assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+    job["static_configs"] = [{"targets": []}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    relabeled = {rule.get("target_label") for rule in job["relabel_configs"]}
+    assert {"__address__", "__metrics_path__", "slot", "component"} <= relabeled
+
+
+# -- the planner against recorded API objects ---------------------------------------------
+
+
+@pytest.fixture
+def cluster() -> dict[str, Any]:
+    """Mid-canary: blue stable on v3, green candidate on v4 at 10%."""
+    return {
+        "http": recorded("httproute"),
+        "grpc": recorded("grpcroute"),
+        "blue": recorded("deployment-blue"),
+        "green": recorded("deployment-green"),
+    }
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies application/merge-patch+json."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def applied(cluster: dict[str, Any], plan: k8s_plan.K8sPlan) -> dict[str, Any]:
+    """The routes after the plan's merge patches (Deployments are not patched by route plans)."""
+    after = dict(cluster)
+    for patch in plan.patches:
+        assert patch.patch_type == MERGE_PATCH
+        key = {"HTTPRoute": "http", "GRPCRoute": "grpc"}[patch.kind]
+        after[key] = merge_patch(cluster[key], patch.payload())
+    return after
+
+
+def status(cluster: dict[str, Any]) -> dict[str, Any]:
+    return k8s_plan.read_status([cluster["blue"], cluster["green"]], cluster["http"], cluster["grpc"])
+
+
+def http_ref(service: str, weight: int) -> dict[str, Any]:
+    return {"name": service, "port": 3000, "group": "", "kind": "Service", "weight": weight}
+
+
+def grpc_ref(service: str, weight: int) -> dict[str, Any]:
+    return {"name": service, "port": 50051, "group": "", "kind": "Service", "weight": weight}
+
+
+def http_rule(header: str | None, refs: list[dict[str, Any]]) -> dict[str, Any]:
+    match: dict[str, Any] = {"path": {"type": "PathPrefix", "value": "/"}}
+    if header:
+        match = {"headers": [{"name": "x-canary", "type": "Exact", "value": header}], **match}
+    return {"backendRefs": refs, "matches": [match], "timeouts": {"request": "30s"}}
+
+
+def grpc_rule(header: str | None, refs: list[dict[str, Any]]) -> dict[str, Any]:
+    if header is None:
+        return {"backendRefs": refs}
+    return {"backendRefs": refs, "matches": [{"headers": [{"name": "x-canary", "type": "Exact", "value": header}]}]}
+
+
+def test_read_status_reports_slots_images_replicas_and_weights(cluster):
+    assert status(cluster) == {
+        "stable": "blue",
+        "candidate": "green",
+        "weight": 10,
+        "grpc_weight": 10,
+        "consistent": True,
+        "slots": {
+            "blue": {
+                "role": "stable", "weight": 90, "grpc_weight": 90, "deployment": "digits-blue",
+                "image": "registry.example.com/bento-canary/digits-service:v3", "model_version": 3,
+                "replicas": 3, "ready_replicas": 3, "updated_replicas": 3, "rollout_complete": True,
+            },
+            "green": {
+                "role": "candidate", "weight": 10, "grpc_weight": 10, "deployment": "digits-green",
+                "image": "registry.example.com/bento-canary/digits-service:v4", "model_version": 4,
+                "replicas": 3, "ready_replicas": 3, "updated_replicas": 3, "rollout_complete": True,
+            },
+        },
+    }  # fmt: skip
+
+
+def test_weight_patches_both_routes_with_exact_merge_patch_bodies(cluster):
+    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 25)
+    http, grpc = plan.patches
+    assert (http.kind, http.name, http.namespace, http.patch_type) == (
+        "HTTPRoute",
+        "digits",
+        "bento-canary",
+        MERGE_PATCH,
+    )
+    assert http.api_version == "gateway.networking.k8s.io/v1"
+    assert http.payload() == {
+        "metadata": {"resourceVersion": "48213"},
+        "spec": {
+            "rules": [
+                http_rule("always", [http_ref("digits-green", 1)]),
+                http_rule("never", [http_ref("digits-blue", 1)]),
+                http_rule(None, [http_ref("digits-blue", 75), http_ref("digits-green", 25)]),
+            ]
+        },
+    }
+    assert (grpc.kind, grpc.name, grpc.namespace, grpc.patch_type) == (
+        "GRPCRoute",
+        "digits",
+        "bento-canary",
+        MERGE_PATCH,
+    )
+    assert grpc.payload() == {
+        "metadata": {"resourceVersion": "48214"},
+        "spec": {
+            "rules": [
+                grpc_rule("always", [grpc_ref("digits-green", 1)]),
+                grpc_rule("never", [grpc_ref("digits-blue", 1)]),
+                grpc_rule(None, [grpc_ref("digits-blue", 75), grpc_ref("digits-green", 25)]),
+            ]
+        },
+    }
+    after = status(applied(cluster, plan))
+    assert (after["weight"], after["grpc_weight"], after["stable"]) == (25, 25, "blue")
+    assert plan.summary == "candidate green 10% -> 25% (stable blue 75%)"
+
+
+def test_setting_the_current_weight_plans_no_patch(cluster):
+    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 10)
+    assert plan.patches == ()
+    assert "nothing to patch" in plan.describe()
+
+
+def test_a_hand_edited_grpc_route_is_brought_back_in_line(cluster):
+    for ref in cluster["grpc"]["spec"]["rules"][2]["backendRefs"]:
+        ref["weight"] = 1  # someone split gRPC 50/50 by hand
+    assert status(cluster)["consistent"] is False
+    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 10)
+    assert [patch.kind for patch in plan.patches] == ["GRPCRoute"]
+    assert status(applied(cluster, plan))["consistent"] is True
+
+
+@pytest.mark.parametrize(
+    ("stable", "candidate", "weight", "message"),
+    [
+        ("blue", "green", 101, "weight must be a whole number from 0 to 100, got 101"),
+        ("blue", "green", -1, "weight must be a whole number from 0 to 100, got -1"),
+        ("blue", "green", 2.5, "weight must be a whole number from 0 to 100, got 2.5"),
+        ("blue", "green", "25", "weight must be a whole number from 0 to 100, got '25'"),
+        ("blue", "green", True, "weight must be a whole number from 0 to 100, got True"),
+        ("red", "green", 5, "unknown slot 'red' (expected blue or green)"),
+        ("blue", "purple", 5, "unknown slot 'purple' (expected blue or green)"),
+        ("blue", "blue", 5, "stable and candidate must be different slots, got blue for both"),
+        ("green", "blue", 5, "the routes have stable=blue candidate=green, not stable=green candidate=blue; "
+                             "use switch or promote to change roles"),
+    ],
+)  # fmt: skip
+def test_bad_weight_requests_are_one_line_errors(cluster, stable, candidate, weight, message):
+    with pytest.raises(ValueError) as caught:
+        k8s_plan.plan_weight(cluster["http"], cluster["grpc"], stable, candidate, weight)
+    assert str(caught.value) == message and "\n" not in message
+
+
+def test_rollback_sends_everything_to_stable_and_keeps_roles(cluster):
+    plan = k8s_plan.plan_rollback(cluster["http"], cluster["grpc"])
+    http, _ = plan.patches
+    assert http.payload()["spec"]["rules"][2]["backendRefs"] == [
+        http_ref("digits-blue", 100),
+        http_ref("digits-green", 0),
+    ]
+    after = status(applied(cluster, plan))
+    assert (after["stable"], after["candidate"], after["weight"], after["grpc_weight"]) == ("blue", "green", 0, 0)
+
+
+def test_switch_swaps_roles_and_a_second_switch_goes_back(cluster):
+    plan = k8s_plan.plan_switch(cluster["http"], cluster["grpc"], [cluster["blue"], cluster["green"]])
+    http, grpc = plan.patches
+    assert http.payload() == {
+        "metadata": {"resourceVersion": "48213"},
+        "spec": {
+            "rules": [
+                http_rule("always", [http_ref("digits-blue", 1)]),
+                http_rule("never", [http_ref("digits-green", 1)]),
+                http_rule(None, [http_ref("digits-blue", 0), http_ref("digits-green", 100)]),
+            ]
+        },
+    }
+    assert grpc.payload()["spec"]["rules"][2]["backendRefs"] == [
+        grpc_ref("digits-blue", 0),
+        grpc_ref("digits-green", 100),
+    ]
+    switched = applied(cluster, plan)
+    assert (status(switched)["stable"], status(switched)["weight"]) == ("green", 0)
+    back = applied(
+        switched, k8s_plan.plan_switch(switched["http"], switched["grpc"], [cluster["blue"], cluster["green"]])
+    )
+    assert (status(back)["stable"], status(back)["candidate"], status(back)["weight"]) == ("blue", "green", 0)
+
+
+def test_switch_and_promote_refuse_a_candidate_without_ready_pods(cluster):
+    cluster["green"]["status"]["readyReplicas"] = 0
+    for plan in (k8s_plan.plan_switch, k8s_plan.plan_promote):
+        with pytest.raises(
+            ValueError, match=r"^cannot (switch|promote): slot green \(digits-green\) has no ready replica$"
+        ):
+            plan(cluster["http"], cluster["grpc"], [cluster["blue"], cluster["green"]])
+
+
+def test_promote_makes_the_candidate_stable_and_refuses_when_both_run_one_image(cluster):
+    deployments = [cluster["blue"], cluster["green"]]
+    plan = k8s_plan.plan_promote(cluster["http"], cluster["grpc"], deployments)
+    assert plan.summary == ("green (registry.example.com/bento-canary/digits-service:v4) becomes stable at 100%, "
+                            "blue idle candidate at 0%")  # fmt: skip
+    assert [p.payload() for p in plan.patches] == [
+        p.payload() for p in k8s_plan.plan_switch(cluster["http"], cluster["grpc"], deployments).patches
+    ]
+    cluster["green"]["spec"]["template"]["spec"]["containers"][0]["image"] = (
+        "registry.example.com/bento-canary/digits-service:v3"
+    )
+    with pytest.raises(ValueError, match="^nothing to promote: blue and green both run .*:v3$"):
+        k8s_plan.plan_promote(cluster["http"], cluster["grpc"], deployments)
+
+
+def test_deploy_sets_the_slot_image_with_an_exact_strategic_merge_patch(cluster):
+    rolled_back = applied(cluster, k8s_plan.plan_rollback(cluster["http"], cluster["grpc"]))
+    image = k8s_plan.image_for_version(cluster["green"], 5)
+    assert image == "registry.example.com/bento-canary/digits-service:v5"
+    plan = k8s_plan.plan_deploy(cluster["green"], image, routes=[rolled_back["http"], rolled_back["grpc"]])
+    (patch,) = plan.patches
+    assert patch == K8sPatch(
+        "Deployment", "digits-green", "bento-canary", STRATEGIC_MERGE_PATCH,
+        {"spec": {"template": {"spec": {"containers": [{"name": "bento", "image": image}]}}}},
+    )  # fmt: skip
+    assert patch.api_version == "apps/v1"
+    assert plan.summary == "green registry.example.com/bento-canary/digits-service:v4 -> " + image
+    assert (
+        k8s_plan.plan_deploy(
+            cluster["green"], cluster["green"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        ).patches
+        == ()
+    )
+
+
+def test_deploy_refuses_a_slot_that_serves_traffic_and_bad_input(cluster):
+    routes = [cluster["http"], cluster["grpc"]]
+    with pytest.raises(
+        ValueError, match="^slot green gets 10% of HTTPRoute traffic; deploy to the idle slot or roll back first$"
+    ):
+        k8s_plan.plan_deploy(cluster["green"], "digits-service:v5", routes=routes)
+    with pytest.raises(ValueError, match="^slot blue gets 90% of HTTPRoute traffic"):
+        k8s_plan.plan_deploy(cluster["blue"], "digits-service:v5", routes=routes)
+    with pytest.raises(ValueError, match="^not an image reference: 'digits service:v5'$"):
+        k8s_plan.plan_deploy(cluster["green"], "digits service:v5")
+    del cluster["green"]["metadata"]["labels"]["bento-canary/slot"]
+    with pytest.raises(ValueError, match="^Deployment digits-green has no bento-canary/slot label$"):
+        k8s_plan.plan_deploy(cluster["green"], "digits-service:v5")
+    with pytest.raises(ValueError, match="^model version must be a positive whole number, got 0$"):
+        k8s_plan.image_for_version(cluster["blue"], 0)
+
+
+def test_a_route_without_the_owned_rules_is_refused(cluster):
+    del cluster["http"]["spec"]["rules"][0]  # the x-canary: always rule
+    with pytest.raises(ValueError, match="^HTTPRoute digits has no x-canary: always rule$"):
+        k8s_plan.plan_rollback(cluster["http"], cluster["grpc"])
+    cluster["grpc"]["spec"]["rules"][2]["backendRefs"][0]["name"] = "redis"
+    with pytest.raises(ValueError, match="^GRPCRoute digits sends traffic to 'redis', not a slot Service$"):
+        k8s_plan.read_status([], recorded("httproute"), cluster["grpc"])
+
+
+def test_plans_are_immutable_and_print_their_exact_requests(cluster):
+    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 25)
+    patch = plan.patches[0]
+    with pytest.raises(TypeError):
+        patch.body["spec"] = {}  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        patch.name = "other"  # type: ignore[misc]
+    patch.payload()["spec"]["rules"].clear()  # a copy: the plan is unchanged
+    assert len(patch.payload()["spec"]["rules"]) == 3
+    lines = plan.describe().splitlines()
+    assert lines[0] == "weight: candidate green 10% -> 25% (stable blue 75%)"
+    assert (
+        lines[1] == "  PATCH gateway.networking.k8s.io/v1 HTTPRoute bento-canary/digits (application/merge-patch+json)"
+    )
+    assert json.loads(lines[2]) == patch.payload()
+
+
+def test_recorded_objects_pass_the_official_schemas():
+    for name in ("deployment-blue", "deployment-green"):
+        validate(recorded(name), KUBERNETES_VERSIONS[-1])

@@ -1,0 +1,523 @@
+"""The nginx traffic layer against a real nginx (Lua balancer) and real fake-slot processes.
+
+One nginx and two fake slots (blue = v1 stable, green = v2 candidate) serve the module;
+each test starts from weight 0, shadow off, healthy slots and empty request logs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from deploy.nginx import (
+    MODULES_DIR,
+    NginxConfigError,
+    NginxController,
+    NginxError,
+    NginxPorts,
+    Routing,
+    SlotAddress,
+    ensure_token,
+    render_config,
+    write_routing_file,
+)
+from deploy.process import free_port
+from tests.support.upstreams import FakeSlot
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NEEDED = [Path(NGINX), MODULES_DIR / "ngx_http_lua_module.so", MODULES_DIR / "ndk_http_module.so",
+          Path("/usr/share/lua/5.1/resty/core.lua")]  # fmt: skip
+SHADOW_TIMEOUT_S = 1.0
+FAIL_TIMEOUT_S = 2  # short, so a slot marked down by one test is healthy again for the next
+VERSIONS = {"blue": "v1", "green": "v2"}
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll `condition` until it returns something truthy; fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.02)
+    return result
+
+
+@dataclass
+class Stack:
+    prefix: Path
+    ports: NginxPorts
+    controller: NginxController
+    token: str
+    slots: dict[str, FakeSlot] = field(default_factory=dict)
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.rest}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def addresses(self) -> list[SlotAddress]:
+        return [SlotAddress(n, "127.0.0.1", s.rest_port, s.grpc_port) for n, s in sorted(self.slots.items())]
+
+    def render(self, generation: int, **overrides: Any) -> str:
+        args: dict[str, Any] = {
+            "prefix": self.prefix, "ports": self.ports, "slots": self.addresses(), "config_generation": generation,
+            "routing_file": self.prefix / "routing.json", "token_file": self.prefix / "admin.token",
+            "shadow_timeout_s": SHADOW_TIMEOUT_S, "fail_timeout_s": FAIL_TIMEOUT_S,
+        }  # fmt: skip
+        return render_config(**{**args, **overrides})
+
+    def route(self, slots: list[SlotAddress] | None = None, **routing: Any) -> dict[str, Any]:
+        """What the release code does: write the routing file, then tell nginx."""
+        new = Routing(**{"stable": "blue", "candidate": "green", **routing})
+        slots = slots or self.addresses()
+        write_routing_file(self.prefix / "routing.json", new, slots)
+        return self.controller.set_routing(new, self.token, slots)
+
+    def status(self) -> dict[str, Any]:
+        return self.controller.status(self.token)
+
+    def master_pid(self) -> int:
+        return int((self.prefix / "nginx.pid").read_text())
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    missing = [str(p) for p in NEEDED if not p.exists()]
+    if missing:
+        pytest.skip(f"needs nginx with Debian's lua module (make system-deps); missing {', '.join(missing)}")
+    prefix = tmp_path_factory.mktemp("nginx")
+    stack = Stack(prefix, NginxPorts(free_port(), free_port(), free_port(), public_host="127.0.0.1"),
+                  NginxController(prefix, NGINX, timeout_s=10.0), ensure_token(prefix / "admin.token"))  # fmt: skip
+    try:
+        for name, version in VERSIONS.items():
+            stack.slots[name] = FakeSlot(name, version).start()
+        stack.controller.apply(stack.render(1), 1)
+        yield stack
+    finally:
+        stack.controller.stop()
+        for slot in stack.slots.values():
+            slot.stop()
+
+
+@pytest.fixture
+def stack(running_stack: Stack) -> Stack:
+    """The module's stack, back to: blue stable, green candidate at 0 %, no shadow, healthy."""
+    for name, slot in running_stack.slots.items():
+        if slot.proc is None or slot.proc.poll() is not None:
+            running_stack.slots[name] = FakeSlot(name, VERSIONS[name]).start()  # a test killed it
+        else:
+            running_stack.slots[name].reset()
+    if not running_stack.controller.running():
+        running_stack.controller.start()
+    running_stack.route(weight=0)
+    wait_until(lambda: not any(s["down"] for s in running_stack.status()["slots"].values()),
+               FAIL_TIMEOUT_S + 2, "slots marked down by an earlier test to recover")  # fmt: skip
+    return running_stack
+
+
+def slot_of(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-canary-slot"] == answer.json()["slot"]
+    assert answer.headers["x-model-version"] == VERSIONS[answer.json()["slot"]]
+    return answer.json()["slot"]
+
+
+def infer(client: httpx.Client, **headers: str) -> str:
+    return slot_of(client.post("/v2/models/digits/infer", json={"inputs": [1, 2, 3]}, headers=headers))
+
+
+def grpc_version(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None) -> str:
+    data = grpcclient.InferInput("x", [1], "FP32")
+    data.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+    return client.infer("digits", [data], headers=headers).get_response().model_version
+
+
+def alive(pid: int) -> bool:
+    """Not gone and not a zombie (a daemonised master is reparented to an init that may not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def worker_pids(master: int) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
+                pids.add(int(entry.name))
+        except OSError:
+            continue  # exited while we looked
+    return pids
+
+
+# ---- routing ----
+
+
+@pytest.mark.parametrize("weight", [0, 100, 30])
+def test_split_matches_weight(stack: Stack, weight: int) -> None:
+    stack.route(weight=weight)
+    before = stack.status()["slots"]
+    with httpx.Client(base_url=stack.rest_url) as one, httpx.Client(base_url=stack.rest_url) as two:
+        counts = Counter(infer(one if i % 2 else two) for i in range(1000))
+    assert abs(counts["green"] / 10 - weight) <= 3, counts
+    # nginx's own per-slot counters agree (they are bumped in the log phase, just after the answer)
+    wait_until(lambda: all(stack.status()["slots"][n]["requests"] - before[n]["requests"] == counts[n]
+                           for n in VERSIONS), 2, f"status request counters to reach {counts}")  # fmt: skip
+
+
+def test_weight_changes_apply_within_a_second_without_reload(stack: Stack) -> None:
+    master = stack.master_pid()
+    workers = worker_pids(master)
+    failures: list[str] = []
+    sent = Counter[str]()
+    done = threading.Event()
+
+    def rest_load() -> None:
+        with httpx.Client(base_url=stack.rest_url, timeout=10) as client:
+            while not done.is_set():
+                try:
+                    infer(client)
+                except (AssertionError, httpx.HTTPError) as exc:
+                    failures.append(f"rest: {exc!r}")
+                sent["rest"] += 1
+
+    def grpc_load() -> None:
+        with grpcclient.InferenceServerClient(stack.grpc_target) as client:
+            while not done.is_set():
+                try:
+                    grpc_version(client)
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    failures.append(f"grpc: {exc!r}")
+                sent["grpc"] += 1
+
+    loaders = [threading.Thread(target=rest_load), threading.Thread(target=grpc_load)]
+    for thread in loaders:
+        thread.start()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.ports.rest, timeout=10)
+    try:
+        conn.request("GET", "/ping")
+        conn.getresponse().read()
+        sock = conn.sock  # http.client opens a new socket if nginx ever closes this one
+        for change in range(20):
+            weight = 100 if change % 2 == 0 else 0
+            stack.route(weight=weight)
+            expected, deadline = ("green" if weight else "blue"), time.monotonic() + 1.0
+            while True:
+                conn.request("POST", "/v2/models/digits/infer", b"{}", {"Content-Type": "application/json"})
+                if json.loads(conn.getresponse().read())["slot"] == expected:
+                    break
+                assert time.monotonic() < deadline, f"weight {weight} not in effect after 1 s"
+            assert conn.sock is sock, f"keep-alive connection closed at weight change {change}"
+    finally:
+        done.set()
+        for thread in loaders:
+            thread.join(15)
+        conn.close()
+    assert failures == [], failures[:5]
+    assert sent["rest"] > 20 and sent["grpc"] > 20, sent
+    assert stack.master_pid() == master and worker_pids(master) == workers, "nginx reloaded or restarted"
+    assert stack.status()["config_generation"] == 1
+
+
+def test_header_forces_slot(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert {infer(client, **{"X-Canary": "always"}) for _ in range(20)} == {"green"}
+        assert {infer(client) for _ in range(20)} == {"blue"}
+        stack.route(weight=100)
+        assert {infer(client, **{"X-Canary": "never"}) for _ in range(20)} == {"blue"}
+        assert {infer(client) for _ in range(20)} == {"green"}
+        stack.route(candidate=None)
+        assert infer(client, **{"X-Canary": "always"}) == "blue"  # no candidate: nothing to force
+
+
+def test_user_sticks_to_one_slot(stack: Stack) -> None:
+    stack.route(weight=50)
+    with httpx.Client(base_url=stack.rest_url) as client:
+        for user in ("alice", "bob", "carol"):
+            seen = {infer(client, **{"X-User-Id": user}) for _ in range(50)}
+            assert len(seen) == 1, f"{user} moved between slots: {seen}"
+            client.cookies.set("canary-user", user)
+            assert infer(client) == seen.pop(), "cookie canary-user and X-User-Id disagree"
+            client.cookies.clear()
+        users = Counter(infer(client, **{"X-User-Id": f"user-{i}"}) for i in range(400))
+    assert 35 <= users["green"] / 4 <= 65, users
+
+
+def test_grpc_reaches_chosen_slot_and_obeys_metadata(stack: Stack) -> None:
+    with grpcclient.InferenceServerClient(stack.grpc_target) as client:
+        assert client.is_server_live()
+        assert {grpc_version(client) for _ in range(10)} == {"v1"}
+        assert grpc_version(client, {"x-canary": "always"}) == "v2"
+        stack.route(weight=100)
+        assert {grpc_version(client) for _ in range(10)} == {"v2"}
+        assert grpc_version(client, {"x-canary": "never"}) == "v1"
+        stack.route(weight=50)
+        assert len({grpc_version(client, {"x-user-id": "alice"}) for _ in range(20)}) == 1
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        _, call = stub.ServerLive.with_call(service_pb2.ServerLiveRequest(), metadata=(("x-canary", "never"),))
+        assert ("x-canary-slot", "blue") in call.initial_metadata()
+
+
+# ---- passive health ----
+
+
+def test_killed_candidate_costs_no_request(stack: Stack) -> None:
+    stack.route(weight=50)
+    answers = []
+    with httpx.Client(base_url=stack.rest_url) as client:
+        for i in range(200):
+            if i == 50:
+                stack.slots["green"].kill()
+            answers.append(infer(client))  # asserts 200 from a live slot
+    assert "green" in answers[:50] and set(answers[50:]) == {"blue"}
+    assert stack.status()["slots"]["green"]["recent_failures"] >= 1
+    with grpcclient.InferenceServerClient(stack.grpc_target) as client:
+        assert {grpc_version(client) for _ in range(20)} == {"v1"}
+
+
+def test_unreachable_slot_is_retried_on_the_other(stack: Stack) -> None:
+    blue = stack.addresses()[0]
+    dead = SlotAddress("green", "127.0.0.1", free_port(), free_port())  # nothing listens there
+    stack.route(weight=100, slots=[blue, dead])
+    with grpcclient.InferenceServerClient(stack.grpc_target) as client:
+        assert grpc_version(client) == "v1"  # gRPC first: green is not yet marked down
+    assert stack.status()["slots"]["green"]["down"]
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert {infer(client) for _ in range(10)} == {"blue"}
+
+
+def test_503_slot_is_retried_on_the_other(stack: Stack) -> None:
+    stack.slots["green"].behave(status=503)
+    stack.route(weight=100)
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert {infer(client) for _ in range(20)} == {"blue"}
+    assert len(stack.slots["green"].requests()) >= 1, "green was never tried"
+    assert stack.status()["slots"]["green"]["down"]
+
+
+# ---- shadow ----
+
+
+def test_shadow_copies_reach_candidate_only_when_on(stack: Stack) -> None:
+    stack.route(weight=0, shadow=True)
+    green = stack.slots["green"]
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert {infer(client, **{"X-Canary-Shadow": "1"}) for _ in range(20)} == {"blue"}
+        client.get("/v2/health/ready")  # GETs are not mirrored
+        copies = wait_until(lambda: len(got := green.requests()) >= 20 and got, 5, "20 shadow copies")
+        assert len(copies) == 20 and all(c["method"] == "POST" and c["body_bytes"] > 0 for c in copies)
+        assert {c["headers"].get("x-canary-shadow") for c in copies} == {"1"}
+        # a client cannot make stable traffic look like shadow traffic
+        assert all("x-canary-shadow" not in r["headers"] for r in stack.slots["blue"].requests())
+        assert stack.status()["slots"]["green"]["shadow_requests"] >= 20
+
+        stack.route(weight=0, shadow=False)
+        green.reset()
+        for _ in range(20):
+            infer(client)
+        # nginx reads the next request on a keep-alive connection only after the previous
+        # request's mirror finished, so once this answer is back no copy is still on its way
+        client.get("/v2/health/ready")
+    assert green.requests() == []
+
+
+def test_slow_shadow_candidate_does_not_slow_clients(stack: Stack) -> None:
+    sleep_s = 3.0
+    stack.slots["green"].behave(sleep_s=sleep_s)
+    stack.route(weight=0, shadow=True)
+    latencies = []
+    with httpx.Client(base_url=stack.rest_url) as keep_alive:
+        for i in range(6):
+            started = time.monotonic()
+            if i % 2:
+                assert infer(keep_alive) == "blue"  # waits for the previous mirror: <= shadow timeout
+            else:
+                with httpx.Client(base_url=stack.rest_url) as fresh:
+                    assert infer(fresh) == "blue"
+            latencies.append(time.monotonic() - started)
+    assert max(latencies) < SHADOW_TIMEOUT_S + 0.8 < sleep_s, latencies
+    wait_until(lambda: len(stack.slots["green"].requests()) >= 6, 5, "shadow copies at the slow candidate")
+
+
+# ---- admin API ----
+
+
+def test_admin_api_needs_token_and_loopback(stack: Stack) -> None:
+    admin = f"http://127.0.0.1:{stack.ports.admin}"
+    with httpx.Client(trust_env=False) as client:
+        assert client.get(f"{admin}/canary/status").status_code == 401
+        assert client.get(f"{admin}/canary/status", headers={"X-Canary-Token": "guess"}).status_code == 401
+        put = client.put(f"{admin}/canary/routing", json={"stable": "blue", "candidate": "green", "weight": 100,
+                                                          "shadow": False})  # fmt: skip
+        assert put.status_code == 401
+        assert stack.status()["weight"] == 0
+        for url in (f"{stack.rest_url}/canary/status", f"{stack.rest_url}/canary/routing"):
+            assert client.request("GET", url, headers={"X-Canary-Token": stack.token}).status_code == 404
+    assert all("/canary/" not in r["path"] for s in stack.slots.values() for r in s.requests())
+    assert listen_addresses(stack.ports.admin) == {"127.0.0.1"}
+
+
+def listen_addresses(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at `port`, from /proc/net/tcp."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"weight": 101}, "weight must be an integer 0-100"),
+        ({"weight": "30"}, "weight must be an integer 0-100"),
+        ({"weight": 30.5}, "weight must be an integer 0-100"),
+        ({"stable": "purple"}, "stable must name a known slot"),
+        ({"candidate": "blue"}, "candidate must differ"),
+        ({"candidate": None, "weight": 10}, "needs a candidate"),
+        ({"shadow": "yes"}, "shadow must be true or false"),
+    ],
+)
+def test_admin_api_rejects_bad_routing(stack: Stack, body: dict[str, Any], reason: str) -> None:
+    full = {"stable": "blue", "candidate": "green", "weight": 0, "shadow": False, **body}
+    answer = httpx.put(f"http://127.0.0.1:{stack.ports.admin}/canary/routing", json=full,
+                       headers={"X-Canary-Token": stack.token}, trust_env=False)  # fmt: skip
+    assert answer.status_code == 400 and reason in answer.json()["error"], answer.text
+    assert stack.status()["weight"] == 0
+
+
+def test_admin_api_rejects_malformed_json(stack: Stack) -> None:
+    answer = httpx.put(f"http://127.0.0.1:{stack.ports.admin}/canary/routing", content=b'{"weight": 5',
+                       headers={"X-Canary-Token": stack.token}, trust_env=False)  # fmt: skip
+    assert answer.status_code == 400 and "invalid JSON" in answer.json()["error"]
+    with pytest.raises(NginxError, match="401"):
+        stack.controller.set_routing(Routing("blue", "green", 10), "wrong-token")
+
+
+# ---- applying configs ----
+
+
+def test_broken_config_is_refused_and_old_one_keeps_serving(stack: Stack) -> None:
+    live, master = (stack.prefix / "nginx.conf").read_text(), stack.master_pid()
+    broken = stack.render(2).replace("events {", "no_such_directive on;\nevents {")
+    with pytest.raises(NginxConfigError, match='unknown directive "no_such_directive"'):
+        stack.controller.apply(broken, 2)
+    with pytest.raises(NginxConfigError, match="token file .* unreadable"):  # refused by the Lua init
+        stack.controller.apply(stack.render(2, token_file=stack.prefix / "missing.token"), 2)
+    assert (stack.prefix / "nginx.conf").read_text() == live
+    assert not list(stack.prefix.glob("nginx.conf.*.new"))
+    assert stack.master_pid() == master and stack.status()["config_generation"] == 1
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert infer(client) == "blue"
+
+
+def test_reload_that_nginx_cannot_apply_is_not_confirmed(stack: Stack) -> None:
+    """`nginx -t` passes both configs and `nginx -s reload` would exit 0: only the config
+    generation nginx reports shows that the reload did not happen."""
+    live = (stack.prefix / "nginx.conf").read_text()
+    impatient = NginxController(stack.prefix, NGINX, timeout_s=6.0)
+    with socket.socket() as taken:  # a public port someone else holds: the reload cannot bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = NginxPorts(taken.getsockname()[1], stack.ports.grpc, stack.ports.admin, public_host="127.0.0.1")
+        with pytest.raises(NginxConfigError, match="did not confirm config generation 2.*Address already in use"):
+            impatient.apply(stack.render(2, ports=ports), 2)
+    routing_file = stack.prefix / "routing.json"
+    good = routing_file.read_text()
+    routing_file.write_text('{"stable": "blue", "weight": ')  # `nginx -t` never runs init_by_lua
+    try:
+        with pytest.raises(NginxConfigError, match="init_by_lua error: .*routing.json: invalid JSON"):
+            impatient.apply(stack.render(2), 2)
+    finally:
+        routing_file.write_text(good)
+    assert (stack.prefix / "nginx.conf").read_text() == live
+    assert stack.status()["config_generation"] == 1
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert infer(client) == "blue"
+
+
+def test_reload_is_confirmed_by_config_generation(stack: Stack) -> None:
+    stack.route(weight=30)
+    master, workers = stack.master_pid(), worker_pids(stack.master_pid())
+    stack.controller.apply(stack.render(2), 2)
+    try:
+        status = stack.status()
+        assert status["config_generation"] == 2 and status["weight"] == 30
+        assert stack.master_pid() == master
+        wait_until(lambda: worker_pids(master).isdisjoint(workers), 10, "old workers to finish")
+        assert "# canary-config-generation: 1" in (stack.prefix / "nginx.conf.last-good").read_text()
+    finally:
+        stack.controller.apply(stack.render(1), 1)  # the other tests expect generation 1
+
+
+def test_restart_restores_routing_from_file(stack: Stack) -> None:
+    stack.route(weight=30, shadow=True)
+    old_master = stack.master_pid()
+    stack.controller.stop()
+    assert not stack.controller.running() and not alive(old_master)
+    stack.controller.start()
+    status = stack.status()
+    assert (status["stable"], status["candidate"], status["weight"], status["shadow"]) == ("blue", "green", 30, True)
+    assert stack.master_pid() != old_master
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert infer(client, **{"X-Canary": "always"}) == "green"
+
+
+# ---- pure helpers ----
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"stable": "blue", "candidate": "green", "weight": 101},
+        {"stable": "blue", "candidate": "green", "weight": True},
+        {"stable": "blue", "candidate": "blue"},
+        {"stable": "blue", "weight": 5},
+        {"stable": "Blue!"},
+        {"stable": "blue", "candidate": "green", "shadow": "on"},
+    ],
+)
+def test_routing_rejects_bad_values(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as caught:
+        Routing(**kwargs)
+    assert "\n" not in str(caught.value)
+
+
+def test_ensure_token_creates_a_private_file_once(tmp_path: Path) -> None:
+    token = ensure_token(tmp_path / "state" / "admin.token")
+    assert len(token) >= 32
+    assert stat.S_IMODE(os.stat(tmp_path / "state" / "admin.token").st_mode) == 0o600
+    assert ensure_token(tmp_path / "state" / "admin.token") == token
+
+
+def test_render_config_keeps_everything_in_the_prefix(tmp_path: Path) -> None:
+    slots = [SlotAddress("blue", "127.0.0.1", 3001, 50051), SlotAddress("green", "127.0.0.1", 3002, 50052)]
+    text = render_config(tmp_path, NginxPorts(8080, 8081, 8082), slots, tmp_path / "r.json", tmp_path / "t", 7)
+    assert "/var/lib/nginx" not in text and "/etc/nginx" not in text
+    assert "listen 127.0.0.1:8082;" in text and "# canary-config-generation: 7" in text
+    with pytest.raises(ValueError, match="distinct"):
+        render_config(tmp_path, NginxPorts(8080, 8081, 8082), slots * 2, tmp_path / "r.json", tmp_path / "t", 7)
