@@ -29,6 +29,7 @@ from service.core.faults import FaultPlan
 from service.core.inference import BatchingConfig, InferenceCore
 from service.core.model import ModelCard
 from service.core.runner import OnnxRunner
+from service.logs import install_json_logs
 from service.settings import ServiceSettings
 from service.v2.rest import build_v2_app
 
@@ -89,6 +90,8 @@ class DigitsService:
         stored = self.model_ref
         card = ModelCard.from_labels(dict(stored.info.labels))
         runner = OnnxRunner(Path(stored.path_of(ONNX_FILE)), card, settings.intra_op_threads, WORKERS)
+        if settings.json_logs:
+            install_json_logs(settings.slot, card.name, card.version)
         self.metrics = ServiceMetrics(card, settings.slot)
         self.core = InferenceCore(
             runner,

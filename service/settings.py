@@ -14,7 +14,8 @@ class ServiceSettings(BaseSettings):
         default=None,
         description="BentoML model tag to serve; overrides the tag baked into the Bento at build time.",
     )
-    slot: str = Field(default="default", description="Release slot name (blue, green...): a metrics label.")
+    slot: str = Field(default="default", description="Release slot name (blue, green...): a metrics and log label.")
+    json_logs: bool = Field(default=True, description="One JSON object per log line, with slot and model version.")
     # -- request limits
     max_rows_per_request: int = Field(default=1024, ge=1, description="Rows one request may carry.")
     max_body_bytes: int = Field(default=8 << 20, ge=1024, description="Largest accepted REST request body.")

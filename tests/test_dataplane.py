@@ -155,3 +155,15 @@ def test_metrics_show_model_info_predictions_and_latency(serving, built_pipeline
     assert total(samples, "canary_request_duration_seconds_count", protocol="rest") >= 1
     assert total(samples, "canary_inference_duration_seconds_count") >= 1
     assert ("canary_queue_rows", frozenset({("model", "digits"), ("version", version), ("slot", "test")})) in samples
+
+
+def test_server_logs_are_json_lines_with_slot_and_model_version(serving, built_pipeline, canary_home):
+    import json
+
+    httpx.post(f"{serving.url}/v2/models/digits/infer", content=b"{broken", timeout=30)
+    lines = (canary_home.logs / "test-serve.log").read_text().splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    assert entries, "no JSON log lines"
+    assert {e["slot"] for e in entries} == {"test"}
+    assert {e["model_version"] for e in entries} == {str(built_pipeline.version)}
+    assert any("/v2/models/digits/infer" in e["message"] for e in entries)  # access log lines too
