@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean system-deps
+.PHONY: setup demo test bench clean system-deps
 
 ## setup: create .venv, install the project and the system services (idempotent)
 setup: $(STAMP) system-deps
@@ -29,6 +29,10 @@ demo: setup
 ## test: the whole test suite
 test: setup
 	@$(BIN)/python -m pytest
+
+## bench: the side-by-side serving benchmark (minutes; not part of make test)
+bench: setup
+	@$(BIN)/python -m loadtest.bench
 
 ## clean: remove all runtime state (.canary/) and exported Bentos
 clean:
