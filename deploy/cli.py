@@ -117,12 +117,7 @@ def _run_plan(stack, plan, dry_run: bool) -> None:
         typer.echo(plan.diff() or "(routing unchanged)")
         return
 
-    def move_champion(version: str) -> None:
-        from models.registry import CHAMPION, Registry
-
-        Registry(stack.home).set_alias(CHAMPION, int(version))
-
-    after = stack.execute(plan, on_champion=move_champion)
+    after = stack.execute(plan, on_champion=_champion_mover(stack))
     typer.echo(f"done: stable {after.stable}, candidate {after.candidate or '-'} at {after.weight}%")
 
 
@@ -243,6 +238,69 @@ def history(as_json: JsonOut = False) -> None:
     for e in entries:
         reason = f"  ({e['reason']})" if e.get("reason") else ""
         typer.echo(f"{e['time']}  {e['who']:<10} {e['action']:<9} {e['detail']}{reason}")
+
+
+def _duration(text: str) -> float:
+    """"30s", "2m" or "45" -> seconds."""
+    units = {"s": 1, "m": 60}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise CanaryError(f"duration {text!r} must look like 30s or 2m") from None
+    if not 0 < seconds <= 3600:
+        raise CanaryError(f"duration {text!r} must be between 1s and 60m")
+    return seconds
+
+
+def _champion_mover(stack):
+    def move(version: str) -> None:
+        from models.registry import CHAMPION, Registry
+
+        Registry(stack.home).set_alias(CHAMPION, int(version))
+
+    return move
+
+
+Duration = Annotated[str, typer.Option("--duration", help="Load per gate, e.g. 30s (at most 60s is enough).")]
+Users = Annotated[int, typer.Option("--users", help="Locust users (each loads both slots).")]
+SpawnRate = Annotated[float, typer.Option("--spawn-rate", help="Users started per second.")]
+
+
+@app.command()
+def gate(duration: Duration = "30s", users: Users = 16, spawn_rate: SpawnRate = 16.0) -> None:
+    """Load stable and candidate side by side with Locust and judge the candidate.
+
+    Exit code 0 pass, 1 fail or inconclusive, 2 the gate could not run."""
+    from deploy.rollout import GateOptions, run_gate_on_stack
+
+    stack = _stack()
+    outcome = run_gate_on_stack(stack, GateOptions(_duration(duration), users, spawn_rate))
+    verdict = outcome.verdict.verdict if outcome.verdict else "error"
+    typer.echo(f"gate {verdict}: {outcome.verdict.summary if outcome.verdict else outcome.error}")
+    for path in (outcome.result_path, outcome.report_path, *outcome.plots):
+        if path:
+            typer.echo(f"  {path}")
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def rollout(
+    steps: Annotated[str, typer.Option("--steps", help="Weight steps in percent.")] = "5,25,50,100",
+    step_duration: Annotated[str, typer.Option("--step-duration", help="Gate load per step.")] = "30s",
+    users: Users = 16,
+    spawn_rate: SpawnRate = 16.0,
+) -> None:
+    """Walk the weight steps, gate each; roll back on a failed gate, promote after the last."""
+    from deploy.rollout import GateOptions, rollout as run_rollout
+
+    try:
+        parsed = [int(step) for step in steps.split(",")]
+    except ValueError:
+        raise CanaryError(f"--steps {steps!r} must be comma-separated percentages, e.g. 5,25,50,100") from None
+    stack = _stack()
+    code = run_rollout(stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack))
+    raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
