@@ -31,6 +31,29 @@ Version = Annotated[Optional[int], typer.Option("--version", "-v", help="Registr
 Alias = Annotated[Optional[str], typer.Option("--alias", "-a", help="Registry alias, e.g. champion.")]
 
 
+_OPTIONS = {"target": "local"}
+
+
+@app.callback()
+def _options(
+    target: Annotated[str, typer.Option("--target", help="Where releases run: local (processes) or k8s.")] = "local",
+) -> None:
+    """bento-canary: train, export, build, serve and release model Bentos."""
+    if target not in ("local", "k8s"):
+        raise CanaryError(f"--target must be local or k8s, got {target!r}")
+    _OPTIONS["target"] = target
+
+
+def _on_k8s() -> bool:
+    return _OPTIONS["target"] == "k8s"
+
+
+def _k8s():
+    from deploy.k8s_target import k8s_target
+
+    return k8s_target()
+
+
 def _home() -> CanaryHome:
     home = CanaryHome()
     home.activate()
@@ -154,6 +177,9 @@ def deploy(
     from deploy.release import plan_deploy
     from models.bento import find_bento
 
+    if _on_k8s():
+        typer.echo(_k8s().deploy(release.lstrip("@") if release.isdigit() else release, dry_run).describe())
+        return
     stack = _stack()
     bento, version = find_bento(stack.home, release)
     _run_plan(stack, plan_deploy(stack.store.load(), bento, version), dry_run)
@@ -167,6 +193,9 @@ def weight(
     """Set the candidate's share of traffic (applied within a second, no nginx reload)."""
     from deploy.release import plan_weight
 
+    if _on_k8s():
+        typer.echo(_k8s().weight(percent, dry_run).describe())
+        return
     stack = _stack()
     _run_plan(stack, plan_weight(stack.store.load(), percent), dry_run)
 
@@ -176,6 +205,9 @@ def switch(dry_run: DryRun = False) -> None:
     """Blue-green cut-over: the candidate takes 100%; the old stable stays warm for a switch back."""
     from deploy.release import plan_switch
 
+    if _on_k8s():
+        typer.echo(_k8s().switch(dry_run).describe())
+        return
     stack = _stack()
     _run_plan(stack, plan_switch(stack.store.load()), dry_run)
 
@@ -185,6 +217,15 @@ def promote(dry_run: DryRun = False) -> None:
     """The candidate becomes stable at 100%; MLflow alias `champion` moves to its version."""
     from deploy.release import plan_promote
 
+    if _on_k8s():
+        plan, version = _k8s().promote(dry_run)
+        typer.echo(plan.describe())
+        if not dry_run and version is not None:
+            from models.registry import CHAMPION, Registry
+
+            Registry(_home()).set_alias(CHAMPION, int(version))
+            typer.echo(f"MLflow alias champion -> version {version}")
+        return
     stack = _stack()
     _run_plan(stack, plan_promote(stack.store.load()), dry_run)
 
@@ -197,6 +238,9 @@ def rollback(
     """Send the candidate to 0% at once."""
     from deploy.release import plan_rollback
 
+    if _on_k8s():
+        typer.echo(_k8s().rollback(dry_run).describe())
+        return
     stack = _stack()
     _run_plan(stack, plan_rollback(stack.store.load(), reason), dry_run)
 
@@ -222,6 +266,12 @@ def status(as_json: JsonOut = False) -> None:
 
     from deploy.report import format_status
 
+    if _on_k8s():
+        from deploy.k8s_target import format_k8s_status
+
+        data = _k8s().status()
+        typer.echo(json.dumps(data, indent=2) if as_json else format_k8s_status(data))
+        return
     data = _stack().status()
     typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))
 
@@ -301,6 +351,20 @@ def rollout(
     stack = _stack()
     code = run_rollout(stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack))
     raise typer.Exit(code)
+
+
+@app.command()
+def containerize(
+    release: Annotated[str, typer.Argument(help="Model version, @alias or Bento tag.")],
+    dry_run: DryRun = False,
+) -> None:
+    """Build the serving image (wraps `bentoml containerize`; needs Docker or Podman)."""
+    from deploy.containerize import containerize as build_image
+    from deploy.containerize import rendered_containerfile
+    from models.bento import find_bento
+
+    bento, _ = find_bento(_home(), release)
+    typer.echo(rendered_containerfile(bento) if dry_run else build_image(bento))
 
 
 def main(argv: list[str] | None = None) -> None:

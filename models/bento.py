@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +43,15 @@ def build_bento(home: CanaryHome, version: int | None = None, alias: str | None 
         bentoml.bentos.delete(f"digits-service:{bento_version}")
     except NotFound:
         pass
-    bento = bentoml.bentos.build_bentofile(
-        str(BENTOFILE),
-        build_ctx=str(REPO_ROOT),
-        version=bento_version,
-        args={"model_tag": stored.tag},
-        labels={"model_version": str(ref.version), "model_sha256": stored.labels["sha256"], "run_id": ref.run_id},
-    )
+    # BentoML 1.4.39 refuses a dockerfile_template outside the current directory.
+    with contextlib.chdir(REPO_ROOT):
+        bento = bentoml.bentos.build_bentofile(
+            str(BENTOFILE),
+            build_ctx=str(REPO_ROOT),
+            version=bento_version,
+            args={"model_tag": stored.tag},
+            labels={"model_version": str(ref.version), "model_sha256": stored.labels["sha256"], "run_id": ref.run_id},
+        )
     requirements = bento_requirements(Path(bento.path))
     heavy = [r for r in requirements if r.split("=")[0].split("<")[0].split(">")[0].strip().lower() in FORBIDDEN_IN_BENTO]
     if heavy:
