@@ -167,3 +167,14 @@ def test_server_logs_are_json_lines_with_slot_and_model_version(serving, built_p
     assert {e["slot"] for e in entries} == {"test"}
     assert {e["model_version"] for e in entries} == {str(built_pipeline.version)}
     assert any("/v2/models/digits/infer" in e["message"] for e in entries)  # access log lines too
+
+
+def test_request_parameter_cache_false_skips_the_cache(serving, split):
+    rows = split.x_test[300:302] * 0.25 + 0.5  # inputs no other test sends
+    body = {"parameters": {"cache": False}, "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": rows.tolist()}]}
+    before = scrape(serving.url)
+    for _ in range(3):
+        httpx.post(f"{serving.url}/v2/models/digits/infer", json=body, timeout=30).raise_for_status()
+    after = scrape(serving.url)
+    for kind in ("hit", "miss"):
+        assert total(after, "canary_cache_events_total", kind=kind) == total(before, "canary_cache_events_total", kind=kind)

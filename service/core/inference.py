@@ -46,6 +46,7 @@ class _Job:
     feed: dict[str, np.ndarray]
     outputs: tuple[str, ...]
     rows: int
+    use_cache: bool = True
 
 
 class InferenceCore:
@@ -114,7 +115,10 @@ class InferenceCore:
         unknown = [name for name in outputs if self.card.output_spec(name) is None]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; the model has {[o.name for o in self.card.outputs]}")
-        return _Job(feed, tuple(dict.fromkeys(outputs)), rows.pop())
+        # Request parameter "cache": false skips the response cache (the promotion gate uses
+        # it, so a warm stable is never compared with a cold candidate).
+        use_cache = request.parameters.get("cache", True) is not False
+        return _Job(feed, tuple(dict.fromkeys(outputs)), rows.pop(), use_cache)
 
     def _check_tensor(self, tensor: InferTensor, spec: TensorSpec) -> np.ndarray:
         if tensor.datatype != spec.datatype:
@@ -142,9 +146,11 @@ class InferenceCore:
 
     # -- the batch function (runs on the batcher's thread) --------------------------------
     def _run_batch(self, jobs: list[_Job]) -> list[list[np.ndarray] | BaseException]:
-        keys = [cache_key(self.card.name, self.card.version, job.feed, job.outputs) for job in jobs]
+        keys = [cache_key(self.card.name, self.card.version, job.feed, job.outputs) if job.use_cache else "" for job in jobs]
+        cached = [i for i, job in enumerate(jobs) if job.use_cache]
         results: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
-        for index, blob in enumerate(self.cache.get_many(keys)):
+        blobs = self.cache.get_many([keys[i] for i in cached]) if cached else []
+        for index, blob in zip(cached, blobs, strict=True):
             if blob is not None:
                 try:
                     results[index] = decode_arrays(blob)
@@ -167,7 +173,8 @@ class InferenceCore:
             for position, index in enumerate(members):
                 own = [array[bounds[position] : bounds[position + 1]] for array in arrays]
                 results[index] = own
-                fresh.append((keys[index], encode_arrays(own)))
+                if jobs[index].use_cache:
+                    fresh.append((keys[index], encode_arrays(own)))
         if fresh:
             self.cache.put_many(fresh)
         return results  # type: ignore[return-value]
