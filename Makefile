@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean system-deps
+.PHONY: setup demo test bench lint fmt clean system-deps
 
 ## setup: create .venv, install the project and the system services (idempotent)
 setup: $(STAMP) system-deps
@@ -33,6 +33,18 @@ test: setup
 ## bench: the side-by-side serving benchmark (minutes; not part of make test)
 bench: setup
 	@$(BIN)/python -m loadtest.bench
+
+## lint: ruff (lint + format check), mypy on the packages, bandit for security smells
+lint: setup
+	@$(BIN)/ruff check .
+	@$(BIN)/ruff format --check .
+	@$(BIN)/mypy
+	@$(BIN)/bandit -q -c pyproject.toml -r models service deploy loadtest
+
+## fmt: apply ruff's fixes and formatting
+fmt: setup
+	@$(BIN)/ruff check --fix .
+	@$(BIN)/ruff format .
 
 ## clean: remove all runtime state (.canary/) and exported Bentos
 clean:
