@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 try:  # typer >= 0.20 vendors click as typer._click
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 
 from models.errors import CanaryError
 from models.home import CanaryHome
@@ -27,8 +27,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Version = Annotated[Optional[int], typer.Option("--version", "-v", help="Registry version number.")]
-Alias = Annotated[Optional[str], typer.Option("--alias", "-a", help="Registry alias, e.g. champion.")]
+Version = Annotated[int | None, typer.Option("--version", "-v", help="Registry version number.")]
+Alias = Annotated[str | None, typer.Option("--alias", "-a", help="Registry alias, e.g. champion.")]
 
 
 _OPTIONS = {"target": "local"}
@@ -110,7 +110,8 @@ def serve(
     home.require()
     from deploy.process import venv_bin
 
-    os.execv(venv_bin("bentoml"), [venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)])
+    argv = [venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
+    os.execv(argv[0], argv)  # noqa: S606  # nosec B606 - become the server; fixed argv
 
 
 @app.command()
@@ -342,7 +343,8 @@ def rollout(
     spawn_rate: SpawnRate = 16.0,
 ) -> None:
     """Walk the weight steps, gate each; roll back on a failed gate, promote after the last."""
-    from deploy.rollout import GateOptions, rollout as run_rollout
+    from deploy.rollout import GateOptions
+    from deploy.rollout import rollout as run_rollout
 
     try:
         parsed = [int(step) for step in steps.split(",")]

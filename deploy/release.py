@@ -11,8 +11,8 @@ import difflib
 import json
 from dataclasses import dataclass
 
-from models.errors import CanaryError
 from deploy.state import ReleaseState, SlotState
+from models.errors import CanaryError
 
 
 @dataclass(frozen=True)

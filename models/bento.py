@@ -84,12 +84,12 @@ def find_bento(home: CanaryHome, ref: str) -> tuple[str, str]:
     try:
         bento = bentoml.bentos.get(tag)
     except NotFound:
-        version = tag.rsplit(":v", 1)[-1]
-        raise CanaryError(f"Bento {tag} is not built: run `canary build --version {version}` first") from None
-    version = bento.info.labels.get("model_version")
-    if not version:
+        wanted = tag.rsplit(":v", 1)[-1]
+        raise CanaryError(f"Bento {tag} is not built: run `canary build --version {wanted}` first") from None
+    model_version = bento.info.labels.get("model_version")
+    if not model_version:
         raise CanaryError(f"Bento {tag} has no model_version label; build it with `canary build`")
-    return str(bento.tag), version
+    return str(bento.tag), str(model_version)
 
 
 def _version_number(ref: str) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 
 from models.data import N_FEATURES
 from models.errors import IntegrityError, ParityError
+
 # One sha256 routine for export, the store and the serving side (which cannot import models/).
 from service.core.runner import file_sha256 as sha256_of  # noqa: F401 - re-exported
 

@@ -17,6 +17,7 @@ import logging
 import time
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bentoml
 import numpy as np
@@ -32,6 +33,9 @@ from service.core.runner import OnnxRunner
 from service.logs import install_json_logs
 from service.settings import ServiceSettings
 from service.v2.rest import build_v2_app
+
+if TYPE_CHECKING:
+    from service.v2.grpc_server import GrpcEndpoint
 
 log = logging.getLogger("bento_canary.service")
 ONNX_FILE = "model.onnx"
@@ -102,7 +106,7 @@ class DigitsService:
             faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio),
         )
         self.core.start()
-        self.grpc = None
+        self.grpc: GrpcEndpoint | None = None
         v2_app.state.core = self.core
         log.info("serving %s version %s (sha256 %s) in slot %s", card.name, card.version, card.sha256[:12], settings.slot)
 

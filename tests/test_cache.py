@@ -198,7 +198,7 @@ def test_null_cache_never_hits() -> None:
 def test_encode_decode_round_trip(arrays: list[np.ndarray]) -> None:
     decoded = decode_arrays(encode_arrays(arrays))
     assert len(decoded) == len(arrays)
-    for got, want in zip(decoded, arrays):
+    for got, want in zip(decoded, arrays, strict=True):
         assert (got.dtype, got.shape) == (want.dtype, want.shape)
         assert np.array_equal(got, want)
 

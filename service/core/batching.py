@@ -143,7 +143,7 @@ class AdaptiveBatcher(Generic[T, R]):
             items = [pending.item for pending in batch]
             results, seconds = await loop.run_in_executor(self._executor, self._run, items)
             self._inflight = []
-            for pending, result in zip(batch, results):
+            for pending, result in zip(batch, results, strict=True):
                 if pending.future.done():  # cancelled by its caller: nobody wants this result
                     continue
                 if isinstance(result, BaseException):

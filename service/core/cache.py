@@ -188,7 +188,7 @@ class RedisCache:
         reply = self._client.mget(keys)
         if len(reply) != len(keys) or not all(v is None or isinstance(v, bytes) for v in reply):
             raise redis.ResponseError(f"malformed MGET reply for {len(keys)} keys")
-        return reply
+        return [v if isinstance(v, bytes) else None for v in reply]
 
     def _set_all(self, items: list[tuple[str, bytes]]) -> list[object]:
         pipe = self._client.pipeline(transaction=False)

@@ -15,13 +15,12 @@ import numpy as np
 
 from service.core.batching import AdaptiveBatcher
 from service.core.cache import NullCache, ResponseCache, cache_key, decode_arrays, encode_arrays
-from service.core.faults import FaultPlan
 from service.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Unavailable
+from service.core.faults import FaultPlan
 from service.core.model import ModelCard
-from service.core.tensors import TensorSpec
 from service.core.observer import CoreObserver
 from service.core.runner import OnnxRunner
-from service.core.tensors import InferRequest, InferResponse, InferTensor, v2_datatype
+from service.core.tensors import InferRequest, InferResponse, InferTensor, TensorSpec, v2_datatype
 
 log = logging.getLogger("bento_canary.core")
 

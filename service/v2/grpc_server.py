@@ -23,8 +23,8 @@ from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 from service.core.errors import INTERNAL_MESSAGE, InferenceError, Unavailable
 from service.core.model import ModelCard
 from service.core.tensors import InferRequest, InferResponse
-from service.v2.grpc_codec import from_model_infer_request, to_model_infer_response, to_model_metadata_response
 from service.v2 import SERVER_NAME, SERVER_VERSION
+from service.v2.grpc_codec import from_model_infer_request, to_model_infer_response, to_model_metadata_response
 
 log = logging.getLogger("bento_canary.v2.grpc")
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
