@@ -152,6 +152,11 @@ class LocalStack:
             "CANARY_SERVICE_GRPC_PORT": str(grpc),
             "CANARY_SERVICE_GRPC_HOST": self.settings.host,
             "CANARY_SERVICE_CACHE_URL": self.redis_url,
+            # Two slots share this machine: split the cores between them, or idle ONNX Runtime
+            # threads spin-wait and the slots starve each other (seen as 2-3x latency swings).
+            "CANARY_SERVICE_INTRA_OP_THREADS": os.environ.get(
+                "CANARY_SERVICE_INTRA_OP_THREADS", str(max(1, (os.cpu_count() or 2) // len(SLOTS)))
+            ),
         }
         argv = [venv_bin("bentoml"), "serve", bento, "--host", self.settings.host, "--port", str(rest)]
         child = spawn(argv, self.home.logs / f"slot-{slot}.log", env)

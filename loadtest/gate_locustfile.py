@@ -1,0 +1,197 @@
+"""Locustfile of the promotion gate: loads stable and candidate side by side, then decides.
+
+    locust -f loadtest/gate_locustfile.py --headless -u 16 -r 16 -t 30s \\
+        --stable-rest http://127.0.0.1:8080 --stable-header "X-Canary: never" \\
+        --candidate-rest http://127.0.0.1:8080 --candidate-header "X-Canary: always" \\
+        --stable-grpc 127.0.0.1:50051 --candidate-grpc 127.0.0.1:50051 --gate-out gate-out/
+
+Exit codes (`environment.process_exit_code`): 0 pass, 1 fail or inconclusive, 2 the gate
+itself could not run (bad arguments or thresholds, a target unreachable at start, an
+exception in the harness, an interrupted run). Writes result.json, latency/timeline PNGs and report.md into
+--gate-out and prints their paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import locust.log
+from locust import constant_throughput, events
+
+from loadtest.gate import DEFAULT_THRESHOLDS, GateThresholds
+from loadtest.results import EXIT_HARNESS, RESULT_FILE, RunConfig, finish_gate, write_error
+from loadtest.samples import DigitFeed, SampleBook
+from loadtest.targets import SLOTS, Target, from_args
+from loadtest.users import USER_CLASSES, GateContext, bind
+
+# Locust runs the User classes it finds in this module's namespace.
+RestJsonUser, RestBinaryUser, GrpcUser = (USER_CLASSES[p] for p in ("rest-json", "rest-binary", "grpc"))
+
+log = logging.getLogger("canary.gate")
+DEFAULT_PROTOCOLS = "rest-json=1,rest-binary=1,grpc=1"
+PROBE_TIMEOUT_S = 5.0
+# Paced users, not a flat-out closed loop: flat out, the load generator and the two slots
+# fight for the cores and latency becomes a measure of the scheduler. 16 users x 5 digits/s
+# is 80 requests/s per slot, thousands of samples in 30 s.
+DEFAULT_USER_RATE = 5.0
+
+
+class GateSetupError(Exception):
+    """The gate cannot run: exit code 2, never a verdict."""
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("canary gate", "the two targets and where the verdict goes")
+    for slot in SLOTS:
+        group.add_argument(f"--{slot}-rest", help=f"V2 REST base URL of the {slot} target")
+        group.add_argument(f"--{slot}-grpc", default=None, help=f"V2 gRPC host:port of the {slot} target (optional)")
+        group.add_argument(
+            f"--{slot}-header", action="append", default=[], help=f"'Name: value' sent to {slot} (repeatable)"
+        )
+    group.add_argument("--gate-thresholds", default=str(DEFAULT_THRESHOLDS), help="thresholds YAML file")
+    group.add_argument("--gate-out", default="gate-out", help="directory for result.json, plots and report.md")
+    group.add_argument(
+        "--gate-protocols",
+        default=None,
+        help=f"protocol mix (default {DEFAULT_PROTOCOLS}, gRPC if both targets have it)",
+    )
+    group.add_argument("--gate-model", default="digits", help="V2 model name")
+    group.add_argument("--gate-timeout", type=float, default=10.0, help="per-request timeout in seconds")
+    group.add_argument(
+        "--gate-user-rate",
+        type=float,
+        default=DEFAULT_USER_RATE,
+        help=f"digits per second each user sends to both slots (default {DEFAULT_USER_RATE:g}; 0 = flat out)",
+    )
+
+
+def parse_protocols(text: str | None, targets: dict[str, Target]) -> dict[str, int]:
+    """'rest-json=2,grpc=1' -> weights; the default leaves gRPC out when a target has none."""
+    has_grpc = all(t.grpc for t in targets.values())
+    if text is None:
+        text = DEFAULT_PROTOCOLS if has_grpc else "rest-json=1,rest-binary=1"
+    weights: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition("=")
+        if name not in USER_CLASSES:
+            raise GateSetupError(f"unknown protocol {name!r} in --gate-protocols; choose from {sorted(USER_CLASSES)}")
+        if weight and not weight.isdigit():
+            raise GateSetupError(f"weight of {name} must be a whole number, got {weight!r}")
+        weights[name] = int(weight or 1)
+    if not any(weights.values()):
+        raise GateSetupError("--gate-protocols selects no protocol")
+    if weights.get("grpc") and not has_grpc:
+        raise GateSetupError("gRPC is in the protocol mix but a target has no --*-grpc address")
+    return weights
+
+
+def probe(slot: str, target: Target, uses_grpc: bool) -> None:
+    """Fail fast when nothing answers; any HTTP answer (even 503) counts as reachable:
+    a candidate that answers badly must fail the gate, not abort it."""
+    # `Target` admits http(s) base URLs only, so urlopen cannot be pointed at a file.
+    request = urllib.request.Request(f"{target.rest}/v2/health/live", headers=dict(target.headers))  # noqa: S310
+    try:
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()  # noqa: S310
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise GateSetupError(f"{slot} target {target.rest} is unreachable: {exc}") from None
+    if uses_grpc:
+        with grpc.insecure_channel(target.grpc) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT_S)
+            except grpc.FutureTimeoutError:
+                raise GateSetupError(f"{slot} gRPC target {target.grpc} is unreachable") from None
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """Everything the quitting handler needs to decide."""
+
+    context: GateContext
+    thresholds: GateThresholds
+    config: RunConfig
+    out_dir: Path
+
+
+def set_up(environment) -> GateRun:
+    options = environment.parsed_options
+    try:
+        targets = {
+            s: from_args(getattr(options, f"{s}_rest"), getattr(options, f"{s}_grpc"), getattr(options, f"{s}_header"))
+            for s in SLOTS
+        }
+        thresholds = GateThresholds.from_yaml(options.gate_thresholds)
+    except (ValueError, OSError) as exc:
+        raise GateSetupError(str(exc)) from None
+    weights = parse_protocols(options.gate_protocols, targets)
+    if options.gate_user_rate < 0:
+        raise GateSetupError("--gate-user-rate must be >= 0")
+    for name, user_class in USER_CLASSES.items():
+        user_class.weight = weights.get(name, 0)
+        if options.gate_user_rate:
+            user_class.wait_time = constant_throughput(options.gate_user_rate)
+    environment.user_classes[:] = [u for u in environment.user_classes if u.weight > 0]
+    for slot, target in targets.items():
+        probe(slot, target, bool(weights.get("grpc")))
+    book = SampleBook()
+    environment.events.request.add_listener(book.on_request)
+    environment.events.test_start.add_listener(lambda **_: book.start())
+    environment.events.test_stop.add_listener(lambda **_: book.stop())
+    feed = DigitFeed.test_split()
+    context = GateContext(targets["stable"], targets["candidate"], feed, book, options.gate_model, options.gate_timeout)
+    mix = ",".join(f"{name}={weight}" for name, weight in weights.items() if weight)
+    config = RunConfig(options.num_users or 1, options.spawn_rate, mix, options.gate_thresholds, options.gate_model)
+    return GateRun(context, thresholds, config, Path(options.gate_out))
+
+
+@events.init.add_listener
+def on_init(environment, **_kwargs) -> None:
+    if environment.parsed_options is None:  # imported without the command line: nothing to set up
+        return
+    out_dir = Path(environment.parsed_options.gate_out)
+    try:
+        run = set_up(environment)
+        bind(environment, run.context)
+        environment.canary_gate_run = run
+    except Exception as exc:  # noqa: BLE001 - whatever stops the set-up is a harness error
+        reason = str(exc) if isinstance(exc, GateSetupError) else f"{type(exc).__name__}: {exc}"
+        path = write_error(out_dir, reason)
+        log.error("gate cannot run: %s (%s)", reason, path)
+        print(f"gate result: {path.resolve()}", flush=True)
+        # Locust's event hook would log an exception and exit 1; SystemExit passes through it.
+        sys.exit(EXIT_HARNESS)
+
+
+@events.quitting.add_listener
+def on_quitting(environment, **_kwargs) -> None:
+    run: GateRun | None = getattr(environment, "canary_gate_run", None)
+    if run is None:
+        return
+    out_dir, context = run.out_dir, run.context
+    try:
+        if context.book.stopped is None:  # Ctrl-C or SIGTERM: Locust quits before stopping the load
+            raise RuntimeError("the run was interrupted before its end; no verdict on partial load")
+        crashed = list(environment.runner.exceptions.values()) if environment.runner else []
+        if crashed or locust.log.unhandled_greenlet_exception:
+            first = crashed[0]["msg"] if crashed else "an event handler raised (see the log)"
+            raise RuntimeError(f"the gate's users raised: {first}")
+        targets = {"stable": context.stable, "candidate": context.candidate}
+        verdict, result = finish_gate(context.book, targets, run.thresholds, run.config, out_dir)
+        code = result["exit_code"]
+        log.info("gate verdict: %s", verdict.summary)
+        for label, path in (("report", result["report"]), *(("plot", p) for p in result["plots"])):
+            print(f"gate {label}: {path}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - a broken harness must never look like a verdict
+        log.exception("the gate harness failed")
+        write_error(out_dir, f"{type(exc).__name__}: {exc}")
+        code = EXIT_HARNESS
+    print(f"gate result: {(out_dir / RESULT_FILE).resolve()}", flush=True)
+    environment.process_exit_code = code
