@@ -1,0 +1,209 @@
+"""Step 2: the servers under test, each started on free ports and stopped after its runs.
+
+A contender is anything with `name`, `kind` ("project" or "alternative"), `baseline` and a
+`serve(model, ctx)` context manager that yields `Served` (its endpoints and root pid).
+Extension point for the nginx front (another engineer): write a contender whose `serve`
+enters `ProjectBento().serve(...)`, starts nginx in front of the yielded REST URL, yields
+nginx's endpoints with the Bento's pid, and sets `kind="project"`, `baseline="bento"`;
+add it to `build_contenders`. The report then shows its cost against the direct Bento.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from deploy.process import free_port, serving_home, spawn, venv_bin, wait_http_ok
+from loadtest.bench.alternatives import ONNX_PATH_ENV
+from loadtest.bench.payloads import Payload, to_grpc, to_mlflow, to_plain_bentoml, to_v2_binary, to_v2_json
+from loadtest.bench.prepare import PreparedModel
+from loadtest.bench.processes import new_children, own_children, stop_tree
+
+ALTERNATIVES_DIR = Path(__file__).resolve().parent / "alternatives"
+START_TIMEOUT_S = 180.0
+V2_INFER = "/v2/models/digits/infer"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    protocol: str  # "rest-json", "rest-binary" or "grpc"
+    target: str  # full URL for REST, host:port for gRPC
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Served:
+    endpoints: tuple[Endpoint, ...]
+    pid: int  # root of the server's process tree (CPU accounting)
+    log: Path
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServeContext:
+    workers: int
+    logs: Path
+    rows: np.ndarray  # the pixels every request carries
+    bentoml_home: Path  # the bench home's shared BentoML store
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Contender(Protocol):
+    name: str
+    label: str
+    kind: str  # "project" | "alternative"
+    baseline: str | None  # the contender this one fronts (its cost is reported against it)
+
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> AbstractContextManager[Served]: ...
+
+
+def _workers_override(service_name: str, workers: int) -> dict[str, str]:
+    """BentoML's JSON config override: the same worker count for any @bentoml.service."""
+    return {"BENTOML_CONFIG_OVERRIDES": json.dumps({"services": {service_name: {"workers": workers}}})}
+
+
+@dataclass(frozen=True)
+class ProjectBento:
+    """This project's Bento via `bentoml serve` (deploy.process.served_bento): V2 REST JSON,
+    V2 REST binary and V2 gRPC; service settings left at their defaults."""
+
+    cache_url: str | None = None
+    name: str = "bento"
+    label: str = "bento-canary (this project)"
+    kind: str = "project"
+    baseline: str | None = None
+
+    @contextmanager
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
+        from deploy.process import served_bento
+
+        grpc_port = free_port()
+        env = {"CANARY_SERVICE_GRPC_PORT": str(grpc_port), **_workers_override("digits-service", ctx.workers), **ctx.extra_env}
+        if self.cache_url:
+            env["CANARY_SERVICE_CACHE_URL"] = self.cache_url
+        log = ctx.logs / f"bench-{self.name}{'-cache' if self.cache_url else ''}-{model.architecture}.log"
+        before = own_children()
+        with served_bento(model.bento_tag, free_port(), log, env, timeout=START_TIMEOUT_S) as base:
+            pid = new_children(before)[0]
+            yield Served(
+                (
+                    Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),
+                    Endpoint("rest-binary", base + V2_INFER, to_v2_binary(ctx.rows)),
+                    Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows)),
+                ),
+                pid,
+                log,
+                ("service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
+                 "ONNX Runtime threads = cores / workers)",),
+            )
+
+
+@contextmanager
+def _spawned(argv: list[str], ready_url: str, log: Path, env: dict[str, str], cwd: Path | None = None) -> Iterator[int]:
+    child = spawn(argv, log, env, cwd)
+    try:
+        wait_http_ok(child, ready_url, START_TIMEOUT_S)
+        yield child.pid
+    finally:
+        stop_tree(child)
+
+
+@dataclass(frozen=True)
+class PlainBentoML:
+    """`@bentoml.api(batchable=True)` with default knobs, `bentoml serve plain_bentoml:PlainDigits`."""
+
+    name: str = "bentoml-plain"
+    label: str = "plain BentoML (batchable=True)"
+    kind: str = "alternative"
+    baseline: str | None = None
+
+    @contextmanager
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
+        port = free_port()
+        env = {
+            "BENTOML_HOME": str(serving_home(ctx.bentoml_home, "bench-plain")),
+            ONNX_PATH_ENV: str(model.onnx_path),
+            **_workers_override("plain-digits", ctx.workers),
+        }
+        argv = [venv_bin("bentoml"), "serve", "plain_bentoml:PlainDigits", "--host", "127.0.0.1", "--port", str(port)]
+        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
+        base = f"http://127.0.0.1:{port}"
+        with _spawned(argv, base + "/readyz", log, env, cwd=ALTERNATIVES_DIR) as pid:
+            yield Served(
+                (Endpoint("rest-json", base + "/predict", to_plain_bentoml(ctx.rows)),),
+                pid,
+                log,
+                ("BentoML's default batching knobs and HTTP stack; ONNX Runtime default session options",),
+            )
+
+
+@dataclass(frozen=True)
+class HandWrittenFastAPI:
+    """FastAPI + uvicorn + ONNX Runtime, one session.run per request, access log off."""
+
+    name: str = "fastapi"
+    label: str = "FastAPI + uvicorn + ORT"
+    kind: str = "alternative"
+    baseline: str | None = None
+
+    @contextmanager
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "uvicorn", "--factory", "loadtest.bench.alternatives.fastapi_app:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(ctx.workers), "--no-access-log",
+        ]  # fmt: skip
+        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
+        base = f"http://127.0.0.1:{port}"
+        repo = Path(__file__).resolve().parents[2]
+        with _spawned(argv, base + "/v2/health/ready", log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=repo) as pid:
+            yield Served(
+                (Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),),
+                pid,
+                log,
+                ("async handler calling session.run inline, pydantic models, ONNX Runtime defaults, "
+                 "uvicorn --no-access-log (uvloop / httptools when installed)",),
+            )
+
+
+@dataclass(frozen=True)
+class MlflowServe:
+    """`mlflow models serve --env-manager local` of the registered version (the torch pyfunc)."""
+
+    name: str = "mlflow"
+    label: str = "mlflow models serve (torch pyfunc)"
+    kind: str = "alternative"
+    baseline: str | None = None
+
+    @contextmanager
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
+        port = free_port()
+        argv = [
+            venv_bin("mlflow"), "models", "serve", "-m", model.registry_uri, "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(port), "-w", str(ctx.workers),
+        ]  # fmt: skip
+        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
+        base = f"http://127.0.0.1:{port}"
+        # mlflow execs `uvicorn` by name: the venv's bin must be on PATH even when it is not activated
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        with _spawned(argv, base + "/ping", log, {"PATH": path}) as pid:
+            yield Served(
+                (Endpoint("rest-json", base + "/invocations", to_mlflow(ctx.rows)),),
+                pid,
+                log,
+                ("serves the registered torch model (pyfunc), not the ONNX file",),
+            )
+
+
+def build_contenders(names: tuple[str, ...]) -> list[Contender]:
+    """The contenders to run, in order; `names` filters (see config.CONTENDER_NAMES)."""
+    every: list[Contender] = [ProjectBento(), PlainBentoML(), HandWrittenFastAPI(), MlflowServe()]
+    return [c for c in every if c.name in names]

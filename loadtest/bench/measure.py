@@ -1,0 +1,120 @@
+"""Step 3: one measured window against one endpoint, with the right load generator.
+
+REST goes through wrk (a warm-up run first, then the measured run); gRPC through the
+multi-process `grpcload`. The server's process-tree CPU is read at the window's edges.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.bench.contenders import Contender, Endpoint
+from loadtest.bench.cpu import machine_busy_seconds, tree_cpu_seconds
+from loadtest.bench.grpcload import STARTUP_S, run_grpc_load
+from loadtest.bench.results import Measurement
+from loadtest.bench.wrk import LoadResult, run_wrk
+
+CORES = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CpuWindow:
+    """CPU seconds burnt during a measured window: the server's tree and the whole machine."""
+
+    server_s: float = 0.0
+    machine_s: float = 0.0
+
+
+def _cpu_now(pid: int) -> CpuWindow:
+    return CpuWindow(tree_cpu_seconds(pid), machine_busy_seconds())
+
+
+def _since(start: CpuWindow, end: CpuWindow) -> CpuWindow:
+    return CpuWindow(end.server_s - start.server_s, end.machine_s - start.machine_s)
+
+
+def _at(when: float, pid: int, into: dict[str, CpuWindow], key: str) -> threading.Thread:
+    """Read the CPU counters at wall-clock time `when`, in a thread."""
+
+    def probe() -> None:
+        time.sleep(max(0.0, when - time.time()))
+        into[key] = _cpu_now(pid)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    return thread
+
+
+def load_endpoint(
+    endpoint: Endpoint,
+    server_pid: int,
+    workdir: Path,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    connections: int,
+    grpc_processes: int,
+    rate: float = 0.0,
+) -> tuple[LoadResult, CpuWindow, str]:
+    """Run the load; returns (result, CPU burnt in the window, load generator name)."""
+    if endpoint.protocol == "grpc":
+        start_at = time.time() + STARTUP_S
+        window = (start_at + warmup_s, start_at + warmup_s + duration_s)
+        cpu: dict[str, CpuWindow] = {}
+        probes = [_at(window[0], server_pid, cpu, "start"), _at(window[1], server_pid, cpu, "end")]
+        result = run_grpc_load(
+            endpoint.target, endpoint.payload, workdir, duration_s, connections, grpc_processes, warmup_s, rate, start_at
+        )
+        for probe in probes:
+            probe.join(5)
+        window_cpu = _since(cpu["start"], cpu["end"]) if len(cpu) == 2 else CpuWindow()
+        return result, window_cpu, f"grpc.aio x{grpc_processes}"
+    if warmup_s > 0:
+        run_wrk(endpoint.target, endpoint.payload, workdir / "warmup", warmup_s, connections, rate)
+    before = _cpu_now(server_pid)
+    result = run_wrk(endpoint.target, endpoint.payload, workdir, duration_s, connections, rate)
+    return result, _since(before, _cpu_now(server_pid)), "wrk"
+
+
+def to_measurement(
+    model: str, contender: Contender, endpoint: Endpoint, mode: str, connections: int,
+    result: LoadResult, cpu: CpuWindow, loadgen: str, offered_rps: float | None = None,
+) -> Measurement:  # fmt: skip
+    span = result.duration_s or 1.0
+    other = max(0.0, cpu.machine_s - cpu.server_s - result.loadgen_cpu_s)
+    return Measurement(
+        model=model,
+        contender=contender.name,
+        label=contender.label,
+        kind=contender.kind,
+        protocol=endpoint.protocol,
+        mode=mode,
+        connections=connections,
+        rows_per_request=endpoint.payload.rows,
+        requests=result.requests,
+        duration_s=result.duration_s,
+        p50_ms=result.p50_ms,
+        p90_ms=result.p90_ms,
+        p99_ms=result.p99_ms,
+        max_ms=result.max_ms,
+        errors=result.errors,
+        statuses=dict(result.statuses),
+        offered_rps=offered_rps,
+        loadgen=loadgen,
+        loadgen_cpu_share=result.loadgen_cpu_s / span / CORES,
+        server_cpu_share=cpu.server_s / span / CORES,
+        other_cpu_share=other / span / CORES,
+        baseline=contender.baseline,
+    )
+
+
+def describe(m: Measurement) -> str:
+    offered = f" (offered {m.offered_rps:,.0f})" if m.offered_rps else ""
+    return (
+        f"{m.rps:>8,.0f} req/s{offered}  p50 {m.p50_ms:6.1f} ms  p99 {m.p99_ms:6.1f} ms  errors {m.errors}"
+        f"  CPU: load-gen {m.loadgen_cpu_share:.0%} server {m.server_cpu_share:.0%} other {m.other_cpu_share:.0%}"
+    )

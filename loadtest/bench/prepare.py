@@ -1,0 +1,85 @@
+"""Step 1: train, register, export and build both models in the benchmark's own state folder.
+
+Uses the project's own pipeline functions, so the benchmark serves exactly what `canary
+build` produces. A model whose Bento already exists in the bench home is reused unless
+`fresh` is set (accuracy is irrelevant here; training digits-heavy costs a minute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.home import CanaryHome
+from models.pipeline import Say
+
+
+class BenchHome(CanaryHome):
+    """The bench's CANARY_HOME; Bento archives stay inside it, not in the repo's `bentos/`."""
+
+    @property
+    def bentos_dir(self) -> Path:
+        return self.home / "bentos"
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    architecture: str
+    version: int  # MLflow registry version
+    registry_uri: str  # models:/digits/<version>, what `mlflow models serve` loads
+    model_tag: str  # BentoML store tag of the exported ONNX graph
+    bento_tag: str  # digits-service:v<version>
+    onnx_path: Path  # the one ONNX file every ONNX-based contender serves
+    onnx_sha256: str
+
+
+def _prepared(home: BenchHome, version: int) -> PreparedModel:
+    from models.pipeline import resolve_stored
+
+    ref, stored = resolve_stored(home, version, None)
+    return PreparedModel(
+        architecture=ref.tags.get("architecture", "?"),
+        version=ref.version,
+        registry_uri=ref.uri,
+        model_tag=stored.tag,
+        bento_tag=f"digits-service:v{ref.version}",
+        onnx_path=stored.path,
+        onnx_sha256=stored.labels["sha256"],
+    )
+
+
+def find_reusable(home: BenchHome, architecture: str) -> PreparedModel | None:
+    """The newest registered version of `architecture` whose export and Bento both exist."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from models.errors import CanaryError
+    from models.registry import Registry
+
+    if not (home.home / "mlflow.db").is_file():
+        return None
+    registry = Registry(home)
+    versions = registry.client.search_model_versions(f"name='{home.registered_model}'")
+    for version in sorted((int(v.version) for v in versions if (v.tags or {}).get("architecture") == architecture), reverse=True):
+        try:
+            bentoml.bentos.get(f"digits-service:v{version}")
+            return _prepared(home, version)
+        except (NotFound, CanaryError):
+            continue
+    return None
+
+
+def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say) -> PreparedModel:
+    """Reuse, or train -> register -> export -> build one architecture."""
+    from models.bento import build_bento
+    from models.pipeline import export_version, train_and_register
+    from models.train import TrainConfig
+
+    reusable = None if fresh else find_reusable(home, architecture)
+    if reusable is not None:
+        say(f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)")
+        return reusable
+    trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0), say)
+    export_version(home, version=trained.ref.version, say=say)
+    build_bento(home, version=trained.ref.version, say=say)
+    return _prepared(home, trained.ref.version)

@@ -1,0 +1,196 @@
+"""The benchmark's pure parts (loadtest.bench): wrk parsing, the report arithmetic on recorded
+numbers, and the hand-written FastAPI contender answering one real request in-process.
+
+No training, no servers, no load: the whole benchmark is `python -m loadtest.bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from loadtest.bench.results import CACHE_HIT, FIXED, SATURATED, Measurement, build_table, cache_results, fixed_rate, judge_targets
+from loadtest.bench.wrk import RESULT_PREFIX, lua_script, parse_wrk_output
+
+pytestmark = pytest.mark.slow
+
+# Recorded from a wrk 4.1.0 run of the Bento (digits-cnn, V2 REST JSON, 8 connections).
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:50695/v2/models/digits/infer
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    13.31ms   14.93ms 119.15ms   95.36%
+    Req/Sec   751.16    150.83     0.96k    73.68%
+  Latency Distribution
+     50%    9.92ms
+     75%   11.80ms
+     90%   14.79ms
+     99%  105.48ms
+  1466 requests in 2.00s, 648.53KB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:    732.20
+Transfer/sec:    323.91KB
+"""
+WRK_JSON = (
+    RESULT_PREFIX + '{"requests":1466,"duration_us":2002178,"bytes":664098,'
+    '"errors":{"connect":0,"read":2,"write":0,"status":7,"timeout":1},'
+    '"latency_us":{"p50":9922,"p90":14787,"p99":105476,"p999":118695,"max":119152,"mean":13314.5},'
+    '"statuses":{"200":1459,"503":7}}\n'
+)
+
+
+def test_wrk_summary_line_gives_counts_percentiles_and_statuses():
+    result = parse_wrk_output(WRK_OUTPUT + WRK_JSON)
+    assert result.requests == 1466
+    assert result.rps == pytest.approx(1466 / 2.002178)
+    assert (result.p50_ms, result.p99_ms, result.max_ms) == pytest.approx((9.922, 105.476, 119.152))
+    assert result.statuses == {"200": 1459, "503": 7}
+    assert result.non_2xx == 7 and result.socket_errors == 3 and result.errors == 10
+
+
+def test_wrk_plain_text_is_parsed_when_the_script_printed_nothing():
+    result = parse_wrk_output(WRK_OUTPUT)
+    assert result.requests == 1466 and result.duration_s == pytest.approx(2.0)
+    assert (result.p50_ms, result.p90_ms, result.p99_ms) == pytest.approx((9.92, 14.79, 105.48))
+    assert result.max_ms == pytest.approx(119.15)
+    assert (result.non_2xx, result.socket_errors) == (7, 3)
+
+
+def test_wrk_text_in_microseconds_and_seconds():
+    text = WRK_OUTPUT.replace("9.92ms", "812.00us").replace("105.48ms", "1.20s").replace("2.00s,", "1.00m,")
+    result = parse_wrk_output(text)
+    assert result.p50_ms == pytest.approx(0.812) and result.p99_ms == pytest.approx(1200.0)
+    assert result.duration_s == pytest.approx(60.0)
+
+
+def test_not_wrk_output_is_refused():
+    with pytest.raises(ValueError, match="not wrk output"):
+        parse_wrk_output("unable to connect to 127.0.0.1:9 Connection refused")
+
+
+def test_only_the_fixed_load_script_paces_requests():
+    assert "function delay()" in lua_script(paced=True)
+    assert "function delay()" not in lua_script(paced=False)
+    assert RESULT_PREFIX in lua_script(paced=False) and "%%" not in lua_script(paced=True)
+
+
+def _m(model, contender, kind, protocol, mode, requests, p50=5.0, p99=12.0, statuses=None, baseline=None) -> Measurement:
+    return Measurement(
+        model=model, contender=contender, label=contender, kind=kind, protocol=protocol, mode=mode,
+        connections=32 if mode != FIXED else 16, rows_per_request=1, requests=requests, duration_s=10.0,
+        p50_ms=p50, p90_ms=p50 * 1.5, p99_ms=p99, max_ms=p99 * 2, errors=sum((statuses or {}).values()),
+        statuses=statuses or {}, offered_rps=120.0 if mode == FIXED else None, loadgen_cpu_share=0.04,
+        server_cpu_share=0.9, baseline=baseline,
+    )  # fmt: skip
+
+
+# Saturated requests/s shaped like a real 2-core run: HTTP-bound digits-cnn, compute-bound digits-heavy.
+RECORDED = [
+    _m("digits-cnn", "bento", "project", "rest-json", SATURATED, 7_320),
+    _m("digits-cnn", "bento", "project", "grpc", SATURATED, 7_720),
+    _m("digits-cnn", "nginx", "project", "rest-json", SATURATED, 6_000, baseline="bento"),
+    _m("digits-cnn", "bentoml-plain", "alternative", "rest-json", SATURATED, 5_610),
+    _m("digits-cnn", "fastapi", "alternative", "rest-json", SATURATED, 20_540),
+    _m("digits-cnn", "mlflow", "alternative", "rest-json", SATURATED, 3_660),
+    _m("digits-heavy", "bento", "project", "rest-json", SATURATED, 2_350),
+    _m("digits-heavy", "fastapi", "alternative", "rest-json", SATURATED, 2_560),
+    _m("digits-heavy", "mlflow", "alternative", "rest-json", SATURATED, 690),
+    _m("digits-cnn", "bento", "project", "rest-json", FIXED, 1_830, p50=5.2, p99=82.9, statuses={"503": 2}),
+    _m("digits-cnn", "bento", "project", "grpc", FIXED, 1_830, p50=5.1, p99=11.0),
+    _m("digits-heavy", "bento", "project", "rest-json", FIXED, 345, p50=9.3, p99=18.9),
+    _m("digits-heavy", "bento", "project", "rest-json", CACHE_HIT, 5_200),
+]
+LIMITS = {"digits-cnn": 240_758.0, "digits-heavy": 379.0}
+
+
+def test_fixed_load_is_half_the_slowest_saturation():
+    heavy = [m for m in RECORDED if m.model == "digits-heavy"]
+    assert fixed_rate(heavy, 0.5) == pytest.approx(0.5 * 69.0)
+    assert fixed_rate([], 0.5) == 0.0
+
+
+def test_table_ratios_against_the_best_alternative_the_limit_and_the_baseline():
+    table = {(r.model, r.contender, r.protocol): r for r in build_table(RECORDED, LIMITS)}
+    assert len(table) == 9  # one row per saturated (model, contender, protocol)
+    grpc = table["digits-cnn", "bento", "grpc"]
+    assert grpc.vs_best_alternative == pytest.approx(772 / 2054)
+    assert grpc.vs_limit == pytest.approx(772 / 240_758)
+    assert table["digits-cnn", "fastapi", "rest-json"].vs_best_alternative == pytest.approx(1.0)
+    assert table["digits-cnn", "nginx", "rest-json"].vs_baseline == pytest.approx(600 / 732)
+    rest = table["digits-cnn", "bento", "rest-json"]
+    assert (rest.p50_ms, rest.p99_ms, rest.fixed_rps, rest.unavailable_fixed) == (5.2, 82.9, 183.0, 2)
+    assert table["digits-cnn", "mlflow", "rest-json"].p50_ms is None  # no fixed-load run recorded
+    assert table["digits-heavy", "bento", "rest-json"].vs_limit == pytest.approx(235 / 379)
+
+
+def test_targets_are_judged_from_the_ratios():
+    table = build_table(RECORDED, LIMITS)
+    cache = cache_results(RECORDED, {"digits-heavy": (52_000, 1)})
+    assert cache[0].ratio == pytest.approx(520 / 235)
+    verdicts = {t.name: t for t in judge_targets(table, cache)}
+    assert verdicts["digits-heavy throughput vs best alternative"].passed is False
+    assert verdicts["digits-heavy throughput vs in-process limit"].value == pytest.approx(235 / 379)
+    assert verdicts["digits-cnn throughput vs best alternative"].detail == "best project path: grpc; best alternative: fastapi rest-json"
+    assert verdicts["cache hits vs misses (digits-heavy)"].passed is False
+    assert verdicts["nginx in front: share of direct throughput"].passed is False  # 0.82 < 0.85
+    assert verdicts["p99 / p50 at the fixed load (worst project row)"].value == pytest.approx(82.9 / 5.2)
+    assert verdicts["503 / UNAVAILABLE below saturation (project rows)"].passed is False
+
+
+def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):
+    from loadtest.bench.report import build_report, render_markdown, write_report
+
+    table = build_table(RECORDED, LIMITS)
+    cache = cache_results(RECORDED, {"digits-heavy": (52_000, 1)})
+    targets = judge_targets(table, cache)
+    limits = {m: {"samples_per_s": v, "batch": 64, "threads": 2} for m, v in LIMITS.items()}
+    config = {"workers": 1, "quick": False, "connections": 32, "grpc_processes": 2, "duration_s": 10.0,
+              "warmup_s": 2.0, "fixed_connections": 16, "fixed_fraction": 0.5}  # fmt: skip
+    machine = {"cpu_model": "AMD EPYC", "cores": 2}
+    versions = {"python": "3.11.7", "bentoml": "1.4.39", "onnxruntime": "1.31.1", "torch": "2.13.0", "mlflow": "3.17.2"}
+    report = build_report(config, machine, versions, "2026-11-22T06:00:00+00:00", limits, RECORDED, table, cache, targets, [], [])
+    markdown = render_markdown(report, table, cache, targets)
+    assert "| **bento** | grpc | 772 | 772 | 5.1 | 11.0 | 183 | 0 | 0.38x | 0.3% | 4% | 0% |" in markdown
+    assert "| digits-heavy | 235 | 520 | 2.21x | 52,000 |" in markdown
+    assert "AMD EPYC, 2 cores" in markdown and "bentoml 1.4.39" in markdown
+    paths = write_report(tmp_path, report, markdown, table)
+    written = json.loads(paths["json"].read_text())
+    assert written["versions"]["onnxruntime"] == "1.31.1" and len(written["table"]) == 9
+    assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_quick_shrinks_every_run():
+    from loadtest.bench.__main__ import parse_args
+
+    quick = parse_args(["--quick", "--only", "bento", "fastapi", "--workers", "2"])
+    full = parse_args([])
+    assert quick.duration_s < full.duration_s and quick.connections < full.connections
+    assert quick.contenders == ("bento", "fastapi") and quick.workers == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "0"])
+
+
+def test_fastapi_contender_answers_a_real_digit(tmp_path):
+    import onnxruntime as ort
+    from fastapi.testclient import TestClient
+
+    from loadtest.bench.alternatives.fastapi_app import create_app
+    from loadtest.bench.payloads import sample_rows, to_v2_json
+    from tests.support.tiny_model import write_tiny_onnx
+
+    model = tmp_path / "model.onnx"
+    write_tiny_onnx(model)
+    rows = sample_rows(2)
+    payload = to_v2_json(rows)
+    with TestClient(create_app(str(model))) as client:
+        answer = client.post("/v2/models/digits/infer", content=payload.body, headers={"Content-Type": payload.content_type})
+    assert answer.status_code == 200
+    output = answer.json()["outputs"][0]
+    assert output["name"] == "logits" and output["shape"] == [2, 10]
+    expected = ort.InferenceSession(str(model)).run(None, {"input": rows})[0]
+    np.testing.assert_allclose(np.asarray(output["data"]).reshape(2, 10), expected, rtol=1e-5)
+    assert not math.isnan(sum(output["data"]))
