@@ -66,7 +66,9 @@ def say(message: str) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="digits-cnn, digits-heavy or digits-linear (scikit-learn).")] = "digits-cnn",
+    model: Annotated[
+        str, typer.Option(help="digits-cnn, digits-heavy or digits-linear (scikit-learn).")
+    ] = "digits-cnn",
     epochs: Annotated[int, typer.Option(help="Training epochs (at least 1).")] = 15,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same model.")] = 0,
 ) -> None:
@@ -158,8 +160,10 @@ def up() -> None:
         champion = find_bento(stack.home, "@champion")
     state = stack.up(champion)
     s = stack.settings
-    typer.echo(f"stack up: REST http://{s.host}:{s.nginx_rest_port}  gRPC {s.host}:{s.nginx_grpc_port}  "
-               f"stable {state.stable}={state.slots[state.stable].bento}")
+    typer.echo(
+        f"stack up: REST http://{s.host}:{s.nginx_rest_port}  gRPC {s.host}:{s.nginx_grpc_port}  "
+        f"stable {state.stable}={state.slots[state.stable].bento}"
+    )
 
 
 @app.command()
@@ -292,7 +296,7 @@ def history(as_json: JsonOut = False) -> None:
 
 
 def _duration(text: str) -> float:
-    """"30s", "2m" or "45" -> seconds."""
+    """ "30s", "2m" or "45" -> seconds."""
     units = {"s": 1, "m": 60}
     number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
     try:
@@ -351,7 +355,9 @@ def rollout(
     except ValueError:
         raise CanaryError(f"--steps {steps!r} must be comma-separated percentages, e.g. 5,25,50,100") from None
     stack = _stack()
-    code = run_rollout(stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack))
+    code = run_rollout(
+        stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack)
+    )
     raise typer.Exit(code)
 
 

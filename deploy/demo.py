@@ -15,7 +15,9 @@ DEMO_ROWS = 8
 def v2_request(pixels, request_id: str = "demo") -> dict:
     return {
         "id": request_id,
-        "inputs": [{"name": "input", "shape": list(pixels.shape), "datatype": "FP32", "data": pixels.reshape(-1).tolist()}],
+        "inputs": [
+            {"name": "input", "shape": list(pixels.shape), "datatype": "FP32", "data": pixels.reshape(-1).tolist()}
+        ],
     }
 
 

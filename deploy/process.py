@@ -112,7 +112,9 @@ def wait_http_ok(child: Child, url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.process.poll() is not None:
-            raise CanaryError(f"process {child.pid} exited with {child.process.returncode}; log {child.log}:\n{child.tail()}")
+            raise CanaryError(
+                f"process {child.pid} exited with {child.process.returncode}; log {child.log}:\n{child.tail()}"
+            )
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
@@ -140,7 +142,9 @@ def serving_home(shared: Path, name: str) -> Path:
 
 
 @contextmanager
-def served_bento(bento: str, port: int, log: Path, env: dict[str, str] | None = None, timeout: float = 180.0) -> Iterator[str]:
+def served_bento(
+    bento: str, port: int, log: Path, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> Iterator[str]:
     """`bentoml serve <bento>` on `port` until the block ends; yields the base URL.
 
     The server gets its own BENTOML_HOME (see `serving_home`), named after its log file."""

@@ -32,7 +32,9 @@ class ReleasePlan:
     def describe(self) -> list[str]:
         lines = [f"plan: {self.action}" + (f" ({self.reason})" if self.reason else "")]
         if self.start_slot:
-            lines.append(f"  start slot {self.start_slot[0]} with {self.start_slot[1]}, wait for readiness and a smoke inference")
+            lines.append(
+                f"  start slot {self.start_slot[0]} with {self.start_slot[1]}, wait for readiness and a smoke inference"
+            )
         before, after = self.routing(self.before), self.routing()
         if before != after:
             lines.append(f"  routing: {_summary(self.before)}  ->  {_summary(self.after)}")

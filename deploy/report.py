@@ -7,7 +7,9 @@ def format_status(data: dict) -> str:
     lines = []
     nginx = data["nginx"]
     state = "up" if nginx["running"] else "DOWN"
-    lines.append(f"nginx {state}: REST :{nginx['rest']}  gRPC :{nginx['grpc']}    redis {'up' if data['redis'] else 'DOWN'}")
+    lines.append(
+        f"nginx {state}: REST :{nginx['rest']}  gRPC :{nginx['grpc']}    redis {'up' if data['redis'] else 'DOWN'}"
+    )
     router_slots = (nginx.get("router") or {}).get("slots", {})
     counts = {name: info.get("requests", 0) for name, info in router_slots.items()}
     down = {name for name, info in router_slots.items() if info.get("down")}

@@ -65,7 +65,9 @@ def run_gate_on_stack(stack: LocalStack, options: GateOptions, label: str = "man
     with stack.store.locked():
         current = stack.store.load()
         stack.store.save(replace(current, last_gate=record))
-    stack.store.history.append("gate", f"{verdict} at {state.weight}% for {state.slots[state.candidate].bento}", summary)
+    stack.store.history.append(
+        "gate", f"{verdict} at {state.weight}% for {state.slots[state.candidate].bento}", summary
+    )
     return outcome
 
 
@@ -95,7 +97,9 @@ def rollout(
                     inconclusive += 1
                     say("inconclusive: gating this step once more")
                     continue
-                reason = f"gate {verdict} at {step}%: " + (outcome.verdict.summary if outcome.verdict else str(outcome.error))
+                reason = f"gate {verdict} at {step}%: " + (
+                    outcome.verdict.summary if outcome.verdict else str(outcome.error)
+                )
                 stack.execute(plan_rollback(stack.store.load(), reason=reason))
                 say(f"rolled back to 0%: {reason}")
                 return EXIT_HARNESS if outcome.exit_code == EXIT_HARNESS else EXIT_FAIL
@@ -109,4 +113,3 @@ def rollout(
             stack.execute(plan_rollback(state, reason=f"rollout {why} at {state.weight}%: traffic held at 0%"))
             say(f"rollout {why}: candidate traffic set to 0%; `canary status` shows it")
         raise
-

@@ -235,7 +235,11 @@ class LocalStack:
                 self.store.history.append("up", f"{champion[0]} in slot {state.stable}", plan.reason)
             for slot in SLOTS:
                 slot_state = state.slots[slot]
-                if slot_state.bento and not self.process(f"slot-{slot}").alive and (slot in (state.stable, state.candidate)):
+                if (
+                    slot_state.bento
+                    and not self.process(f"slot-{slot}").alive
+                    and (slot in (state.stable, state.candidate))
+                ):
                     self.start_slot(slot, slot_state.bento, slot_state.model_version or "")
             self.apply_nginx_config(state)
             self.store.save(state)
@@ -287,7 +291,13 @@ class LocalStack:
                 except httpx.HTTPError:
                     healthy = False
             role = "stable" if slot == state.stable else "candidate" if slot == state.candidate else "idle"
-            share = (100 - state.weight if state.candidate else 100) if role == "stable" else state.weight if role == "candidate" else 0
+            share = (
+                (100 - state.weight if state.candidate else 100)
+                if role == "stable"
+                else state.weight
+                if role == "candidate"
+                else 0
+            )
             slots[slot] = {
                 "role": role, "bento": state.slots[slot].bento, "model_version": state.slots[slot].model_version,
                 "weight": share, "pid": info.pid if info.alive else None, "alive": info.alive, "healthy": healthy,

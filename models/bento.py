@@ -31,7 +31,9 @@ def bento_requirements(bento_path: Path) -> tuple[str, ...]:
     return tuple(line for line in lines if line and not line.startswith(("#", "-")))
 
 
-def build_bento(home: CanaryHome, version: int | None = None, alias: str | None = None, say: Say = _quiet) -> BuildResult:
+def build_bento(
+    home: CanaryHome, version: int | None = None, alias: str | None = None, say: Say = _quiet
+) -> BuildResult:
     """`bentofile.yaml` + the stored model of a version -> Bento `digits-service:v<N>` + archive."""
     import bentoml
     from bentoml.exceptions import NotFound
@@ -53,7 +55,9 @@ def build_bento(home: CanaryHome, version: int | None = None, alias: str | None 
             labels={"model_version": str(ref.version), "model_sha256": stored.labels["sha256"], "run_id": ref.run_id},
         )
     requirements = bento_requirements(Path(bento.path))
-    heavy = [r for r in requirements if r.split("=")[0].split("<")[0].split(">")[0].strip().lower() in FORBIDDEN_IN_BENTO]
+    heavy = [
+        r for r in requirements if r.split("=")[0].split("<")[0].split(">")[0].strip().lower() in FORBIDDEN_IN_BENTO
+    ]
     if heavy:
         bentoml.bentos.delete(str(bento.tag))
         raise CanaryError(f"the Bento would carry {', '.join(heavy)}; serving needs onnxruntime only")

@@ -35,9 +35,7 @@ def load_split() -> DigitsSplit:
     digits = load_digits()
     x = digits.data.astype(np.float32)
     y = digits.target.astype(np.int64)
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=SPLIT_SEED
-    )
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=0.2, stratify=y, random_state=SPLIT_SEED)
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=0.25, stratify=y_rest, random_state=SPLIT_SEED
     )

@@ -90,6 +90,4 @@ class CanaryHome(BaseSettings):
     def require(self) -> None:
         """Fail with one line when the state folder does not exist yet."""
         if not self.home.is_dir():
-            raise NotFoundError(
-                f"no state folder at {self.home}: run `canary train` first (or set CANARY_HOME)"
-            )
+            raise NotFoundError(f"no state folder at {self.home}: run `canary train` first (or set CANARY_HOME)")

@@ -100,9 +100,7 @@ class Registry:
         try:
             mv = self.client.get_model_version(self.name, str(version))
         except MlflowException:
-            raise NotFoundError(
-                f"model version {self.name}/{version} does not exist ({self._known()})"
-            ) from None
+            raise NotFoundError(f"model version {self.name}/{version} does not exist ({self._known()})") from None
         return ModelVersionRef(
             self.name, int(mv.version), mv.run_id or "", tuple(mv.aliases or ()), dict(mv.tags or {})
         )

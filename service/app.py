@@ -108,7 +108,9 @@ class DigitsService:
         self.core.start()
         self.grpc: GrpcEndpoint | None = None
         v2_app.state.core = self.core
-        log.info("serving %s version %s (sha256 %s) in slot %s", card.name, card.version, card.sha256[:12], settings.slot)
+        log.info(
+            "serving %s version %s (sha256 %s) in slot %s", card.name, card.version, card.sha256[:12], settings.slot
+        )
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:

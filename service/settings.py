@@ -32,7 +32,9 @@ class ServiceSettings(BaseSettings):
         default=4096, ge=1, description="Rows allowed to wait; beyond this requests get 503 / UNAVAILABLE."
     )
     # -- response cache (Redis); off when cache_url is empty
-    cache_url: str | None = Field(default=None, description="Redis URL of the response cache, e.g. redis://127.0.0.1:6390/0.")
+    cache_url: str | None = Field(
+        default=None, description="Redis URL of the response cache, e.g. redis://127.0.0.1:6390/0."
+    )
     cache_ttl_seconds: int = Field(default=300, ge=1, description="Lifetime of a cached answer.")
     cache_max_entry_bytes: int = Field(default=1 << 20, ge=64, description="Answers larger than this are not cached.")
     cache_timeout_ms: float = Field(default=50.0, gt=0, description="Redis connect and read timeout.")

@@ -12,7 +12,16 @@ import math
 import numpy as np
 import pytest
 
-from loadtest.bench.results import CACHE_HIT, FIXED, SATURATED, Measurement, build_table, cache_results, fixed_rate, judge_targets
+from loadtest.bench.results import (
+    CACHE_HIT,
+    FIXED,
+    SATURATED,
+    Measurement,
+    build_table,
+    cache_results,
+    fixed_rate,
+    judge_targets,
+)
 from loadtest.bench.wrk import RESULT_PREFIX, lua_script, parse_wrk_output
 
 pytestmark = pytest.mark.slow
@@ -78,7 +87,9 @@ def test_only_the_fixed_load_script_paces_requests():
     assert RESULT_PREFIX in lua_script(paced=False) and "%%" not in lua_script(paced=True)
 
 
-def _m(model, contender, kind, protocol, mode, requests, p50=5.0, p99=12.0, statuses=None, baseline=None) -> Measurement:
+def _m(
+    model, contender, kind, protocol, mode, requests, p50=5.0, p99=12.0, statuses=None, baseline=None
+) -> Measurement:
     return Measurement(
         model=model, contender=contender, label=contender, kind=kind, protocol=protocol, mode=mode,
         connections=32 if mode != FIXED else 16, rows_per_request=1, requests=requests, duration_s=10.0,
@@ -134,7 +145,10 @@ def test_targets_are_judged_from_the_ratios():
     verdicts = {t.name: t for t in judge_targets(table, cache)}
     assert verdicts["digits-heavy throughput vs best alternative"].passed is False
     assert verdicts["digits-heavy throughput vs in-process limit"].value == pytest.approx(235 / 379)
-    assert verdicts["digits-cnn throughput vs best alternative"].detail == "best project path: grpc; best alternative: fastapi rest-json"
+    assert (
+        verdicts["digits-cnn throughput vs best alternative"].detail
+        == "best project path: grpc; best alternative: fastapi rest-json"
+    )
     assert verdicts["cache hits vs misses (digits-heavy)"].passed is False
     assert verdicts["nginx in front: share of direct throughput"].passed is False  # 0.82 < 0.85
     assert verdicts["p99 / p50 at the fixed load (worst project row)"].value == pytest.approx(82.9 / 5.2)
@@ -152,7 +166,9 @@ def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):
               "warmup_s": 2.0, "fixed_connections": 16, "fixed_fraction": 0.5}  # fmt: skip
     machine = {"cpu_model": "AMD EPYC", "cores": 2}
     versions = {"python": "3.11.7", "bentoml": "1.4.39", "onnxruntime": "1.31.1", "torch": "2.13.0", "mlflow": "3.17.2"}
-    report = build_report(config, machine, versions, "2026-11-22T06:00:00+00:00", limits, RECORDED, table, cache, targets, [], [])
+    report = build_report(
+        config, machine, versions, "2026-11-22T06:00:00+00:00", limits, RECORDED, table, cache, targets, [], []
+    )
     markdown = render_markdown(report, table, cache, targets)
     assert "| **bento** | grpc | 772 | 772 | 5.1 | 11.0 | 183 | 0 | 0.38x | 0.3% | 4% | 0% |" in markdown
     assert "| digits-heavy | 235 | 520 | 2.21x | 52,000 |" in markdown
@@ -187,7 +203,9 @@ def test_fastapi_contender_answers_a_real_digit(tmp_path):
     rows = sample_rows(2)
     payload = to_v2_json(rows)
     with TestClient(create_app(str(model))) as client:
-        answer = client.post("/v2/models/digits/infer", content=payload.body, headers={"Content-Type": payload.content_type})
+        answer = client.post(
+            "/v2/models/digits/infer", content=payload.body, headers={"Content-Type": payload.content_type}
+        )
     assert answer.status_code == 200
     output = answer.json()["outputs"][0]
     assert output["name"] == "logits" and output["shape"] == [2, 10]

@@ -49,7 +49,9 @@ def test_tritonclient_http_gets_the_in_process_predictions(serving, split, refer
         request.set_data_from_numpy(rows, binary_data=binary)
         wanted = triton_http.InferRequestedOutput("logits", binary_data=binary)
         result = client.infer("digits", [request], outputs=[wanted])
-        np.testing.assert_allclose(result.as_numpy("logits"), reference_logits[start : start + 120], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            result.as_numpy("logits"), reference_logits[start : start + 120], rtol=1e-5, atol=1e-5
+        )
     client.close()
 
 
@@ -91,9 +93,14 @@ def test_rest_and_grpc_requests_share_batches(second_version, split):
     assert statuses == [200] * 16
     after = scrape(second_version.url)
     batches = total(after, "canary_batch_requests_count") - total(before, "canary_batch_requests_count")
-    small = total(after, "canary_batch_requests_bucket", le="8.0") - total(before, "canary_batch_requests_bucket", le="8.0")
+    small = total(after, "canary_batch_requests_bucket", le="8.0") - total(
+        before, "canary_batch_requests_bucket", le="8.0"
+    )
     assert batches - small >= 1, "no batch held more than 8 requests"
-    assert total(after, "canary_requests_total", protocol="grpc") - total(before, "canary_requests_total", protocol="grpc") == 8
+    assert (
+        total(after, "canary_requests_total", protocol="grpc") - total(before, "canary_requests_total", protocol="grpc")
+        == 8
+    )
 
 
 def test_cache_hit_after_miss_and_a_miss_for_another_version(serving, second_version, split):
@@ -102,7 +109,9 @@ def test_cache_hit_after_miss_and_a_miss_for_another_version(serving, second_ver
 
     def events(url: str) -> tuple[float, float]:
         samples = scrape(url)
-        return total(samples, "canary_cache_events_total", kind="hit"), total(samples, "canary_cache_events_total", kind="miss")
+        return total(samples, "canary_cache_events_total", kind="hit"), total(
+            samples, "canary_cache_events_total", kind="miss"
+        )
 
     hits0, misses0 = events(serving.url)
     first = httpx.post(f"{serving.url}/v2/models/digits/infer", json=body, timeout=30).raise_for_status().json()
@@ -171,10 +180,15 @@ def test_server_logs_are_json_lines_with_slot_and_model_version(serving, built_p
 
 def test_request_parameter_cache_false_skips_the_cache(serving, split):
     rows = split.x_test[300:302] * 0.25 + 0.5  # inputs no other test sends
-    body = {"parameters": {"cache": False}, "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": rows.tolist()}]}
+    body = {
+        "parameters": {"cache": False},
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": rows.tolist()}],
+    }
     before = scrape(serving.url)
     for _ in range(3):
         httpx.post(f"{serving.url}/v2/models/digits/infer", json=body, timeout=30).raise_for_status()
     after = scrape(serving.url)
     for kind in ("hit", "miss"):
-        assert total(after, "canary_cache_events_total", kind=kind) == total(before, "canary_cache_events_total", kind=kind)
+        assert total(after, "canary_cache_events_total", kind=kind) == total(
+            before, "canary_cache_events_total", kind=kind
+        )

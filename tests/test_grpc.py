@@ -292,7 +292,10 @@ def test_loading_is_unavailable_until_the_core_is_ready(core):
         client = triton.InferenceServerClient(running.url)
         assert not client.is_server_ready()
         assert health_status(running.url, "") == health_pb2.HealthCheckResponse.NOT_SERVING
-        for call in (lambda: client.infer("digits", [tin(digits_rows(1))]), lambda: client.get_model_metadata("digits")):
+        for call in (
+            lambda: client.infer("digits", [tin(digits_rows(1))]),
+            lambda: client.get_model_metadata("digits"),
+        ):
             with pytest.raises(InferenceServerException) as info:
                 call()
             assert info.value.status() == "StatusCode.UNAVAILABLE"
@@ -325,7 +328,9 @@ def test_codec_reads_typed_and_raw_contents_alike(datatype):
     raw.raw_input_contents.append(values.tobytes())
     field = {"BOOL": "bool", "INT64": "int64", "UINT64": "uint64", "FP32": "fp32", "FP64": "fp64"}.get(datatype)
     field = field or ("uint" if datatype.startswith("U") else "int")
-    getattr(typed.inputs.add(name="x", datatype=datatype, shape=[2, 3]).contents, f"{field}_contents").extend(values.tolist())
+    getattr(typed.inputs.add(name="x", datatype=datatype, shape=[2, 3]).contents, f"{field}_contents").extend(
+        values.tolist()
+    )
     for request in (raw, typed):
         tensor = from_model_infer_request(request).inputs[0]
         assert (tensor.data.dtype, tensor.shape, tensor.data.tolist()) == (values.dtype, (2, 3), values.tolist())

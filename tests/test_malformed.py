@@ -70,7 +70,9 @@ def test_rest_mistakes_get_their_status_and_a_json_error(serving, case, path, bo
 
 def _grpc_request(**overrides) -> pb2.ModelInferRequest:
     rows = overrides.pop("rows", 1)
-    request = pb2.ModelInferRequest(model_name=overrides.pop("model", "digits"), model_version=overrides.pop("version", ""))
+    request = pb2.ModelInferRequest(
+        model_name=overrides.pop("model", "digits"), model_version=overrides.pop("version", "")
+    )
     request.inputs.add(name="input", datatype=overrides.pop("datatype", "FP32"), shape=[rows, 64])
     request.raw_input_contents.append(overrides.pop("raw", np.ones((rows, 64), np.float32).tobytes()))
     return request

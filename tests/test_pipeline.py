@@ -111,7 +111,9 @@ def test_readiness_and_liveness_answer(served):
     ],
 )
 def test_bad_requests_get_a_clear_json_error(served, path, body, status):
-    content = body if body is not None else httpx.Request("POST", "/", json=v2_body(np.zeros((1, 64), np.float32))).content
+    content = (
+        body if body is not None else httpx.Request("POST", "/", json=v2_body(np.zeros((1, 64), np.float32))).content
+    )
     answer = httpx.post(f"{served}{path}", content=content, headers={"content-type": "application/json"}, timeout=10)
     assert answer.status_code == status
     assert isinstance(answer.json()["error"], str) and answer.json()["error"]

@@ -163,7 +163,9 @@ def test_shadow_copies_reach_the_candidate_and_clients_get_stable(stack):
     answers = [rest(stack, {"X-Canary": "never"}) for _ in range(20)]
     assert {a.headers["x-canary-slot"] for a in answers} == {"blue"} and all(a.status_code == 200 for a in answers)
     deadline = time.monotonic() + 10
-    while stack.nginx().status(token)["slots"]["green"]["shadow_requests"] < before + 20 and time.monotonic() < deadline:
+    while (
+        stack.nginx().status(token)["slots"]["green"]["shadow_requests"] < before + 20 and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     assert stack.nginx().status(token)["slots"]["green"]["shadow_requests"] >= before + 20
     run(stack, plan_shadow(stack.store.load(), False))

@@ -14,10 +14,16 @@ from loadtest.bench.config import ARCHITECTURES, CONTENDER_NAMES, DEFAULT_HOME, 
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny runs (seconds each): a smoke run, not numbers to quote")
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny runs (seconds each): a smoke run, not numbers to quote"
+    )
     parser.add_argument("--out", type=Path, help="report folder (default: <home>/report)")
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"the benchmark's own CANARY_HOME (default {DEFAULT_HOME})")
+    parser.add_argument(
+        "--home", type=Path, default=DEFAULT_HOME, help=f"the benchmark's own CANARY_HOME (default {DEFAULT_HOME})"
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes per server (default 1)")
     parser.add_argument("--models", nargs="+", choices=ARCHITECTURES, help="models to bench (default: both)")
     parser.add_argument("--only", nargs="+", choices=CONTENDER_NAMES, help="contenders to run (default: all)")
@@ -25,7 +31,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--connections", type=int, help="connections for saturated runs (default 32, quick 8)")
     parser.add_argument("--rows", type=int, default=1, help="digits per request (default 1)")
     parser.add_argument("--no-cache", action="store_true", help="skip the cache-hit comparison")
-    parser.add_argument("--quiet-wait", type=float, help="seconds to wait before each window for other work on the machine to pause (default 60, at most 600 in all; quick 0)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="seconds to wait before each window for other work on the machine to pause (default 60, at most 600 in all; quick 0)",
+    )
     parser.add_argument("--fresh", action="store_true", help="retrain and rebuild even if the bench home has Bentos")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.rows < 1:

@@ -57,10 +57,14 @@ class ServeContext:
 
 
 class Contender(Protocol):
-    name: str
-    label: str
-    kind: str  # "project" | "alternative"
-    baseline: str | None  # the contender this one fronts (its cost is reported against it)
+    @property
+    def name(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "project" | "alternative"
+    @property
+    def baseline(self) -> str | None: ...  # the contender this one fronts (its cost is reported against it)
 
     def serve(self, model: PreparedModel, ctx: ServeContext) -> AbstractContextManager[Served]: ...
 
@@ -86,7 +90,11 @@ class ProjectBento:
         from deploy.process import served_bento
 
         grpc_port = free_port()
-        env = {"CANARY_SERVICE_GRPC_PORT": str(grpc_port), **_workers_override("digits-service", ctx.workers), **ctx.extra_env}
+        env = {
+            "CANARY_SERVICE_GRPC_PORT": str(grpc_port),
+            **_workers_override("digits-service", ctx.workers),
+            **ctx.extra_env,
+        }
         if self.cache_url:
             env["CANARY_SERVICE_CACHE_URL"] = self.cache_url
         log = ctx.logs / f"bench-{self.name}{'-cache' if self.cache_url else ''}-{model.architecture}.log"
@@ -101,8 +109,10 @@ class ProjectBento:
                 ),
                 pid,
                 log,
-                ("service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
-                 "ONNX Runtime threads = cores / workers)",),
+                (
+                    "service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
+                    "ONNX Runtime threads = cores / workers)",
+                ),
             )
 
 
@@ -169,8 +179,10 @@ class HandWrittenFastAPI:
                 (Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),),
                 pid,
                 log,
-                ("async handler calling session.run inline, pydantic models, ONNX Runtime defaults, "
-                 "uvicorn --no-access-log (uvloop / httptools when installed)",),
+                (
+                    "async handler calling session.run inline, pydantic models, ONNX Runtime defaults, "
+                    "uvicorn --no-access-log (uvloop / httptools when installed)",
+                ),
             )
 
 

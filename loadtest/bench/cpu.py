@@ -28,7 +28,9 @@ def run_accounted(
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(log, "wb") as handle:
-        process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
+        process = subprocess.Popen(
+            argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
+        )
     deadline = started + timeout_s
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -40,7 +42,9 @@ def run_accounted(
             break
         time.sleep(0.05)  # polling a child we started; bounded by the deadline
     process.returncode = os.waitstatus_to_exitcode(status)
-    return ChildRun(process.returncode, log.read_text(errors="replace"), usage.ru_utime + usage.ru_stime, time.monotonic() - started)
+    return ChildRun(
+        process.returncode, log.read_text(errors="replace"), usage.ru_utime + usage.ru_stime, time.monotonic() - started
+    )
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.bench.cpu import run_accounted
-from models.home import REPO_ROOT
 from loadtest.bench.payloads import Payload
 from loadtest.bench.wrk import LoadResult
+from models.home import REPO_ROOT
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STARTUP_S = 3.0  # time the children get to import grpc and connect before the window opens
@@ -67,8 +67,10 @@ async def _drive(args: argparse.Namespace) -> tuple[list[float], Counter, float]
             await asyncio.sleep(max(0.0, stop_at - time.time()))
             return time.process_time() - started
 
-        *_, cpu = await asyncio.gather(*(caller(i * interval / args.concurrency) for i in range(args.concurrency)), window_cpu())
-    return latencies, codes, cpu
+        *_, cpu = await asyncio.gather(
+            *(caller(i * interval / args.concurrency) for i in range(args.concurrency)), window_cpu()
+        )
+    return latencies, codes, float(cpu or 0.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +122,9 @@ def run_grpc_load(
 
     with ThreadPoolExecutor(processes) as pool:
         runs = list(pool.map(child, range(processes)))
-    latencies, codes, cpu = [], Counter(), 0.0
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    cpu = 0.0
     for out, run in runs:
         if run.returncode != 0:
             raise RuntimeError(f"gRPC load process exited with {run.returncode}: {run.output[-500:]}")

@@ -58,6 +58,8 @@ def compute_limit(
     for t in threads:
         for b in batches:
             point = measure_point(path, rows, b, t, seconds)
-            say(f"    batch {b:>4} x {t} thread(s): {point.samples_per_s:>9,.0f} samples/s ({point.ms_per_batch:.2f} ms/batch)")
+            say(
+                f"    batch {b:>4} x {t} thread(s): {point.samples_per_s:>9,.0f} samples/s ({point.ms_per_batch:.2f} ms/batch)"
+            )
             points.append(point)
     return ComputeLimit(max(points, key=lambda p: p.samples_per_s), tuple(points))

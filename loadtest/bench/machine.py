@@ -5,10 +5,23 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 
-PACKAGES = ("bentoml", "onnxruntime", "torch", "mlflow", "fastapi", "uvicorn", "starlette", "grpcio", "numpy", "uvloop", "httptools", "orjson")
+PACKAGES = (
+    "bentoml",
+    "onnxruntime",
+    "torch",
+    "mlflow",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "grpcio",
+    "numpy",
+    "uvloop",
+    "httptools",
+    "orjson",
+)
 
 
 def cpu_model() -> str:
@@ -56,4 +69,4 @@ def machine() -> dict[str, object]:
 
 
 def timestamp() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

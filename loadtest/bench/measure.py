@@ -67,7 +67,15 @@ def load_endpoint(
         cpu: dict[str, CpuWindow] = {}
         probes = [_at(window[0], server_pid, cpu, "start"), _at(window[1], server_pid, cpu, "end")]
         result = run_grpc_load(
-            endpoint.target, endpoint.payload, workdir, duration_s, connections, grpc_processes, warmup_s, rate, start_at
+            endpoint.target,
+            endpoint.payload,
+            workdir,
+            duration_s,
+            connections,
+            grpc_processes,
+            warmup_s,
+            rate,
+            start_at,
         )
         for probe in probes:
             probe.join(5)

@@ -48,7 +48,14 @@ def to_v2_binary(x: np.ndarray) -> Payload:
     raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
     header = _json(
         {
-            "inputs": [{"name": V2_INPUT, "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}],
+            "inputs": [
+                {
+                    "name": V2_INPUT,
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
             "outputs": [{"name": V2_OUTPUT, "parameters": {"binary_data": True}}],
         }
     )

@@ -60,7 +60,9 @@ def find_reusable(home: BenchHome, architecture: str) -> PreparedModel | None:
         return None
     registry = Registry(home)
     versions = registry.client.search_model_versions(f"name='{home.registered_model}'")
-    for version in sorted((int(v.version) for v in versions if (v.tags or {}).get("architecture") == architecture), reverse=True):
+    for version in sorted(
+        (int(v.version) for v in versions if (v.tags or {}).get("architecture") == architecture), reverse=True
+    ):
         try:
             bentoml.bentos.get(f"digits-service:v{version}")
             return _prepared(home, version)
@@ -77,7 +79,9 @@ def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, 
 
     reusable = None if fresh else find_reusable(home, architecture)
     if reusable is not None:
-        say(f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)")
+        say(
+            f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)"
+        )
         return reusable
     trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0), say)
     export_version(home, version=trained.ref.version, say=say)

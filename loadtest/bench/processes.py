@@ -59,7 +59,19 @@ def redis_server(timeout_s: float = 10.0) -> Iterator[str]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
     port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     with open(workdir / "redis.log", "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
     try:

@@ -50,7 +50,12 @@ def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> 
         head = f"### {model}"
         if limit:
             head += f" (limit {_num(limit['samples_per_s'])} samples/s in-process at batch {limit['batch']} x {limit['threads']} threads)"
-        lines += [head, "", "| server | protocol | req/s | rows/s | p50 ms | p99 ms | at req/s | errors | vs best alt | vs limit | load-gen CPU | other CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            head,
+            "",
+            "| server | protocol | req/s | rows/s | p50 ms | p99 ms | at req/s | errors | vs best alt | vs limit | load-gen CPU | other CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in (r for r in table if r.model == model):
             name = f"**{r.label}**" if r.kind == "project" else r.label
             extra = f" ({_ratio(r.vs_baseline)} of {r.contender})" if r.vs_baseline is not None else ""
@@ -66,7 +71,12 @@ def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> 
 def markdown_cache(cache: list[CacheResult]) -> str:
     if not cache:
         return ""
-    lines = ["### Response cache (this project, V2 REST JSON, same body repeated)", "", "| model | misses req/s (cache off) | hits req/s (cache on) | ratio | redis hits |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "### Response cache (this project, V2 REST JSON, same body repeated)",
+        "",
+        "| model | misses req/s (cache off) | hits req/s (cache on) | ratio | redis hits |",
+        "|---|---:|---:|---:|---:|",
+    ]
     lines += [f"| {c.model} | {_num(c.miss_rps)} | {_num(c.hit_rps)} | {c.ratio:.2f}x | {c.hits:,} |" for c in cache]
     return "\n".join(lines) + "\n"
 
@@ -78,7 +88,9 @@ def markdown_targets(targets: list[Target]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(report: dict[str, Any], table: list[TableRow], cache: list[CacheResult], targets: list[Target]) -> str:
+def render_markdown(
+    report: dict[str, Any], table: list[TableRow], cache: list[CacheResult], targets: list[Target]
+) -> str:
     m, v, c = report["machine"], report["versions"], report["config"]
     stamp = (
         f"{report['timestamp']} · {m['cpu_model']}, {m['cores']} cores · python {v['python']}, bentoml {v['bentoml']}, "
@@ -131,7 +143,9 @@ def render_chart(table: list[TableRow], limits: dict[str, dict[str, Any]], path:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r.model for r in table))
-    fig, axes = plt.subplots(len(models), 1, figsize=(10, 1.2 + 0.55 * max(1, len(table)) + 0.8 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(models), 1, figsize=(10, 1.2 + 0.55 * max(1, len(table)) + 0.8 * len(models)), squeeze=False
+    )
     for ax, model in zip(axes[:, 0], models, strict=True):
         rows = [r for r in table if r.model == model][::-1]
         labels = [f"{r.label} · {r.protocol}" for r in rows]
@@ -139,13 +153,24 @@ def render_chart(table: list[TableRow], limits: dict[str, dict[str, Any]], path:
         colors = ["#1f77b4" if r.kind == "project" else "#9e9e9e" for r in rows]
         bars = ax.barh(labels, values, color=colors)
         for bar, row in zip(bars, rows, strict=True):
-            note = f" {row.rows_per_s:,.0f}" + (f"  ({row.vs_best_alternative:.2f}x best alt)" if row.vs_best_alternative else "")
+            note = f" {row.rows_per_s:,.0f}" + (
+                f"  ({row.vs_best_alternative:.2f}x best alt)" if row.vs_best_alternative else ""
+            )
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8)
         limit = limits.get(model)
         if limit:
             ax.axvline(limit["samples_per_s"], color="#d62728", linestyle="--", linewidth=1)
             label = f"in-process limit {limit['samples_per_s']:,.0f}"
-            ax.text(limit["samples_per_s"], 1.01, label, transform=ax.get_xaxis_transform(), color="#d62728", fontsize=8, va="bottom", ha="center")
+            ax.text(
+                limit["samples_per_s"],
+                1.01,
+                label,
+                transform=ax.get_xaxis_transform(),
+                color="#d62728",
+                fontsize=8,
+                va="bottom",
+                ha="center",
+            )
         ax.set_title(model, fontsize=10, loc="left")
         right = max([*values, (limit or {}).get("samples_per_s", 0)], default=1)
         smallest = min([v for v in values if v > 0], default=1)

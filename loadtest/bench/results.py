@@ -161,7 +161,11 @@ class Target:
 
 
 def _best_project(table: list[TableRow], model: str) -> TableRow | None:
-    rows = [r for r in table if r.model == model and r.kind == "project" and r.vs_baseline is None and r.contender == "bento"]
+    rows = [
+        r
+        for r in table
+        if r.model == model and r.kind == "project" and r.vs_baseline is None and r.contender == "bento"
+    ]
     return max(rows, key=lambda r: r.rows_per_s, default=None)
 
 
@@ -169,7 +173,9 @@ def judge_targets(table: list[TableRow], cache: list[CacheResult]) -> list[Targe
     """The issue's targets (issue 7), each passed / failed / not measured."""
     targets: list[Target] = []
 
-    def ratio_target(name: str, row: TableRow | None, attr: str, threshold: float, shown: str, strict: bool = False) -> None:
+    def ratio_target(
+        name: str, row: TableRow | None, attr: str, threshold: float, shown: str, strict: bool = False
+    ) -> None:
         value = getattr(row, attr) if row else None
         passed = None if value is None else (value > threshold if strict else value >= threshold)
         detail = f"best project path: {row.protocol}" if row else "not measured"
@@ -182,7 +188,9 @@ def judge_targets(table: list[TableRow], cache: list[CacheResult]) -> list[Targe
     heavy, cnn = _best_project(table, "digits-heavy"), _best_project(table, "digits-cnn")
     ratio_target("digits-heavy throughput vs best alternative", heavy, "vs_best_alternative", 2.0, ">= 2.0x")
     ratio_target("digits-heavy throughput vs in-process limit", heavy, "vs_limit", 0.70, ">= 0.70")
-    ratio_target("digits-cnn throughput vs best alternative", cnn, "vs_best_alternative", 1.0, "> 1.0x (aim 1.5x)", strict=True)
+    ratio_target(
+        "digits-cnn throughput vs best alternative", cnn, "vs_best_alternative", 1.0, "> 1.0x (aim 1.5x)", strict=True
+    )
     heavy_cache = next((c for c in cache if c.model == "digits-heavy"), None)
     targets.append(
         Target(
@@ -217,5 +225,12 @@ def judge_targets(table: list[TableRow], cache: list[CacheResult]) -> list[Targe
         )
     )
     unavailable = sum(r.unavailable_fixed for r in project)
-    targets.append(Target("503 / UNAVAILABLE below saturation (project rows)", float(unavailable), "== 0", unavailable == 0 if project else None))
+    targets.append(
+        Target(
+            "503 / UNAVAILABLE below saturation (project rows)",
+            float(unavailable),
+            "== 0",
+            unavailable == 0 if project else None,
+        )
+    )
     return targets

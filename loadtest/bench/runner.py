@@ -41,7 +41,9 @@ class BenchRun:
 
         return ServeContext(self.config.workers, self.home.logs, rows, self.home.bentoml_home)
 
-    def run_contender(self, contender, model: PreparedModel, rows, mode: str, connections: int, rate: float = 0.0) -> None:
+    def run_contender(
+        self, contender, model: PreparedModel, rows, mode: str, connections: int, rate: float = 0.0
+    ) -> None:
         """Start one contender, load each of its endpoints in turn, stop it."""
         from loadtest.bench.cpu import tree_size
         from loadtest.bench.measure import describe, load_endpoint, to_measurement
@@ -50,7 +52,9 @@ class BenchRun:
         started = time.monotonic()
         try:
             with contender.serve(model, self.context(rows)) as served:
-                self.say(f"  {contender.label}: up in {time.monotonic() - started:.0f}s ({tree_size(served.pid)} processes)")
+                self.say(
+                    f"  {contender.label}: up in {time.monotonic() - started:.0f}s ({tree_size(served.pid)} processes)"
+                )
                 for note in (f"{contender.name}: {n}" for n in served.notes):
                     if note not in self.notes:
                         self.notes.append(note)
@@ -63,10 +67,22 @@ class BenchRun:
                             connections=connections, grpc_processes=c.grpc_processes, rate=rate,
                         )  # fmt: skip
                     except Exception as exc:  # noqa: BLE001 - one failed run must not end the benchmark
-                        self.failures.append(f"{model.architecture} {contender.name} {endpoint.protocol} {mode}: {_brief(exc)}")
+                        self.failures.append(
+                            f"{model.architecture} {contender.name} {endpoint.protocol} {mode}: {_brief(exc)}"
+                        )
                         self.say(f"    {endpoint.protocol:<11} FAILED: {_brief(exc)}")
                         continue
-                    m = to_measurement(model.architecture, contender, endpoint, mode, connections, result, server_cpu, loadgen, rate or None)
+                    m = to_measurement(
+                        model.architecture,
+                        contender,
+                        endpoint,
+                        mode,
+                        connections,
+                        result,
+                        server_cpu,
+                        loadgen,
+                        rate or None,
+                    )
                     self.measurements.append(m)
                     self.say(f"    {endpoint.protocol:<11} {describe(m)}")
         except Exception as exc:  # noqa: BLE001 - a contender that cannot start is a finding, not a crash
@@ -82,7 +98,9 @@ class BenchRun:
         waited, share = wait_for_quiet(budget)
         self.quiet_waited += waited
         if waited > 1.5:
-            self.say(f"    (waited {waited:.0f}s for other processes to calm down; they now use {share:.0%} of the machine)")
+            self.say(
+                f"    (waited {waited:.0f}s for other processes to calm down; they now use {share:.0%} of the machine)"
+            )
 
     def run_cache(self, model: PreparedModel, rows) -> None:
         from loadtest.bench.contenders import ProjectBento
@@ -92,7 +110,9 @@ class BenchRun:
         try:
             with redis_server() as url:
                 before = redis_hits(url)
-                self.run_contender(_OnlyRestJson(ProjectBento(cache_url=url)), model, rows, CACHE_HIT, self.config.connections)
+                self.run_contender(
+                    _OnlyRestJson(ProjectBento(cache_url=url)), model, rows, CACHE_HIT, self.config.connections
+                )
                 after = redis_hits(url)
                 self.redis_counts[model.architecture] = (after[0] - before[0], after[1] - before[1])
         except Exception as exc:  # noqa: BLE001
@@ -105,7 +125,12 @@ class _OnlyRestJson:
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.name, self.label, self.kind, self.baseline = inner.name, inner.label + " + cache", inner.kind, inner.baseline
+        self.name, self.label, self.kind, self.baseline = (
+            inner.name,
+            inner.label + " + cache",
+            inner.kind,
+            inner.baseline,
+        )
 
     def serve(self, model, ctx):
         from contextlib import contextmanager
@@ -154,7 +179,9 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     prepared: dict[str, PreparedModel] = {}
     for arch in config.models:
         try:
-            prepared[arch] = prepare_model(home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}"))
+            prepared[arch] = prepare_model(
+                home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}")
+            )
         except Exception as exc:  # noqa: BLE001
             run.failures.append(f"{arch} preparation: {_brief(exc)}")
             say(f"  {arch}: preparation FAILED: {_brief(exc)}")
@@ -164,12 +191,14 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     for arch, model in prepared.items():
         say(f"  {arch}:")
         run.wait_quiet()
-        limit = compute_limit(model.onnx_path, rows, config.limit_batches, config.limit_threads, config.limit_seconds, say)
+        limit = compute_limit(
+            model.onnx_path, rows, config.limit_batches, config.limit_threads, config.limit_seconds, say
+        )
         limits[arch] = {**asdict(limit.best), "points": [asdict(p) for p in limit.points]}
 
     contenders = build_contenders(config.contenders)
     step(f"3/5 saturated throughput, {config.connections} connections")
-    for arch, model in prepared.items():
+    for model in prepared.values():
         for contender in contenders:
             run.run_contender(contender, model, rows, SATURATED, config.connections)
 

@@ -163,7 +163,9 @@ def _from_text(text: str) -> LoadResult:
     if done is None:
         raise ValueError(f"not wrk output: {text[:200]!r}")
     duration_ms = _ms(done.group(2) + done.group(3))
-    percentiles = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|90|99)%\s+([\d.]+(?:us|ms|s|m))\s*$", text, re.M)}
+    percentiles = {
+        m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|90|99)%\s+([\d.]+(?:us|ms|s|m))\s*$", text, re.M)
+    }
     latency = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+(?:us|ms|s|m))", text, re.M)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)

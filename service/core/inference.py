@@ -145,7 +145,9 @@ class InferenceCore:
 
     # -- the batch function (runs on the batcher's thread) --------------------------------
     def _run_batch(self, jobs: list[_Job]) -> list[list[np.ndarray] | BaseException]:
-        keys = [cache_key(self.card.name, self.card.version, job.feed, job.outputs) if job.use_cache else "" for job in jobs]
+        keys = [
+            cache_key(self.card.name, self.card.version, job.feed, job.outputs) if job.use_cache else "" for job in jobs
+        ]
         cached = [i for i, job in enumerate(jobs) if job.use_cache]
         results: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
         blobs = self.cache.get_many([keys[i] for i in cached]) if cached else []
@@ -163,7 +165,9 @@ class InferenceCore:
         fresh: list[tuple[str, bytes]] = []
         for outputs, members in groups.items():
             feed = {
-                name: np.concatenate([jobs[i].feed[name] for i in members]) if len(members) > 1 else jobs[members[0]].feed[name]
+                name: np.concatenate([jobs[i].feed[name] for i in members])
+                if len(members) > 1
+                else jobs[members[0]].feed[name]
                 for name in jobs[members[0]].feed
             }
             self.faults.slow_down()

@@ -24,7 +24,9 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def from_json_tensor(item: Any, index: int, binary: memoryview | None = None, offset: list[int] | None = None) -> InferTensor:
+def from_json_tensor(
+    item: Any, index: int, binary: memoryview | None = None, offset: list[int] | None = None
+) -> InferTensor:
     where = f"inputs[{index}]"
     if not isinstance(item, dict):
         raise InvalidInput(f"{where} must be an object")
@@ -38,7 +40,9 @@ def from_json_tensor(item: Any, index: int, binary: memoryview | None = None, of
     if not isinstance(parameters, dict):
         raise InvalidInput(f"{where} ({name}): 'parameters' must be an object")
     if "binary_data_size" in parameters:
-        return InferTensor(name, datatype, shape, _take_binary(parameters, binary, offset, datatype, f"{where} ({name})"), parameters)
+        return InferTensor(
+            name, datatype, shape, _take_binary(parameters, binary, offset, datatype, f"{where} ({name})"), parameters
+        )
     if "data" not in item:
         raise InvalidInput(f"{where} ({name}): 'data' is missing (and no 'binary_data_size' parameter)")
     try:
@@ -48,7 +52,9 @@ def from_json_tensor(item: Any, index: int, binary: memoryview | None = None, of
     return InferTensor(name, datatype, shape, data, parameters)
 
 
-def _take_binary(parameters: dict, binary: memoryview | None, offset: list[int] | None, datatype: str, where: str) -> np.ndarray:
+def _take_binary(
+    parameters: dict, binary: memoryview | None, offset: list[int] | None, datatype: str, where: str
+) -> np.ndarray:
     """Slice this tensor's bytes off the binary tail (Triton's binary tensor extension)."""
     size = parameters["binary_data_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -92,7 +98,9 @@ def from_json_request(
     outputs = payload.get("outputs")
     names: list[str] | None = None
     if outputs is not None:
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+        if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+        ):
             raise InvalidInput("'outputs' must be a list of objects with a 'name'")
         names = [o["name"] for o in outputs]
     request_id = payload.get("id", "")
@@ -126,7 +134,11 @@ def to_response_body(response: InferResponse, binary_outputs: set[str]) -> tuple
         return json.dumps(to_json_response(response), separators=(",", ":")).encode(), None
     header = to_json_response(response, binary_outputs)
     head = json.dumps(header, separators=(",", ":")).encode()
-    tails = [np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes() for t in response.outputs if _is_binary(t.name, binary_outputs)]
+    tails = [
+        np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes()
+        for t in response.outputs
+        if _is_binary(t.name, binary_outputs)
+    ]
     return b"".join([head, *tails]), len(head)
 
 

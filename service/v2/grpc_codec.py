@@ -106,7 +106,11 @@ def from_model_infer_request(request: pb2.ModelInferRequest) -> InferRequest:
         typed = _has_typed_contents(tensor)
         if raw and typed:
             raise InvalidInput(f"{where}: typed contents and raw_input_contents cannot be mixed")
-        data = _from_raw(raw[index], datatype, shape, where) if raw else _from_typed(tensor.contents, datatype, shape, where)
+        data = (
+            _from_raw(raw[index], datatype, shape, where)
+            if raw
+            else _from_typed(tensor.contents, datatype, shape, where)
+        )
         tensors.append(InferTensor(tensor.name, datatype, shape, data, from_infer_parameters(tensor.parameters)))
     return InferRequest(
         model_name=request.model_name,
@@ -120,7 +124,9 @@ def from_model_infer_request(request: pb2.ModelInferRequest) -> InferRequest:
 
 def to_model_infer_response(response: InferResponse) -> pb2.ModelInferResponse:
     """`InferResponse` -> `ModelInferResponse` with little-endian `raw_output_contents`."""
-    message = pb2.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    message = pb2.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
         data = np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype])

@@ -51,7 +51,9 @@ def session_redis() -> Iterator[RedisProcess]:
 
 
 @pytest.fixture(scope="session")
-def serving(built_pipeline: BuiltPipeline, canary_home: CanaryHome, session_redis: RedisProcess) -> Iterator[ServedBento]:
+def serving(
+    built_pipeline: BuiltPipeline, canary_home: CanaryHome, session_redis: RedisProcess
+) -> Iterator[ServedBento]:
     """A real `bentoml serve` of the built Bento (REST + gRPC on free ports, Redis cache on)."""
     from deploy.process import free_port, served_bento
 

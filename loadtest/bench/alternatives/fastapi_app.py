@@ -68,7 +68,11 @@ def create_app(onnx_path: str | None = None) -> FastAPI:
         return InferenceResponse(
             model_name=model_name,
             id=request.id,
-            outputs=[ResponseOutput(name=output_name, shape=list(logits.shape), datatype="FP32", data=logits.reshape(-1).tolist())],
+            outputs=[
+                ResponseOutput(
+                    name=output_name, shape=list(logits.shape), datatype="FP32", data=logits.reshape(-1).tolist()
+                )
+            ],
         )
 
     return app
