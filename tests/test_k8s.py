@@ -20,6 +20,7 @@ import yaml
 
 from deploy import k8s_plan
 from deploy.k8s_plan import MERGE_PATCH, STRATEGIC_MERGE_PATCH, K8sPatch
+from tests.support.k8s import merge_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -262,19 +263,6 @@ def cluster() -> dict[str, Any]:
         "blue": recorded("deployment-blue"),
         "green": recorded("deployment-green"),
     }
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch, as the API server applies application/merge-patch+json."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def applied(cluster: dict[str, Any], plan: k8s_plan.K8sPlan) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from deploy.k8s_plan import MERGE_PATCH, STRATEGIC_MERGE_PATCH, K8sPatch
 from deploy.k8s_target import ConflictError, K8sSettings, K8sTarget, KubernetesApi, format_k8s_status
 from deploy.process import free_port
 from models.errors import CanaryError, NotFoundError
+from tests.support.k8s import merge_patch
 
 RECORDED = Path(__file__).resolve().parent / "testdata" / "k8s"
 NS = "bento-canary"
@@ -47,19 +48,6 @@ def recorded_objects() -> dict[tuple[str, str], dict[str, Any]]:
         ("Deployment", "digits-blue"): recorded("deployment-blue"),
         ("Deployment", "digits-green"): recorded("deployment-green"),
     }
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the API server applies application/merge-patch+json."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 class FakeApi:
