@@ -33,6 +33,7 @@ class StackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CANARY_STACK_", extra="ignore", frozen=True)
 
+    name: str = Field(default="stack", description="Folder of this stack in the state folder; tests run several.")
     host: str = Field(default="127.0.0.1", description="Address every local process binds.")
     nginx_rest_port: int = Field(default=8080, description="Public REST listener.")
     nginx_grpc_port: int = Field(default=8081, description="Public gRPC (HTTP/2) listener.")
@@ -59,14 +60,17 @@ class LocalStack:
     def __init__(self, home: CanaryHome, settings: StackSettings | None = None) -> None:
         self.home = home
         self.settings = settings or StackSettings()
-        self.folder = home.home / "stack"
+        name = self.name = self.settings.name
+        self.folder = home.home / name
+        self.run_dir = self.folder / "run"
+        self.logs = home.logs / name
         self.store = StateStore(self.folder)
         self.routing_file = self.folder / "routing.json"
         self.token_file = self.folder / "admin.token"
 
     # -- processes ----------------------------------------------------------------------
     def _pid_file(self, name: str) -> Path:
-        return self.home.run_dir / f"{name}.pid"
+        return self.run_dir / f"{name}.pid"
 
     def process(self, name: str) -> ProcessInfo:
         """Our process `name`, alive only if its pid still runs the command we started."""
@@ -81,7 +85,7 @@ class LocalStack:
         return ProcessInfo(name, record["pid"], record["marker"] in cmdline)
 
     def _record(self, name: str, pid: int, marker: str) -> None:
-        self.home.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._pid_file(name).write_text(json.dumps({"pid": pid, "marker": marker}))
 
     def _stop(self, name: str, timeout: float = 20.0) -> None:
@@ -117,12 +121,12 @@ class LocalStack:
             return
         port = self.settings.redis_port
         self._require_free(port, "redis", "CANARY_STACK_REDIS_PORT")
-        data = self.home.run_dir / "redis"
+        data = self.run_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         marker = f"redis-server {self.settings.host}:{port}"
         argv = ["redis-server", "--port", str(port), "--bind", self.settings.host, "--save", "", "--appendonly", "no",
                 "--dir", str(data)]  # fmt: skip
-        child = spawn(argv, self.home.logs / "redis.log")
+        child = spawn(argv, self.logs / "redis.log")
         self._record("redis", child.pid, marker)
         import redis
 
@@ -133,7 +137,7 @@ class LocalStack:
                     return
             except redis.RedisError:
                 time.sleep(0.1)
-        raise CanaryError(f"redis-server did not start on port {port}; see {self.home.logs / 'redis.log'}")
+        raise CanaryError(f"redis-server did not start on port {port}; see {self.logs / 'redis.log'}")
 
     # -- slots ----------------------------------------------------------------------------
     def slot_url(self, slot: str) -> str:
@@ -147,7 +151,7 @@ class LocalStack:
         self._require_free(rest, f"{slot} REST", f"CANARY_STACK_{upper}_REST_PORT")
         self._require_free(grpc, f"{slot} gRPC", f"CANARY_STACK_{upper}_GRPC_PORT")
         env = {
-            "BENTOML_HOME": str(serving_home(self.home.bentoml_home, f"slot-{slot}")),
+            "BENTOML_HOME": str(serving_home(self.home.bentoml_home, f"{self.name}-slot-{slot}")),
             "CANARY_SERVICE_SLOT": slot,
             "CANARY_SERVICE_GRPC_PORT": str(grpc),
             "CANARY_SERVICE_GRPC_HOST": self.settings.host,
@@ -159,7 +163,7 @@ class LocalStack:
             ),
         }
         argv = [venv_bin("bentoml"), "serve", bento, "--host", self.settings.host, "--port", str(rest)]
-        child = spawn(argv, self.home.logs / f"slot-{slot}.log", env)
+        child = spawn(argv, self.logs / f"slot-{slot}.log", env)
         self._record(f"slot-{slot}", child.pid, f"serve {bento}")
         try:
             wait_http_ok(child, f"{self.slot_url(slot)}/v2/health/ready", self.settings.slot_ready_timeout_s)
@@ -185,7 +189,7 @@ class LocalStack:
     def nginx(self):
         from deploy.nginx import NginxController
 
-        return NginxController(self.home.home / "nginx")
+        return NginxController(self.folder / "nginx")
 
     def _slot_addresses(self):
         from deploy.nginx import SlotAddress

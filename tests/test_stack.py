@@ -35,7 +35,7 @@ BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data
 def stack_settings() -> StackSettings:
     names = ["nginx_rest_port", "nginx_grpc_port", "nginx_admin_port", "blue_rest_port", "blue_grpc_port",
              "green_rest_port", "green_grpc_port", "redis_port"]  # fmt: skip
-    return StackSettings(**{name: free_port() for name in names})
+    return StackSettings(name="stack-test", **{name: free_port() for name in names})
 
 
 @pytest.fixture(scope="module")
