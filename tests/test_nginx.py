@@ -521,3 +521,17 @@ def test_render_config_keeps_everything_in_the_prefix(tmp_path: Path) -> None:
     assert "listen 127.0.0.1:8082;" in text and "# canary-config-generation: 7" in text
     with pytest.raises(ValueError, match="distinct"):
         render_config(tmp_path, NginxPorts(8080, 8081, 8082), slots * 2, tmp_path / "r.json", tmp_path / "t", 7)
+
+
+def test_router_exports_weights_for_prometheus(stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stack.route(weight=30)
+    with httpx.Client(base_url=stack.rest_url, trust_env=False) as client:
+        for _ in range(10):
+            infer(client)
+        text = client.get(f"http://127.0.0.1:{stack.ports.admin}/metrics").text
+    samples = {(s.name, s.labels.get("slot")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("canary_router_weight", "blue")] == 70 and samples[("canary_router_weight", "green")] == 30
+    assert samples[("canary_router_requests_total", "blue")] + samples[("canary_router_requests_total", "green")] >= 10
+    assert samples[("canary_router_slot_down", "green")] == 0

@@ -279,4 +279,29 @@ function M.admin_routing()
   reply(200, status_table())
 end
 
+-- content_by_lua of GET /metrics on the loopback admin listener: the router's view in the
+-- Prometheus text format (read-only, so no token: Prometheus scrapes it from this machine).
+function M.admin_metrics()
+  local t = status_table()
+  local lines = {
+    "# HELP canary_router_weight Share of unforced traffic the router sends to each slot (0-100).",
+    "# TYPE canary_router_weight gauge",
+  }
+  local function add(fmt, ...) lines[#lines + 1] = string.format(fmt, ...) end
+  for name, slot in pairs(t.slots) do
+    local share = 0
+    if name == t.stable then share = (t.candidate ~= json.null) and (100 - t.weight) or 100
+    elseif name == t.candidate then share = t.weight end
+    add('canary_router_weight{slot="%s"} %d', name, share)
+  end
+  add("# HELP canary_router_requests_total Requests the router sent to each slot since nginx started.")
+  add("# TYPE canary_router_requests_total counter")
+  for name, slot in pairs(t.slots) do add('canary_router_requests_total{slot="%s"} %d', name, slot.requests) end
+  add("# HELP canary_router_slot_down 1 while passive health keeps a slot out of rotation.")
+  add("# TYPE canary_router_slot_down gauge")
+  for name, slot in pairs(t.slots) do add('canary_router_slot_down{slot="%s"} %d', name, slot.down and 1 or 0) end
+  ngx.header.content_type = "text/plain; version=0.0.4"
+  ngx.say(table.concat(lines, "\n"))
+end
+
 return M
