@@ -111,6 +111,22 @@ class LocalStack:
             except OSError:
                 raise CanaryError(f"port {port} ({what}) is already taken; free it or set {env}") from None
 
+    def _require_free_ports(self) -> None:
+        """Before starting anything: every port of a component that is not running must be free."""
+        s = self.settings
+        wanted = [("redis", s.redis_port, "redis", "REDIS_PORT")]
+        for slot in SLOTS:
+            rest, grpc = s.slot_ports(slot)
+            wanted += [(f"slot-{slot}", rest, f"{slot} REST", f"{slot.upper()}_REST_PORT"),
+                       (f"slot-{slot}", grpc, f"{slot} gRPC", f"{slot.upper()}_GRPC_PORT")]  # fmt: skip
+        if not self.nginx().running():
+            wanted += [("nginx", s.nginx_rest_port, "nginx REST", "NGINX_REST_PORT"),
+                       ("nginx", s.nginx_grpc_port, "nginx gRPC", "NGINX_GRPC_PORT"),
+                       ("nginx", s.nginx_admin_port, "nginx admin", "NGINX_ADMIN_PORT")]  # fmt: skip
+        for process, port, what, env in wanted:
+            if process == "nginx" or not self.process(process).alive:
+                self._require_free(port, what, f"CANARY_STACK_{env}")
+
     # -- redis ----------------------------------------------------------------------------
     @property
     def redis_url(self) -> str:
@@ -230,6 +246,7 @@ class LocalStack:
         """Start whatever is not running; with nothing deployed, serve `champion` (bento, version)."""
         with self.store.locked():
             state = self.store.load()
+            self._require_free_ports()
             self.start_redis()
             if state.slots[state.stable].bento is None:
                 if champion is None:

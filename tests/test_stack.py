@@ -72,6 +72,33 @@ def test_deploy_starts_the_candidate_at_zero_percent(stack, candidate_bento):
     assert status["slots"]["green"]["healthy"] and status["slots"]["green"]["bento"] == candidate_bento[0]
 
 
+def test_a_candidate_that_never_gets_ready_gets_no_traffic(stack, candidate_bento, monkeypatch):
+    before = stack.store.load()
+    monkeypatch.setenv("CANARY_SERVICE_MAX_QUEUE_ROWS", "1")  # an invalid setting: the slot cannot start
+    with pytest.raises(CanaryError, match="exited|not ready"):
+        stack.execute(plan_deploy(before, *candidate_bento))
+    monkeypatch.delenv("CANARY_SERVICE_MAX_QUEUE_ROWS")
+    assert stack.store.load() == before
+    assert {rest(stack).headers["x-canary-slot"] for _ in range(20)} == {"blue"}
+    run(stack, plan_deploy(stack.store.load(), *candidate_bento))  # a good deploy again, for what follows
+    assert stack.status()["slots"]["green"]["healthy"]
+
+
+def test_a_port_already_taken_is_one_clear_error_before_anything_starts(canary_home, built_pipeline):
+    import socket
+
+    names = ["nginx_rest_port", "nginx_grpc_port", "nginx_admin_port", "blue_rest_port", "blue_grpc_port",
+             "green_rest_port", "green_grpc_port", "redis_port"]  # fmt: skip
+    settings = StackSettings(name="stack-port-test", **{name: free_port() for name in names})
+    other = LocalStack(canary_home, settings)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", settings.nginx_grpc_port))
+        squatter.listen()
+        with pytest.raises(CanaryError, match=f"port {settings.nginx_grpc_port} \\(nginx gRPC\\) is already taken"):
+            other.up((built_pipeline.bento_tag, str(built_pipeline.version)))
+    assert not other.process("redis").alive and not other.process("slot-blue").alive
+
+
 def test_header_forcing_and_user_stickiness(stack, candidate_bento):
     run(stack, plan_weight(stack.store.load(), 50))
     forced = rest(stack, {"X-Canary": "always"})
