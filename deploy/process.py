@@ -5,13 +5,14 @@ Used by `canary demo`/`canary serve`, the tests' fixtures and later the local st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,22 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             pass
 
 
+def stop_tree(pid: int, exited: Callable[[], bool], timeout: float) -> None:
+    """SIGTERM `pid` (BentoML then stops its workers), SIGKILL its whole tree if it lingers,
+    and SIGKILL any worker that outlived it (BentoML's workers run in sessions of their own)."""
+    tree = descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while not exited() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not exited():
+        kill_tree(pid)
+    for child in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 @dataclass
 class Child:
     process: subprocess.Popen
@@ -76,21 +93,10 @@ class Child:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM our child (it shuts its workers down), then SIGKILL its whole tree if it lingers."""
-        if self.process.poll() is not None:
-            return
-        tree = descendants(self.process.pid)
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(self.process.pid)
+        """Stop our child and everything it started (see `stop_tree`)."""
+        if self.process.poll() is None:
+            stop_tree(self.process.pid, lambda: self.process.poll() is not None, timeout)
             self.process.wait(5)
-        for pid in tree:  # workers that outlived their parent
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:

@@ -8,10 +8,8 @@ the new state and the audit line. A failure before routing changes leaves traffi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from deploy.process import descendants, kill_tree, serving_home, spawn, venv_bin, wait_http_ok
+from deploy.process import serving_home, spawn, stop_tree, venv_bin, wait_http_ok
 from deploy.release import ReleasePlan, plan_initial
 from deploy.state import SLOTS, ReleaseState, StateStore
 from models.errors import CanaryError
@@ -91,16 +89,7 @@ class LocalStack:
     def _stop(self, name: str, timeout: float = 20.0) -> None:
         info = self.process(name)
         if info.alive and info.pid:
-            tree = descendants(info.pid)
-            os.kill(info.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.process(name).alive and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.process(name).alive:
-                kill_tree(info.pid)
-            for pid in tree:  # BentoML workers live in sessions of their own
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            stop_tree(info.pid, lambda: not self.process(name).alive, timeout)
         self._pid_file(name).unlink(missing_ok=True)
 
     def _require_free(self, port: int, what: str, env: str) -> None:
@@ -135,8 +124,7 @@ class LocalStack:
     def start_redis(self) -> None:
         if self.process("redis").alive:
             return
-        port = self.settings.redis_port
-        self._require_free(port, "redis", "CANARY_STACK_REDIS_PORT")
+        port = self.settings.redis_port  # checked free by up() before anything starts
         data = self.run_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         marker = f"redis-server {self.settings.host}:{port}"
@@ -222,12 +210,7 @@ class LocalStack:
 
         ensure_token(self.token_file)
         write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
-        controller = self.nginx()
-        if not controller.running():
-            s = self.settings
-            self._require_free(s.nginx_rest_port, "nginx REST", "CANARY_STACK_NGINX_REST_PORT")
-            self._require_free(s.nginx_grpc_port, "nginx gRPC", "CANARY_STACK_NGINX_GRPC_PORT")
-            self._require_free(s.nginx_admin_port, "nginx admin", "CANARY_STACK_NGINX_ADMIN_PORT")
+        controller = self.nginx()  # its ports were checked free by up() before anything started
         generation = int(time.time() * 1000) % 2_000_000_000
         ports = NginxPorts(self.settings.nginx_rest_port, self.settings.nginx_grpc_port, self.settings.nginx_admin_port)
         config = render_config(
