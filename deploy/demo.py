@@ -39,10 +39,13 @@ def run_demo(home: CanaryHome, epochs: int, say: Say) -> None:
     port = free_port()
     split = load_split()
     pixels = split.x_test[:DEMO_ROWS]
-    with served_bento(built.tag, port, home.logs / "demo-serve.log") as base:
-        say(f"serving at {base} (log {home.logs / 'demo-serve.log'})")
+    rest_port = free_port()
+    env = {"CANARY_SERVICE_REST_PORT": str(rest_port)}
+    with served_bento(built.tag, port, home.logs / "demo-serve.log", env) as base:
+        v2 = f"http://127.0.0.1:{rest_port}"
+        say(f"serving at {base} (BentoML), V2 REST listener {v2} (log {home.logs / 'demo-serve.log'})")
         say("== 5/5 predict over the Open Inference Protocol (V2 REST) ==")
-        answer = httpx.post(f"{base}/v2/models/digits/infer", json=v2_request(pixels), timeout=30)
+        answer = httpx.post(f"{v2}/v2/models/digits/infer", json=v2_request(pixels), timeout=30)
         answer.raise_for_status()
         body = answer.json()
         meta = httpx.get(f"{base}/v2/models/digits", timeout=10).json()
@@ -58,7 +61,7 @@ def run_demo(home: CanaryHome, epochs: int, say: Say) -> None:
     example = json.dumps(v2_request(pixels[:1]))
     print("where to look next:")
     print(f"  serve it again:   .venv/bin/canary serve {built.tag} --port 3000")
-    print(f"  then call it:     curl -s localhost:3000/v2/models/digits/infer -d '{example[:60]}...'")
+    print(f"  then call it:     curl -s localhost:8000/v2/models/digits/infer -d '{example[:60]}...'")
     print(f"  the Bento:        {built.archive} ({built.archive_bytes / 1e6:.2f} MB, no torch/mlflow inside)")
     print(f"  MLflow runs:      .venv/bin/mlflow ui --backend-store-uri {home.mlflow_uri}")
     print(f"  state folder:     {home.home} (make clean removes it)")

@@ -71,8 +71,9 @@ class SlotAddress:
 
     name: str
     host: str
-    rest_port: int
+    rest_port: int  # BentoML's HTTP server: native API, /metrics, everything but /v2/
     grpc_port: int
+    v2_port: int | None = None  # the Bento's own V2 REST listener (/v2/); rest_port when None
 
     def __post_init__(self) -> None:
         if not _SLOT_NAME.match(self.name):
@@ -81,9 +82,14 @@ class SlotAddress:
             raise ValueError(f"slot {self.name} needs a host, got {self.host!r}")
         _check_port(self.rest_port, f"slot {self.name} REST port")
         _check_port(self.grpc_port, f"slot {self.name} gRPC port")
+        if self.v2_port is not None:
+            _check_port(self.v2_port, f"slot {self.name} V2 REST port")
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "rest_port": self.rest_port, "grpc_port": self.grpc_port}
+        ports = {"rest_port": self.rest_port, "grpc_port": self.grpc_port}
+        if self.v2_port is not None:
+            ports["v2_port"] = self.v2_port
+        return {"host": self.host, **ports}
 
 
 @dataclass(frozen=True)
@@ -281,6 +287,13 @@ class NginxController:
             if _wait(lambda: not _alive(pid), wait_s):  # type: ignore[arg-type]
                 return
         raise NginxError(f"nginx master {pid} did not exit")
+
+    def master_pid(self) -> int:
+        """The running master's pid (from our pid file); NginxError when none runs."""
+        pid = self._pid()
+        if pid is None:
+            raise NginxError(f"no nginx master runs for {self.prefix}")
+        return pid
 
     def running(self) -> bool:
         """True while the master named by our pid file lives and serves this prefix."""

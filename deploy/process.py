@@ -153,9 +153,15 @@ def served_bento(
 ) -> Iterator[str]:
     """`bentoml serve <bento>` on `port` until the block ends; yields the base URL.
 
-    The server gets its own BENTOML_HOME (see `serving_home`), named after its log file."""
+    The server gets its own BENTOML_HOME (see `serving_home`), named after its log file,
+    and a free port for its V2 REST listener unless `env` names one
+    (`CANARY_SERVICE_REST_PORT`): two Bentos never fight over the default 8000."""
     shared = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-    env = {"BENTOML_HOME": str(serving_home(shared, log.stem)), **(env or {})}
+    env = {
+        "BENTOML_HOME": str(serving_home(shared, log.stem)),
+        "CANARY_SERVICE_REST_PORT": str(free_port()),
+        **(env or {}),
+    }
     child = spawn([venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)], log, env)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -14,6 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 from pydantic import Field
@@ -40,11 +41,19 @@ class StackSettings(BaseSettings):
     blue_grpc_port: int = Field(default=50051, description="Blue slot gRPC port.")
     green_rest_port: int = Field(default=3002, description="Green slot REST port.")
     green_grpc_port: int = Field(default=50052, description="Green slot gRPC port.")
+    blue_v2_port: int = Field(default=8001, description="Blue slot's own V2 REST listener (nginx sends /v2/ here).")
+    green_v2_port: int = Field(default=8002, description="Green slot's own V2 REST listener.")
     redis_port: int = Field(default=6390, description="Redis (shared response cache).")
     slot_ready_timeout_s: float = Field(default=180.0, description="How long a new slot may take to get ready.")
 
-    def slot_ports(self, slot: str) -> tuple[int, int]:
-        return getattr(self, f"{slot}_rest_port"), getattr(self, f"{slot}_grpc_port")
+    def slot_ports(self, slot: str) -> SlotPorts:
+        return SlotPorts(*(getattr(self, f"{slot}_{kind}_port") for kind in ("rest", "grpc", "v2")))
+
+
+class SlotPorts(NamedTuple):
+    rest: int  # BentoML's HTTP server (native API, /metrics)
+    grpc: int  # V2 gRPC
+    v2: int  # the Bento's own V2 REST listener
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,10 @@ class LocalStack:
         s = self.settings
         wanted = [("redis", s.redis_port, "redis", "REDIS_PORT")]
         for slot in SLOTS:
-            rest, grpc = s.slot_ports(slot)
+            rest, grpc, v2 = s.slot_ports(slot)
             wanted += [(f"slot-{slot}", rest, f"{slot} REST", f"{slot.upper()}_REST_PORT"),
-                       (f"slot-{slot}", grpc, f"{slot} gRPC", f"{slot.upper()}_GRPC_PORT")]  # fmt: skip
+                       (f"slot-{slot}", grpc, f"{slot} gRPC", f"{slot.upper()}_GRPC_PORT"),
+                       (f"slot-{slot}", v2, f"{slot} V2 REST", f"{slot.upper()}_V2_PORT")]  # fmt: skip
         if not self.nginx().running():
             wanted += [("nginx", s.nginx_rest_port, "nginx REST", "NGINX_REST_PORT"),
                        ("nginx", s.nginx_grpc_port, "nginx gRPC", "NGINX_GRPC_PORT"),
@@ -145,20 +155,27 @@ class LocalStack:
 
     # -- slots ----------------------------------------------------------------------------
     def slot_url(self, slot: str) -> str:
-        return f"http://{self.settings.host}:{self.settings.slot_ports(slot)[0]}"
+        return f"http://{self.settings.host}:{self.settings.slot_ports(slot).rest}"
+
+    def slot_v2_url(self, slot: str) -> str:
+        """The slot's own V2 REST listener: where nginx sends /v2/ traffic."""
+        return f"http://{self.settings.host}:{self.settings.slot_ports(slot).v2}"
 
     def start_slot(self, slot: str, bento: str, model_version: str) -> None:
         """Start `bento` in `slot`, wait for readiness and a correct smoke inference."""
         self._stop(f"slot-{slot}")
-        rest, grpc = self.settings.slot_ports(slot)
+        rest, grpc, v2 = self.settings.slot_ports(slot)
         upper = slot.upper()
         self._require_free(rest, f"{slot} REST", f"CANARY_STACK_{upper}_REST_PORT")
         self._require_free(grpc, f"{slot} gRPC", f"CANARY_STACK_{upper}_GRPC_PORT")
+        self._require_free(v2, f"{slot} V2 REST", f"CANARY_STACK_{upper}_V2_PORT")
         env = {
             "BENTOML_HOME": str(serving_home(self.home.bentoml_home, f"{self.name}-slot-{slot}")),
             "CANARY_SERVICE_SLOT": slot,
             "CANARY_SERVICE_GRPC_PORT": str(grpc),
             "CANARY_SERVICE_GRPC_HOST": self.settings.host,
+            "CANARY_SERVICE_REST_PORT": str(v2),
+            "CANARY_SERVICE_REST_HOST": self.settings.host,
             "CANARY_SERVICE_CACHE_URL": self.redis_url,
             # Two slots share this machine: split the cores between them, or idle ONNX Runtime
             # threads spin-wait and the slots starve each other (seen as 2-3x latency swings).
@@ -182,7 +199,8 @@ class LocalStack:
         split = load_split()
         rows = split.x_test[:8]
         body = {"inputs": [{"name": "input", "shape": [8, 64], "datatype": "FP32", "data": rows.tolist()}]}
-        answer = httpx.post(f"{self.slot_url(slot)}/v2/models/digits/infer", json=body, timeout=30)
+        # through the V2 listener: the path nginx sends clients' /v2/ traffic to
+        answer = httpx.post(f"{self.slot_v2_url(slot)}/v2/models/digits/infer", json=body, timeout=30)
         if answer.status_code != 200 or answer.json().get("model_version") != model_version:
             raise CanaryError(f"smoke inference on slot {slot} failed: HTTP {answer.status_code} {answer.text[:200]}")
 
@@ -305,7 +323,8 @@ class LocalStack:
             slots[slot] = {
                 "role": role, "bento": state.slots[slot].bento, "model_version": state.slots[slot].model_version,
                 "weight": share, "pid": info.pid if info.alive else None, "alive": info.alive, "healthy": healthy,
-                "rest": self.slot_url(slot), "grpc": f"{self.settings.host}:{self.settings.slot_ports(slot)[1]}",
+                "rest": self.slot_url(slot), "v2": self.slot_v2_url(slot),
+                "grpc": f"{self.settings.host}:{self.settings.slot_ports(slot).grpc}",
             }  # fmt: skip
         router: dict = {}
         nginx_running = self.nginx().running()

@@ -36,6 +36,7 @@ from service.v2.rest import build_v2_app
 
 if TYPE_CHECKING:
     from service.v2.grpc_server import GrpcEndpoint
+    from service.v2.http_server import HttpEndpoint
 
 log = logging.getLogger("bento_canary.service")
 ONNX_FILE = "model.onnx"
@@ -107,23 +108,29 @@ class DigitsService:
         )
         self.core.start()
         self.grpc: GrpcEndpoint | None = None
-        v2_app.state.core = self.core
+        self.rest: HttpEndpoint | None = None
+        v2_app.core = self.core
         log.info(
             "serving %s version %s (sha256 %s) in slot %s", card.name, card.version, card.sha256[:12], settings.slot
         )
 
     @bentoml.on_startup
-    async def start_grpc(self) -> None:
-        """Serve V2 gRPC from this worker's event loop (BentoML 1.4 has no gRPC for services)."""
+    async def start_listeners(self) -> None:
+        """Serve V2 gRPC (BentoML 1.4 has no gRPC for services) and the V2 REST listener
+        from this worker's event loop, so all protocols share its core and batcher."""
         from service.v2.grpc_server import start_grpc_server
+        from service.v2.http_server import start_http_server
 
-        if _SETTINGS.grpc_port:
-            self.grpc = await start_grpc_server(
-                lambda: self.core, _SETTINGS.grpc_host, _SETTINGS.grpc_port, _SETTINGS.grpc_max_message_bytes
-            )
+        s = _SETTINGS
+        if s.grpc_port:
+            self.grpc = await start_grpc_server(lambda: self.core, s.grpc_host, s.grpc_port, s.grpc_max_message_bytes)
+        if s.rest_port:
+            self.rest = await start_http_server(v2_app, s.rest_host, s.rest_port)
 
     @bentoml.on_shutdown
-    async def stop_grpc(self) -> None:
+    async def stop_listeners(self) -> None:
+        if self.rest is not None:
+            await self.rest.stop(2.0)
         if self.grpc is not None:
             await self.grpc.stop(2.0)
         await self.core.close()

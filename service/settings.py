@@ -38,6 +38,13 @@ class ServiceSettings(BaseSettings):
     cache_ttl_seconds: int = Field(default=300, ge=1, description="Lifetime of a cached answer.")
     cache_max_entry_bytes: int = Field(default=1 << 20, ge=64, description="Answers larger than this are not cached.")
     cache_timeout_ms: float = Field(default=50.0, gt=0, description="Redis connect and read timeout.")
+    # -- the Bento's own V2 REST listener (the hot path; BentoML's port keeps the native API)
+    rest_port: int = Field(
+        default=8000, ge=0, le=65535, description="V2 REST port outside BentoML's HTTP stack (Triton's 8000); 0 = off."
+    )
+    rest_host: str = Field(
+        default="127.0.0.1", description="Address the V2 REST listener binds (0.0.0.0 in containers)."
+    )
     # -- V2 gRPC server inside the Bento
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="V2 gRPC port; 0 turns gRPC off.")
     grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in containers).")

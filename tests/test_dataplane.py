@@ -15,6 +15,7 @@ import tritonclient.http as triton_http
 
 from models.data import load_split
 from tests.support.metrics import scrape, total
+from tests.support.pipeline import REST_LISTENERS
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +38,10 @@ def host_port(url: str) -> str:
     return url.removeprefix("http://")
 
 
+@pytest.mark.parametrize("listener", REST_LISTENERS)
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_tritonclient_http_gets_the_in_process_predictions(serving, split, reference_logits, binary):
-    client = triton_http.InferenceServerClient(host_port(serving.url))
+def test_tritonclient_http_gets_the_in_process_predictions(serving, split, reference_logits, binary, listener):
+    client = triton_http.InferenceServerClient(host_port(serving.rest(listener)))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
     meta = client.get_model_metadata("digits")
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]

@@ -12,6 +12,8 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb2
 from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
+from tests.support.pipeline import REST_LISTENERS
+
 pytestmark = pytest.mark.slow
 
 ROW = [1.0] * 64
@@ -58,10 +60,14 @@ REST_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("listener", REST_LISTENERS)
 @pytest.mark.parametrize(("case", "path", "body", "headers", "status"), REST_CASES, ids=[c[0] for c in REST_CASES])
-def test_rest_mistakes_get_their_status_and_a_json_error(serving, case, path, body, headers, status):
+def test_rest_mistakes_get_their_status_and_a_json_error(serving, listener, case, path, body, headers, status):
     answer = httpx.post(
-        f"{serving.url}{path}", content=body, headers={"content-type": "application/json", **headers}, timeout=30
+        f"{serving.rest(listener)}{path}",
+        content=body,
+        headers={"content-type": "application/json", **headers},
+        timeout=30,
     )
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
@@ -114,9 +120,10 @@ def test_native_api_mistakes_are_400(serving, case, body):
 
 def test_server_is_healthy_after_the_mistakes(serving):
     # Runs last in this module (pytest keeps file order): the same server took every case above.
-    assert httpx.get(f"{serving.url}/v2/health/ready", timeout=5).status_code == 200
-    answer = httpx.post(f"{serving.url}/v2/models/digits/infer", content=v2(), timeout=30)
-    assert answer.status_code == 200 and len(answer.json()["outputs"][0]["data"]) == 10
+    for base in (serving.url, serving.v2):
+        assert httpx.get(f"{base}/v2/health/ready", timeout=5).status_code == 200
+        answer = httpx.post(f"{base}/v2/models/digits/infer", content=v2(), timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["outputs"][0]["data"]) == 10
     with grpc.insecure_channel(serving.grpc) as channel:
         reply = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request(), timeout=30)
     assert len(reply.raw_output_contents[0]) == 40

@@ -18,7 +18,7 @@ QUICK = GateOptions(duration_s=10, users=16, spawn_rate=16)  # >= 400 samples pe
 @pytest.fixture(scope="module")
 def stack(canary_home, built_pipeline):
     names = ["nginx_rest_port", "nginx_grpc_port", "nginx_admin_port", "blue_rest_port", "blue_grpc_port",
-             "green_rest_port", "green_grpc_port", "redis_port"]  # fmt: skip
+             "green_rest_port", "green_grpc_port", "blue_v2_port", "green_v2_port", "redis_port"]  # fmt: skip
     stack = LocalStack(canary_home, StackSettings(name="stack-rollout-test", **{name: free_port() for name in names}))
     stack.up((built_pipeline.bento_tag, str(built_pipeline.version)))
     yield stack

@@ -34,7 +34,7 @@ BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data
 @pytest.fixture(scope="module")
 def stack_settings() -> StackSettings:
     names = ["nginx_rest_port", "nginx_grpc_port", "nginx_admin_port", "blue_rest_port", "blue_grpc_port",
-             "green_rest_port", "green_grpc_port", "redis_port"]  # fmt: skip
+             "green_rest_port", "green_grpc_port", "blue_v2_port", "green_v2_port", "redis_port"]  # fmt: skip
     return StackSettings(name="stack-test", **{name: free_port() for name in names})
 
 
@@ -88,7 +88,7 @@ def test_a_port_already_taken_is_one_clear_error_before_anything_starts(canary_h
     import socket
 
     names = ["nginx_rest_port", "nginx_grpc_port", "nginx_admin_port", "blue_rest_port", "blue_grpc_port",
-             "green_rest_port", "green_grpc_port", "redis_port"]  # fmt: skip
+             "green_rest_port", "green_grpc_port", "blue_v2_port", "green_v2_port", "redis_port"]  # fmt: skip
     settings = StackSettings(name="stack-port-test", **{name: free_port() for name in names})
     other = LocalStack(canary_home, settings)
     with socket.socket() as squatter:

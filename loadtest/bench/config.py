@@ -10,7 +10,7 @@ from models.home import REPO_ROOT
 
 DEFAULT_HOME = REPO_ROOT / ".canary" / "bench"
 ARCHITECTURES = ("digits-cnn", "digits-heavy")
-CONTENDER_NAMES = ("bento", "bentoml-plain", "fastapi", "mlflow")
+CONTENDER_NAMES = ("bento", "bento-nginx", "bentoml-plain", "fastapi", "mlflow")
 
 
 @dataclass(frozen=True)

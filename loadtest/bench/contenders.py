@@ -45,6 +45,7 @@ class Served:
     pid: int  # root of the server's process tree (CPU accounting)
     log: Path
     notes: tuple[str, ...] = ()
+    extra_pids: tuple[int, ...] = ()  # more process trees that serve (a proxy in front)
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,10 @@ class ProjectBento:
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
         from deploy.process import served_bento
 
-        grpc_port = free_port()
+        grpc_port, rest_port = free_port(), free_port()
         env = {
             "CANARY_SERVICE_GRPC_PORT": str(grpc_port),
+            "CANARY_SERVICE_REST_PORT": str(rest_port),
             **_workers_override("digits-service", ctx.workers),
             **ctx.extra_env,
         }
@@ -99,12 +101,13 @@ class ProjectBento:
             env["CANARY_SERVICE_CACHE_URL"] = self.cache_url
         log = ctx.logs / f"bench-{self.name}{'-cache' if self.cache_url else ''}-{model.architecture}.log"
         before = own_children()
-        with served_bento(model.bento_tag, free_port(), log, env, timeout=START_TIMEOUT_S) as base:
+        with served_bento(model.bento_tag, free_port(), log, env, timeout=START_TIMEOUT_S):
             pid = new_children(before)[0]
+            v2 = f"http://127.0.0.1:{rest_port}"  # the Bento's own V2 listener, as nginx uses it
             yield Served(
                 (
-                    Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),
-                    Endpoint("rest-binary", base + V2_INFER, to_v2_binary(ctx.rows)),
+                    Endpoint("rest-json", v2 + V2_INFER, to_v2_json(ctx.rows)),
+                    Endpoint("rest-binary", v2 + V2_INFER, to_v2_binary(ctx.rows)),
                     Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows)),
                 ),
                 pid,
@@ -114,6 +117,61 @@ class ProjectBento:
                     "ONNX Runtime threads = cores / workers)",
                 ),
             )
+
+
+@dataclass(frozen=True)
+class NginxFrontedBento:
+    """The project's Bento behind its own nginx + Lua router (`nginx/nginx.conf.j2`, as the
+    local stack runs it): one slot, stable at 100%; its cost is reported against `bento`."""
+
+    name: str = "bento-nginx"
+    label: str = "bento-canary behind nginx"
+    kind: str = "project"
+    baseline: str | None = "bento"
+
+    @contextmanager
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
+        from deploy.nginx import (
+            NginxController,
+            NginxPorts,
+            Routing,
+            SlotAddress,
+            ensure_token,
+            render_config,
+            write_routing_file,
+        )
+
+        with ProjectBento().serve(model, ctx) as direct:
+            v2 = _port(direct.endpoints[0].target)
+            grpc = int(direct.endpoints[2].target.rsplit(":", 1)[1])
+            slot = SlotAddress("blue", "127.0.0.1", v2, grpc, v2)
+            prefix = ctx.logs.parent / "bench-nginx" / model.architecture
+            prefix.mkdir(parents=True, exist_ok=True)
+            token, routing = prefix / "admin.token", prefix / "routing.json"
+            ensure_token(token)
+            write_routing_file(routing, Routing("blue"), [slot])
+            ports = NginxPorts(free_port(), free_port(), free_port())
+            controller = NginxController(prefix)
+            controller.apply(render_config(controller.prefix, ports, [slot], routing, token, 1), 1)
+            try:
+                rest = f"http://127.0.0.1:{ports.rest}"
+                yield Served(
+                    (
+                        Endpoint("rest-json", rest + V2_INFER, to_v2_json(ctx.rows)),
+                        Endpoint("rest-binary", rest + V2_INFER, to_v2_binary(ctx.rows)),
+                        Endpoint("grpc", f"127.0.0.1:{ports.grpc}", to_grpc(ctx.rows)),
+                    ),
+                    direct.pid,
+                    direct.log,
+                    ("nginx.conf.j2 as the local stack renders it (worker_processes auto, upstream keep-alive)",),
+                    extra_pids=(controller.master_pid(),),
+                )
+            finally:
+                controller.stop()
+
+
+def _port(url: str) -> int:
+    return int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
 @contextmanager
@@ -217,5 +275,5 @@ class MlflowServe:
 
 def build_contenders(names: tuple[str, ...]) -> list[Contender]:
     """The contenders to run, in order; `names` filters (see config.CONTENDER_NAMES)."""
-    every: list[Contender] = [ProjectBento(), PlainBentoML(), HandWrittenFastAPI(), MlflowServe()]
+    every: list[Contender] = [ProjectBento(), NginxFrontedBento(), PlainBentoML(), HandWrittenFastAPI(), MlflowServe()]
     return [c for c in every if c.name in names]

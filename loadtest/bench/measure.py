@@ -29,20 +29,20 @@ class CpuWindow:
     machine_s: float = 0.0
 
 
-def _cpu_now(pid: int) -> CpuWindow:
-    return CpuWindow(tree_cpu_seconds(pid), machine_busy_seconds())
+def _cpu_now(pids: tuple[int, ...]) -> CpuWindow:
+    return CpuWindow(sum(tree_cpu_seconds(pid) for pid in pids), machine_busy_seconds())
 
 
 def _since(start: CpuWindow, end: CpuWindow) -> CpuWindow:
     return CpuWindow(end.server_s - start.server_s, end.machine_s - start.machine_s)
 
 
-def _at(when: float, pid: int, into: dict[str, CpuWindow], key: str) -> threading.Thread:
+def _at(when: float, pids: tuple[int, ...], into: dict[str, CpuWindow], key: str) -> threading.Thread:
     """Read the CPU counters at wall-clock time `when`, in a thread."""
 
     def probe() -> None:
         time.sleep(max(0.0, when - time.time()))
-        into[key] = _cpu_now(pid)
+        into[key] = _cpu_now(pids)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -51,7 +51,7 @@ def _at(when: float, pid: int, into: dict[str, CpuWindow], key: str) -> threadin
 
 def load_endpoint(
     endpoint: Endpoint,
-    server_pid: int,
+    server_pids: tuple[int, ...],
     workdir: Path,
     *,
     duration_s: float,
@@ -60,12 +60,13 @@ def load_endpoint(
     grpc_processes: int,
     rate: float = 0.0,
 ) -> tuple[LoadResult, CpuWindow, str]:
-    """Run the load; returns (result, CPU burnt in the window, load generator name)."""
+    """Run the load; returns (result, CPU burnt in the window by the `server_pids` trees,
+    load generator name)."""
     if endpoint.protocol == "grpc":
         start_at = time.time() + STARTUP_S
         window = (start_at + warmup_s, start_at + warmup_s + duration_s)
         cpu: dict[str, CpuWindow] = {}
-        probes = [_at(window[0], server_pid, cpu, "start"), _at(window[1], server_pid, cpu, "end")]
+        probes = [_at(window[0], server_pids, cpu, "start"), _at(window[1], server_pids, cpu, "end")]
         result = run_grpc_load(
             endpoint.target,
             endpoint.payload,
@@ -83,9 +84,9 @@ def load_endpoint(
         return result, window_cpu, f"grpc.aio x{grpc_processes}"
     if warmup_s > 0:
         run_wrk(endpoint.target, endpoint.payload, workdir / "warmup", warmup_s, connections, rate)
-    before = _cpu_now(server_pid)
+    before = _cpu_now(server_pids)
     result = run_wrk(endpoint.target, endpoint.payload, workdir, duration_s, connections, rate)
-    return result, _since(before, _cpu_now(server_pid)), "wrk"
+    return result, _since(before, _cpu_now(server_pids)), "wrk"
 
 
 def to_measurement(

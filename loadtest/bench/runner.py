@@ -63,7 +63,7 @@ class BenchRun:
                     workdir = self.workdir / model.architecture / contender.name / endpoint.protocol / mode
                     try:
                         result, server_cpu, loadgen = load_endpoint(
-                            endpoint, served.pid, workdir, duration_s=c.duration_s, warmup_s=c.warmup_s,
+                            endpoint, (served.pid, *served.extra_pids), workdir, duration_s=c.duration_s, warmup_s=c.warmup_s,
                             connections=connections, grpc_processes=c.grpc_processes, rate=rate,
                         )  # fmt: skip
                     except Exception as exc:  # noqa: BLE001 - one failed run must not end the benchmark

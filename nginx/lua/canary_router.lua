@@ -34,7 +34,10 @@ end
 local function validate(doc, known)
   if type(doc) ~= "table" then return nil, "routing must be a JSON object" end
   local slots = {}
-  for name, a in pairs(known) do slots[name] = a end
+  for name, a in pairs(known) do
+    slots[name] = { host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port,
+                    v2_port = a.v2_port or a.rest_port }
+  end
   if doc.slots ~= nil and type(doc.slots) ~= "table" then return nil, "slots must be an object" end
   for name, a in pairs(doc.slots or {}) do
     if type(name) ~= "string" or not name:match(SLOT_NAME) then
@@ -44,7 +47,12 @@ local function validate(doc, known)
         or not is_int(a.rest_port, 1, 65535) or not is_int(a.grpc_port, 1, 65535) then
       return nil, "slot " .. name .. " needs host, rest_port and grpc_port (1-65535)"
     end
-    slots[name] = { host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port }
+    -- v2_port: the Bento's own V2 REST listener (the /v2/ hot path); rest_port when absent
+    if a.v2_port ~= nil and not is_int(a.v2_port, 1, 65535) then
+      return nil, "slot " .. name .. ": v2_port must be 1-65535 when given"
+    end
+    slots[name] = { host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port,
+                    v2_port = a.v2_port or a.rest_port }
   end
   local stable, candidate, weight, shadow = doc.stable, doc.candidate, doc.weight, doc.shadow
   if type(stable) ~= "string" or not slots[stable] then
@@ -82,7 +90,8 @@ local function save(new)
   for name, a in pairs(new.slots) do
     local o = old.slots[name]
     -- a slot at a new address is a new process: forget the old one's failures
-    if not o or o.host ~= a.host or o.rest_port ~= a.rest_port or o.grpc_port ~= a.grpc_port then
+    if not o or o.host ~= a.host or o.rest_port ~= a.rest_port or o.grpc_port ~= a.grpc_port
+        or o.v2_port ~= a.v2_port then
       dict:delete("down:" .. name)
       dict:delete("fails:" .. name)
     end
@@ -183,7 +192,7 @@ local function note_failure(slot)
   end
 end
 
--- balancer_by_lua; `port_field` is "rest_port" or "grpc_port".
+-- balancer_by_lua; `port_field` is "rest_port", "v2_port" or "grpc_port".
 function M.balance(port_field)
   local ctx = ngx.ctx
   local s = state()
@@ -232,7 +241,7 @@ local function status_table()
   local slots = {}
   for name, a in pairs(s.slots) do
     slots[name] = {
-      host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port,
+      host = a.host, rest_port = a.rest_port, grpc_port = a.grpc_port, v2_port = a.v2_port,
       down = is_down(name), down_for_s = dict:ttl("down:" .. name) or 0,
       recent_failures = dict:get("fails:" .. name) or 0,
       requests = dict:get("requests:" .. name) or 0,

@@ -6,16 +6,29 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.core.errors import InvalidInput
 from service.core.tensors import V2_TO_NUMPY, InferRequest, InferResponse, InferTensor
 
 
 def _parse_json(body: bytes) -> Any:
+    """orjson on the hot path (5-10x the standard library on V2 bodies); a body orjson
+    refuses gets a second reading by `json`, which also accepts the NaN/Infinity literals
+    some clients send, so that they are refused by validation with a precise message."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"malformed JSON body: {exc}") from None
+
+
+def dump_json(payload: Any) -> bytes:
+    """Compact JSON; NaN and Inf become null (orjson), never invalid JSON."""
+    return orjson.dumps(payload)
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
@@ -131,9 +144,9 @@ def to_response_body(response: InferResponse, binary_outputs: set[str]) -> tuple
     the JSON. Returns the body and the JSON length for Inference-Header-Content-Length
     (None when the answer is plain JSON)."""
     if not binary_outputs:
-        return json.dumps(to_json_response(response), separators=(",", ":")).encode(), None
+        return dump_json(to_json_response(response)), None
     header = to_json_response(response, binary_outputs)
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = dump_json(header)
     tails = [
         np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes()
         for t in response.outputs

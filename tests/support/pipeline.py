@@ -39,9 +39,17 @@ def built_pipeline(canary_home: CanaryHome) -> BuiltPipeline:
 
 @dataclass(frozen=True)
 class ServedBento:
-    url: str  # REST base URL
+    url: str  # BentoML's REST base URL (native API, /metrics, V2 mounted)
     grpc: str  # host:port of the V2 gRPC server
     redis: RedisProcess  # the response cache's real redis-server
+    v2: str  # base URL of the Bento's own V2 REST listener (the hot path)
+
+    def rest(self, listener: str) -> str:
+        """Base URL of a REST listener by name: "bentoml" or "v2"."""
+        return self.url if listener == "bentoml" else self.v2
+
+
+REST_LISTENERS = ("bentoml", "v2")
 
 
 @pytest.fixture(scope="session")
@@ -57,14 +65,15 @@ def serving(
     """A real `bentoml serve` of the built Bento (REST + gRPC on free ports, Redis cache on)."""
     from deploy.process import free_port, served_bento
 
-    grpc_port = free_port()
+    grpc_port, rest_port = free_port(), free_port()
     env = {
         "CANARY_SERVICE_GRPC_PORT": str(grpc_port),
+        "CANARY_SERVICE_REST_PORT": str(rest_port),
         "CANARY_SERVICE_CACHE_URL": session_redis.url,
         "CANARY_SERVICE_SLOT": "test",
     }
     with served_bento(built_pipeline.bento_tag, free_port(), canary_home.logs / "test-serve.log", env) as base:
-        yield ServedBento(base, f"127.0.0.1:{grpc_port}", session_redis)
+        yield ServedBento(base, f"127.0.0.1:{grpc_port}", session_redis, f"http://127.0.0.1:{rest_port}")
 
 
 @pytest.fixture(scope="session")

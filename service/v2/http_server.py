@@ -1,0 +1,95 @@
+"""The Bento's own V2 REST listener: the V2 ASGI app on uvicorn, in the worker's event loop.
+
+Served next to BentoML's HTTP server (which keeps the native API, /metrics and its own
+copy of the V2 routes) and to the gRPC server, sharing the worker's one `InferenceCore`
+and batcher. Nothing sits between the socket and the V2 app: no BentoML middleware
+(tracing, access log, traffic control, metrics), which cost ~70% of throughput when
+measured. httptools parses HTTP when installed (it is a serving requirement), h11 otherwise.
+
+Signals stay BentoML's: this server never installs handlers; the service stops it from its
+shutdown hook (`HttpEndpoint.stop`), letting in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("bento_canary.v2.http")
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handling: the hosting worker owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpEndpoint:
+    """A running V2 REST listener; `port` is the bound one (useful after binding port 0)."""
+
+    def __init__(self, server: _EmbeddedServer, task: asyncio.Task[None], port: int) -> None:
+        self._server = server
+        self._task = task
+        self.port = port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, give in-flight requests `grace` seconds, then close."""
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace + 1.0)
+        except TimeoutError:
+            self._server.force_exit = True
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._task, 1.0)
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart over TIME_WAIT; no SO_REUSEPORT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind the V2 REST listener to {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_http_server(
+    app: Any, host: str, port: int, *, keep_alive_s: float = 5.0, backlog: int = 2048
+) -> HttpEndpoint:
+    """Serve `app` on host:port from the running event loop; returns once it accepts.
+
+    Raises OSError if the address cannot be bound (a taken port is never shared)."""
+    sock = _bind(host, port, backlog)
+    config = uvicorn.Config(
+        app,
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_keep_alive=int(keep_alive_s),
+        timeout_graceful_shutdown=5,
+    )
+    server = _EmbeddedServer(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="v2-rest-listener")
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+            raise OSError(f"the V2 REST listener on {host}:{port} stopped while starting")
+        await asyncio.sleep(0.01)
+    bound = int(sock.getsockname()[1])
+    log.info("V2 REST listener on %s:%d (%s)", host, bound, config.http)
+    return HttpEndpoint(server, task, bound)
