@@ -36,11 +36,13 @@ _OPTIONS = {"target": "local"}
 
 @app.callback()
 def _options(
-    target: Annotated[str, typer.Option("--target", help="Where releases run: local (processes) or k8s.")] = "local",
+    target: Annotated[
+        str, typer.Option("--target", help="Where releases run: local (processes), compose or k8s.")
+    ] = "local",
 ) -> None:
     """bento-canary: train, export, build, serve and release model Bentos."""
-    if target not in ("local", "k8s"):
-        raise CanaryError(f"--target must be local or k8s, got {target!r}")
+    if target not in ("local", "compose", "k8s"):
+        raise CanaryError(f"--target must be local, compose or k8s, got {target!r}")
     _OPTIONS["target"] = target
 
 
@@ -135,6 +137,12 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _stack():
+    """The stack the release commands drive: local processes, or the compose services
+    (the same planner, state and nginx admin API; see deploy/compose_target.py)."""
+    if _OPTIONS["target"] == "compose":
+        from deploy.compose_target import ComposeStack
+
+        return ComposeStack(_home())
     from deploy.stack import LocalStack
 
     return LocalStack(_home())

@@ -118,6 +118,24 @@ class Routing:
         return {"stable": self.stable, "candidate": self.candidate, "weight": self.weight, "shadow": self.shadow}
 
 
+@dataclass(frozen=True)
+class NginxLayout:
+    """Where the rendered config finds its parts, as the nginx that runs it sees them.
+
+    The default is this machine's nginx (Debian's Lua module, admin on loopback). A
+    container sees its mounts instead: see `deploy.compose_target.CONTAINER_LAYOUT`."""
+
+    lua_dir: Path = NGINX_DIR / "lua"
+    modules_dir: Path | None = MODULES_DIR  # None: Lua is built in (OpenResty)
+    admin_host: str = "127.0.0.1"
+    admin_allow: tuple[str, ...] = ("127.0.0.1",)  # sources allowed on the admin listener (the token still applies)
+
+    def __post_init__(self) -> None:
+        for value in (str(self.lua_dir), str(self.modules_dir or ""), self.admin_host, *self.admin_allow):
+            if _UNSAFE_PATH.search(value) or any(c in value for c in " ;{}"):
+                raise ValueError(f"nginx layout value {value!r} cannot go into an nginx config")
+
+
 def _nginx_duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
@@ -125,14 +143,17 @@ def _nginx_duration(seconds: float) -> str:
 def render_config(
     prefix: Path, ports: NginxPorts, slots: Sequence[SlotAddress], routing_file: Path, token_file: Path,
     config_generation: int, shadow_timeout_s: float = 1.0, *, max_fails: int = 1, fail_timeout_s: int = 10,
-    max_body: str = "8m", client_timeout_s: float = 10.0,
+    max_body: str = "8m", client_timeout_s: float = 10.0, layout: NginxLayout | None = None,
 ) -> str:  # fmt: skip
     """The nginx config text for these listeners and slots (pure: reads only the template).
+
+    Paths are as the nginx that runs the config sees them (`layout`: this machine by default).
 
     `slots` are the addresses nginx starts with (the first is the default stable slot);
     the routing file, when present, overrides them. `config_generation` is what
     `GET /canary/status` reports once workers run this config.
     """
+    layout = layout or NginxLayout()
     prefix, routing_file, token_file = Path(prefix).resolve(), Path(routing_file).resolve(), Path(token_file).resolve()
     for path in (prefix, routing_file, token_file, NGINX_DIR):
         if _UNSAFE_PATH.search(str(path)):
@@ -152,7 +173,8 @@ def render_config(
     )
     return env.get_template("nginx.conf.j2").render(
         prefix=prefix, ports=ports, public_host=ports.public_host, routing_file=routing_file, token_file=token_file,
-        config_generation=int(config_generation), modules_dir=MODULES_DIR, lua_dir=NGINX_DIR / "lua",
+        config_generation=int(config_generation), modules_dir=layout.modules_dir, lua_dir=layout.lua_dir,
+        admin_host=layout.admin_host, admin_allow=layout.admin_allow,
         init_json=json.dumps(init, sort_keys=True), shadow_timeout=_nginx_duration(shadow_timeout_s),
         max_body=max_body, client_timeout=_nginx_duration(client_timeout_s),
     )  # fmt: skip
