@@ -94,7 +94,9 @@ class DigitsService:
         settings = _SETTINGS
         stored = self.model_ref
         card = ModelCard.from_labels(dict(stored.info.labels))
-        runner = OnnxRunner(Path(stored.path_of(ONNX_FILE)), card, settings.intra_op_threads, WORKERS)
+        runner = OnnxRunner(
+            Path(stored.path_of(ONNX_FILE)), card, settings.intra_op_threads, WORKERS, settings.intra_op_spinning
+        )
         if settings.json_logs:
             install_json_logs(settings.slot, card.name, card.version)
         self.metrics = ServiceMetrics(card, settings.slot)

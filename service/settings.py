@@ -23,6 +23,11 @@ class ServiceSettings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = one per core."
     )
+    intra_op_spinning: bool = Field(
+        default=False,
+        description="Let idle ONNX Runtime threads spin between batches (off: they sleep and leave the "
+        "cores to the event loop, which on small models is the bottleneck).",
+    )
     # -- adaptive batching (one batcher per worker, shared by REST, gRPC and the native API)
     max_batch_size: int = Field(default=64, ge=1, description="Most rows in one model call.")
     max_latency_ms: float = Field(

@@ -164,7 +164,7 @@ def test_model_version_is_visible(client, stub):
     result = client.infer("digits", [tin(digits_rows(1))], client_timeout=TIMEOUT)
     assert result.get_response().model_version == "1"
     _, call = stub.ModelInfer.with_call(raw_request(digits_rows(1)), timeout=TIMEOUT)
-    assert ("x-model-version", "1") in tuple(call.initial_metadata())
+    assert ("x-model-version", "1") in tuple(call.trailing_metadata())
 
 
 def test_requested_outputs_come_back_alone_and_in_order(tmp_path):

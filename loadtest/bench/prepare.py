@@ -71,14 +71,39 @@ def find_reusable(home: BenchHome, architecture: str) -> PreparedModel | None:
     return None
 
 
+def serving_source_digest() -> str:
+    """sha256 of what a Bento carries from this checkout: the service code and bentofile.yaml."""
+    import hashlib
+
+    from models.home import REPO_ROOT
+
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO_ROOT / "service").rglob("*.py"), REPO_ROOT / "bentofile.yaml"]):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _source_file(home: BenchHome, version: int) -> Path:
+    return home.home / "bench-bentos" / f"v{version}.source-sha256"
+
+
 def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say) -> PreparedModel:
-    """Reuse, or train -> register -> export -> build one architecture."""
+    """Reuse, or train -> register -> export -> build one architecture. A reused model's
+    Bento is rebuilt when the serving code changed since it was built (never a stale Bento)."""
     from models.bento import build_bento
     from models.pipeline import export_version, train_and_register
     from models.train import TrainConfig
 
+    source = serving_source_digest()
     reusable = None if fresh else find_reusable(home, architecture)
     if reusable is not None:
+        marker = _source_file(home, reusable.version)
+        if not marker.exists() or marker.read_text().strip() != source:
+            say(f"reusing {architecture} version {reusable.version}; the serving code changed: rebuilding its Bento")
+            build_bento(home, version=reusable.version, say=say)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(source)
+            return _prepared(home, reusable.version)
         say(
             f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)"
         )
@@ -86,4 +111,7 @@ def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, 
     trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0), say)
     export_version(home, version=trained.ref.version, say=say)
     build_bento(home, version=trained.ref.version, say=say)
+    marker = _source_file(home, trained.ref.version)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(source)
     return _prepared(home, trained.ref.version)

@@ -26,7 +26,9 @@ def file_sha256(path: Path) -> str:
 class OnnxRunner:
     """Runs batches through ONNX Runtime. `run` is the pure batch function batching wraps."""
 
-    def __init__(self, path: Path, card: ModelCard, intra_op_threads: int = 0, workers: int = 1) -> None:
+    def __init__(
+        self, path: Path, card: ModelCard, intra_op_threads: int = 0, workers: int = 1, spinning: bool = False
+    ) -> None:
         import onnxruntime as ort
 
         actual = file_sha256(path)
@@ -38,6 +40,8 @@ class OnnxRunner:
         # oversubscribe the CPU with ONNX Runtime threads.
         options.intra_op_num_threads = intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         options.inter_op_num_threads = 1
+        # Spinning threads burn a core between batches: the event loop needs it more.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.card = card
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

