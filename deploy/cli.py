@@ -85,11 +85,17 @@ def train(
 
 
 @app.command()
-def export(version: Version = None, alias: Alias = None) -> None:
+def export(
+    version: Version = None,
+    alias: Alias = None,
+    quantize: Annotated[
+        str, typer.Option(help="fp32, or int8 (static quantisation; refused if it loses over 0.5 points).")
+    ] = "fp32",
+) -> None:
     """Export a registry version to ONNX, check parity, import it into the BentoML store."""
     from models.pipeline import export_version
 
-    result = export_version(_home(), version, alias, say=say)
+    result = export_version(_home(), version, alias, say=say, quantize=quantize)
     typer.echo(f"{result.stored.tag} sha256={result.sha256}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def build_bento(
         bentoml.bentos.delete(f"digits-service:{bento_version}")
     except NotFound:
         pass
+    # BentoML imports the service to find its models, and the service reads the model tag
+    # (a Bento argument) at import: a second build in one process would reuse the first
+    # build's module and pack the first build's model. Forget it so each build imports afresh.
+    for name in [m for m in sys.modules if m == "service" or m.startswith("service.")]:
+        del sys.modules[name]
     # BentoML 1.4.39 refuses a dockerfile_template outside the current directory.
     with contextlib.chdir(REPO_ROOT):
         bento = bentoml.bentos.build_bentofile(

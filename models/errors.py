@@ -19,3 +19,7 @@ class ParityError(CanaryError):
 
 class IntegrityError(CanaryError):
     """An artifact whose bytes are not what its lineage says (corrupt or tampered)."""
+
+
+class QuantizationRefused(CanaryError):
+    """A quantised graph lost more test accuracy than allowed; nothing was written."""

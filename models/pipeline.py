@@ -79,11 +79,19 @@ def export_version(
     alias: str | None = None,
     atol: float = DEFAULT_ATOL,
     say: Say = _quiet,
+    quantize: str = "fp32",
+    max_drop_pp: float | None = None,
 ) -> ExportResult:
     """Registry version -> ONNX -> parity on the test split -> BentoML store, lineage to MLflow.
 
-    Nothing is written to MLflow or the BentoML store unless every check passed.
+    `quantize="int8"` then stores the int8 graph (`models.quantize`), refused unless it loses
+    at most `max_drop_pp` (0.5) points of test accuracy. Nothing is written to MLflow or the
+    BentoML store unless every check passed.
     """
+    from models.quantize import MAX_DROP_PP, PRECISIONS
+
+    if quantize not in PRECISIONS:
+        raise CanaryError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {quantize!r}")
     from models.data import load_split
 
     home.require()
@@ -100,15 +108,32 @@ def export_version(
         parity = check_parity(
             onnx_file, contract, source_scores(flavor, model, split.x_test), split.x_test, split.y_test, atol
         )
+        accuracy, quant_tags = parity.onnx_test_accuracy, {"precision": "fp32"}
+        if quantize == "int8":
+            from models.quantize import check_quantized, quantize_int8
+
+            int8_file = Path(workdir) / "int8" / "model.onnx"
+            int8_file.parent.mkdir()
+            say(f"quantising to int8 (static QDQ, calibrated on {min(256, len(split.x_train))} training digits)")
+            quantize_int8(onnx_file, int8_file, contract, split.x_train)
+            limit = MAX_DROP_PP if max_drop_pp is None else max_drop_pp
+            report = check_quantized(onnx_file, int8_file, contract, split.x_test, split.y_test, limit)
+            say(
+                f"int8 test accuracy {report.int8_accuracy:.2%} (fp32 {report.fp32_accuracy:.2%}, "
+                f"drop {report.drop_pp:.2f} points, limit {limit:g})"
+            )
+            onnx_file, accuracy, quant_tags = int8_file, report.int8_accuracy, report.as_tags()
         sha = sha256_of(onnx_file)
         architecture = ref.tags.get("architecture", "unknown")
-        stored = import_model(ref, onnx_file, contract, parity, architecture)
-        registry.record_export(ref, onnx_file, {"onnx_sha256": sha, "bentoml_model": stored.tag, **parity.as_tags()})
+        stored = import_model(ref, onnx_file, contract, parity, architecture, accuracy, quant_tags)
+        registry.record_export(
+            ref, onnx_file, {"onnx_sha256": sha, "bentoml_model": stored.tag, **parity.as_tags(), **quant_tags}
+        )
     say(
-        f"exported {ref.label} -> {stored.tag}: sha256 {sha[:12]}..., max |diff| {parity.max_abs_diff:.2g}, "
-        f"ONNX test accuracy {parity.onnx_test_accuracy:.2%}"
+        f"exported {ref.label} -> {stored.tag} ({quant_tags['precision']}): sha256 {sha[:12]}..., "
+        f"max |diff| {parity.max_abs_diff:.2g}, ONNX test accuracy {accuracy:.2%}"
     )
-    return ExportResult(ref, stored, sha, parity.max_abs_diff, parity.onnx_test_accuracy)
+    return ExportResult(ref, stored, sha, parity.max_abs_diff, accuracy)
 
 
 def resolve_stored(home: CanaryHome, version: int | None, alias: str | None) -> tuple[ModelVersionRef, StoredModelRef]:

@@ -52,8 +52,13 @@ def import_model(
     contract: GraphContract,
     parity: ParityReport,
     architecture: str,
+    accuracy: float | None = None,
+    extra_labels: dict[str, str] | None = None,
 ) -> StoredModelRef:
-    """Save the ONNX file under `digits:v<N>`, replacing an older import of the same version."""
+    """Save the ONNX file under `digits:v<N>`, replacing an older import of the same version.
+
+    `accuracy` is the stored graph's test accuracy (default: the parity check's, fp32);
+    `extra_labels` add lineage such as the precision of a quantised graph."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -64,11 +69,12 @@ def import_model(
         "run_id": ref.run_id,
         "sha256": sha,
         "architecture": architecture,
-        "onnx_test_accuracy": f"{parity.onnx_test_accuracy:.6f}",
+        "onnx_test_accuracy": f"{parity.onnx_test_accuracy if accuracy is None else accuracy:.6f}",
         "scores_output": contract.scores_output,
         "scores_kind": contract.scores_kind,
         "input_range": f"{PIXEL_RANGE[0]:g},{PIXEL_RANGE[1]:g}",
         **tensor_labels(onnx_file),
+        **(extra_labels or {}),
     }
     tag = store_tag(ref)
     try:

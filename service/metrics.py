@@ -27,6 +27,7 @@ class ServiceMetrics(CoreObserver):
         base = {"model": card.name, "version": card.version, "slot": slot}
         names = list(base)
         self._base = base
+        self._request_children: dict[tuple[str, str], tuple] = {}
         self._requests = prom.Counter(
             "canary_requests", "Requests by protocol and status.", [*names, "protocol", "status"]
         )
@@ -48,6 +49,7 @@ class ServiceMetrics(CoreObserver):
         self._confidence = prom.Histogram(
             "canary_prediction_confidence", "Confidence of the predicted class.", names, buckets=CONFIDENCE_BUCKETS
         )
+        self._confidence_child = self._confidence.labels(**base)
         info = prom.Gauge(
             "canary_model_info", "The served model (value 1).", [*names, "sha256", "architecture"],
             multiprocess_mode="max",
@@ -55,8 +57,16 @@ class ServiceMetrics(CoreObserver):
         info.labels(**base, sha256=card.sha256, architecture=card.lineage.get("architecture", "unknown")).set(1)
 
     def request(self, protocol: str, status: str, seconds: float) -> None:
-        self._requests.labels(**self._base, protocol=protocol, status=status).inc()
-        self._latency.labels(**self._base, protocol=protocol).observe(seconds)
+        # Label lookups cost more than the update itself: keep each child once.
+        key = (protocol, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self._requests.labels(**self._base, protocol=protocol, status=status),
+                self._latency.labels(**self._base, protocol=protocol),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch(self, rows: int, items: int, seconds: float) -> None:
         self._batch_rows.labels(**self._base).observe(rows)
@@ -75,6 +85,6 @@ class ServiceMetrics(CoreObserver):
     def predictions(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
         for label, count in Tally(classes).items():
             self._classes.labels(**self._base, **{"class": str(label)}).inc(count)
-        histogram = self._confidence.labels(**self._base)
+        histogram = self._confidence_child
         for value in confidences:
             histogram.observe(value)

@@ -147,12 +147,27 @@ def test_targets_are_judged_from_the_ratios():
     assert verdicts["digits-heavy throughput vs in-process limit"].value == pytest.approx(235 / 379)
     assert (
         verdicts["digits-cnn throughput vs best alternative"].detail
-        == "best project path: grpc; best alternative: fastapi rest-json"
+        == "best project path: bento grpc; best alternative: fastapi rest-json"
     )
     assert verdicts["cache hits vs misses (digits-heavy)"].passed is False
     assert verdicts["nginx in front: share of direct throughput"].passed is False  # 0.82 < 0.85
     assert verdicts["p99 / p50 at the fixed load (worst project row)"].value == pytest.approx(82.9 / 5.2)
     assert verdicts["503 / UNAVAILABLE below saturation (project rows)"].passed is False
+
+
+def test_the_int8_row_is_judged_against_fp32_alternatives_and_its_own_limit():
+    """An int8 export counts as a project path for the heavy targets: throughput against the
+    fp32 alternatives (what a user would otherwise run), compute share against the int8 graph's
+    own in-process limit (not the fp32 one it can exceed)."""
+    int8 = _m("digits-heavy", "bento-int8", "project", "rest-json", SATURATED, 6_000)
+    table = build_table([*RECORDED, int8], {**LIMITS, "digits-heavy:int8": 800.0})
+    row = next(r for r in table if r.contender == "bento-int8")
+    assert row.vs_limit == pytest.approx(600 / 800)
+    assert row.vs_best_alternative == pytest.approx(600 / 256)
+    verdicts = {t.name: t for t in judge_targets(table, [])}
+    heavy = verdicts["digits-heavy throughput vs best alternative"]
+    assert heavy.passed is True and heavy.detail.startswith("best project path: bento-int8 rest-json")
+    assert verdicts["digits-heavy throughput vs in-process limit"].value == pytest.approx(0.75)
 
 
 def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):

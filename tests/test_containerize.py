@@ -74,7 +74,7 @@ def test_the_built_bentos_dockerfile_is_slim_non_root_with_both_ports_and_a_heal
     users = [arg for op, arg in instructions if op == "USER"]
     # The last USER is the one the container runs as; BentoML's own is the name `bentoml`.
     assert users and users[-1] == "1034:1034", "bentofile.yaml: docker.dockerfile_template missing?"
-    assert {arg for op, arg in instructions if op == "EXPOSE"} >= {"3000", "50051"}
+    assert {arg for op, arg in instructions if op == "EXPOSE"} >= {"3000", "8000", "50051"}
     (healthcheck,) = [arg for op, arg in instructions if op == "HEALTHCHECK"]
     assert re.search(r"CMD .*http://127\.0\.0\.1:3000/v2/health/ready", healthcheck)
     (base,) = [arg for op, arg in instructions if op == "FROM"]

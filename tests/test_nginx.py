@@ -283,6 +283,28 @@ def test_grpc_reaches_chosen_slot_and_obeys_metadata(stack: Stack) -> None:
 # ---- passive health ----
 
 
+def test_v2_paths_go_to_the_slot_v2_listener_and_the_rest_to_bentoml(stack: Stack) -> None:
+    """/v2/ goes to a slot's own V2 listener (v2_port), the native API to BentoML (rest_port)."""
+    listener = FakeSlot("blue", "v2-listener").start()
+    try:
+        blue, green = stack.slots["blue"], stack.slots["green"]
+        slots = [
+            SlotAddress("blue", "127.0.0.1", blue.rest_port, blue.grpc_port, listener.rest_port),
+            SlotAddress("green", "127.0.0.1", green.rest_port, green.grpc_port),
+        ]
+        stack.route(slots=slots, weight=0)
+        with httpx.Client(trust_env=False, timeout=5.0) as client:
+            v2 = client.post(stack.rest_url + "/v2/models/digits/infer", json={})
+            native = client.post(stack.rest_url + "/classify", json={})
+        assert v2.headers["x-model-version"] == "v2-listener" and v2.headers["x-canary-slot"] == "blue"
+        assert native.headers["x-model-version"] == VERSIONS["blue"]
+        assert stack.status()["slots"]["blue"]["v2_port"] == listener.rest_port
+        assert stack.status()["slots"]["green"]["v2_port"] == green.rest_port  # none given: BentoML's
+    finally:
+        stack.route(weight=0)
+        listener.stop()
+
+
 def test_killed_candidate_costs_no_request(stack: Stack) -> None:
     stack.route(weight=50)
     answers = []

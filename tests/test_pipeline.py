@@ -117,3 +117,17 @@ def test_bad_requests_get_a_clear_json_error(served, path, body, status):
     answer = httpx.post(f"{served}{path}", content=content, headers={"content-type": "application/json"}, timeout=10)
     assert answer.status_code == status
     assert isinstance(answer.json()["error"], str) and answer.json()["error"]
+
+
+def test_each_bento_packs_its_own_model_when_built_in_one_process(built_pipeline, second_version, canary_home):
+    """Two builds in one process (the benchmark and the tests do this): the second Bento
+    must carry its own model, not the model the first build's import of the service saw."""
+    import bentoml
+
+    from models.bento import build_bento
+
+    built = build_bento(canary_home, version=second_version.version)
+    for tag, version in ((built.tag, second_version.version), (built_pipeline.bento_tag, built_pipeline.version)):
+        info = bentoml.bentos.get(tag).info
+        packed = {str(model.tag) for service in info.services for model in service.models}
+        assert packed == {f"digits:v{version}"}, tag

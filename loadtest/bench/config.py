@@ -10,7 +10,7 @@ from models.home import REPO_ROOT
 
 DEFAULT_HOME = REPO_ROOT / ".canary" / "bench"
 ARCHITECTURES = ("digits-cnn", "digits-heavy")
-CONTENDER_NAMES = ("bento", "bento-nginx", "bentoml-plain", "fastapi", "mlflow")
+CONTENDER_NAMES = ("bento", "bento-int8", "bento-nginx", "bentoml-plain", "fastapi", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class BenchConfig:
     contenders: tuple[str, ...] = CONTENDER_NAMES
     epochs: dict[str, int] = field(default_factory=lambda: {"digits-cnn": 3, "digits-heavy": 1})
     fresh: bool = False  # retrain even when the bench home already has a built Bento
+    int8_models: tuple[str, ...] = ("digits-heavy",)  # also served as an int8 export (`bento-int8`)
     rows: int = 1  # rows (digits) per request
     warmup_s: float = 2.0
     duration_s: float = 10.0

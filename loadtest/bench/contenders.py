@@ -75,20 +75,31 @@ def _workers_override(service_name: str, workers: int) -> dict[str, str]:
     return {"BENTOML_CONFIG_OVERRIDES": json.dumps({"services": {service_name: {"workers": workers}}})}
 
 
+class SkipContender(Exception):
+    """This contender does not apply to this model (e.g. no int8 export of it); not a failure."""
+
+
 @dataclass(frozen=True)
 class ProjectBento:
     """This project's Bento via `bentoml serve` (deploy.process.served_bento): V2 REST JSON,
-    V2 REST binary and V2 gRPC; service settings left at their defaults."""
+    V2 REST binary and V2 gRPC; service settings left at their defaults. With
+    precision="int8" it serves the model's int8 export (`canary export --quantize int8`)."""
 
     cache_url: str | None = None
     name: str = "bento"
     label: str = "bento-canary (this project)"
     kind: str = "project"
     baseline: str | None = None
+    precision: str = "fp32"
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
         from deploy.process import served_bento
+
+        if self.precision == "int8":
+            if model.int8 is None:
+                raise SkipContender(f"no int8 export of {model.architecture} in this run")
+            model = model.int8
 
         grpc_port, rest_port = free_port(), free_port()
         env = {
@@ -275,5 +286,13 @@ class MlflowServe:
 
 def build_contenders(names: tuple[str, ...]) -> list[Contender]:
     """The contenders to run, in order; `names` filters (see config.CONTENDER_NAMES)."""
-    every: list[Contender] = [ProjectBento(), NginxFrontedBento(), PlainBentoML(), HandWrittenFastAPI(), MlflowServe()]
+    int8 = ProjectBento(name="bento-int8", label="bento-canary, int8 export", precision="int8")
+    every: list[Contender] = [
+        ProjectBento(),
+        int8,
+        NginxFrontedBento(),
+        PlainBentoML(),
+        HandWrittenFastAPI(),
+        MlflowServe(),
+    ]
     return [c for c in every if c.name in names]

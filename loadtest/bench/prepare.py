@@ -31,12 +31,23 @@ class PreparedModel:
     bento_tag: str  # digits-service:v<version>
     onnx_path: Path  # the one ONNX file every ONNX-based contender serves
     onnx_sha256: str
+    precision: str = "fp32"
+    accuracy: str = ""  # the stored graph's test accuracy (and, for int8, the fp32 one and the drop)
+    int8: PreparedModel | None = None  # the same training run's int8 export, for the project's int8 row
 
 
 def _prepared(home: BenchHome, version: int) -> PreparedModel:
     from models.pipeline import resolve_stored
 
     ref, stored = resolve_stored(home, version, None)
+    labels = stored.labels
+    precision = labels.get("precision", "fp32")
+    accuracy = f"test accuracy {float(labels.get('onnx_test_accuracy', 'nan')):.2%}"
+    if precision == "int8":
+        accuracy += (
+            f" (fp32 {float(labels['fp32_test_accuracy']):.2%}, drop {float(labels['int8_accuracy_drop_pp']):.2f} "
+            f"points, argmax agreement {float(labels['int8_argmax_agreement']):.2%})"
+        )
     return PreparedModel(
         architecture=ref.tags.get("architecture", "?"),
         version=ref.version,
@@ -44,12 +55,14 @@ def _prepared(home: BenchHome, version: int) -> PreparedModel:
         model_tag=stored.tag,
         bento_tag=f"digits-service:v{ref.version}",
         onnx_path=stored.path,
-        onnx_sha256=stored.labels["sha256"],
+        onnx_sha256=labels["sha256"],
+        precision=precision,
+        accuracy=accuracy,
     )
 
 
-def find_reusable(home: BenchHome, architecture: str) -> PreparedModel | None:
-    """The newest registered version of `architecture` whose export and Bento both exist."""
+def find_reusable(home: BenchHome, architecture: str, precision: str = "fp32") -> PreparedModel | None:
+    """The newest registered version of `architecture` whose export (of `precision`) and Bento exist."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -65,9 +78,11 @@ def find_reusable(home: BenchHome, architecture: str) -> PreparedModel | None:
     ):
         try:
             bentoml.bentos.get(f"digits-service:v{version}")
-            return _prepared(home, version)
+            prepared = _prepared(home, version)
         except (NotFound, CanaryError):
             continue
+        if prepared.precision == precision:
+            return prepared
     return None
 
 
@@ -87,7 +102,22 @@ def _source_file(home: BenchHome, version: int) -> Path:
     return home.home / "bench-bentos" / f"v{version}.source-sha256"
 
 
-def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say) -> PreparedModel:
+def prepare_model(
+    home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, int8: bool = False
+) -> PreparedModel:
+    """`prepare_one` for fp32 and, with `int8`, again for an int8 export of the same
+    (deterministic) training run, attached as `.int8`."""
+    from dataclasses import replace
+
+    fp32 = prepare_one(home, architecture, epochs, fresh, say)
+    if not int8:
+        return fp32
+    return replace(fp32, int8=prepare_one(home, architecture, epochs, fresh, say, precision="int8"))
+
+
+def prepare_one(
+    home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, precision: str = "fp32"
+) -> PreparedModel:
     """Reuse, or train -> register -> export -> build one architecture. A reused model's
     Bento is rebuilt when the serving code changed since it was built (never a stale Bento)."""
     from models.bento import build_bento
@@ -95,7 +125,7 @@ def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, 
     from models.train import TrainConfig
 
     source = serving_source_digest()
-    reusable = None if fresh else find_reusable(home, architecture)
+    reusable = None if fresh else find_reusable(home, architecture, precision)
     if reusable is not None:
         marker = _source_file(home, reusable.version)
         if not marker.exists() or marker.read_text().strip() != source:
@@ -109,7 +139,7 @@ def prepare_model(home: BenchHome, architecture: str, epochs: int, fresh: bool, 
         )
         return reusable
     trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0), say)
-    export_version(home, version=trained.ref.version, say=say)
+    export_version(home, version=trained.ref.version, say=say, quantize=precision)
     build_bento(home, version=trained.ref.version, say=say)
     marker = _source_file(home, trained.ref.version)
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,10 @@ class TableRow:
     other_cpu_share: float  # the worse of the two runs
 
 
+INT8_CONTENDER = "bento-int8"
+PROJECT_DIRECT = ("bento", INT8_CONTENDER)  # the project called directly (fp32 or int8 export)
+
+
 def _find(measurements: list[Measurement], model: str, contender: str, protocol: str, mode: str) -> Measurement | None:
     for m in measurements:
         if (m.model, m.contender, m.protocol, m.mode) == (model, contender, protocol, mode):
@@ -100,7 +104,7 @@ def build_table(measurements: list[Measurement], limits: dict[str, float]) -> li
         fixed = _find(measurements, sat.model, sat.contender, sat.protocol, FIXED)
         best = best_alternative(measurements, sat.model)
         base = _find(measurements, sat.model, sat.baseline, sat.protocol, SATURATED) if sat.baseline else None
-        limit = limits.get(sat.model)
+        limit = limits.get(f"{sat.model}:int8") if sat.contender == INT8_CONTENDER else limits.get(sat.model)
         rows.append(
             TableRow(
                 model=sat.model,
@@ -164,7 +168,7 @@ def _best_project(table: list[TableRow], model: str) -> TableRow | None:
     rows = [
         r
         for r in table
-        if r.model == model and r.kind == "project" and r.vs_baseline is None and r.contender == "bento"
+        if r.model == model and r.kind == "project" and r.vs_baseline is None and r.contender in PROJECT_DIRECT
     ]
     return max(rows, key=lambda r: r.rows_per_s, default=None)
 
@@ -178,7 +182,7 @@ def judge_targets(table: list[TableRow], cache: list[CacheResult]) -> list[Targe
     ) -> None:
         value = getattr(row, attr) if row else None
         passed = None if value is None else (value > threshold if strict else value >= threshold)
-        detail = f"best project path: {row.protocol}" if row else "not measured"
+        detail = f"best project path: {row.contender} {row.protocol}" if row else "not measured"
         if row and attr == "vs_best_alternative":
             alts = [r for r in table if r.model == row.model and r.kind == "alternative"]
             best = max(alts, key=lambda r: r.rows_per_s, default=None)

@@ -45,6 +45,7 @@ class BenchRun:
         self, contender, model: PreparedModel, rows, mode: str, connections: int, rate: float = 0.0
     ) -> None:
         """Start one contender, load each of its endpoints in turn, stop it."""
+        from loadtest.bench.contenders import SkipContender
         from loadtest.bench.cpu import tree_size
         from loadtest.bench.measure import describe, load_endpoint, to_measurement
 
@@ -85,6 +86,8 @@ class BenchRun:
                     )
                     self.measurements.append(m)
                     self.say(f"    {endpoint.protocol:<11} {describe(m)}")
+        except SkipContender as skip:
+            self.say(f"  {contender.label}: skipped ({skip})")
         except Exception as exc:  # noqa: BLE001 - a contender that cannot start is a finding, not a crash
             self.failures.append(f"{model.architecture} {contender.name} ({mode}): {_brief(exc)}")
             self.say(f"  {contender.label}: FAILED to serve: {_brief(exc)}")
@@ -179,9 +182,15 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     prepared: dict[str, PreparedModel] = {}
     for arch in config.models:
         try:
+            int8 = arch in config.int8_models and "bento-int8" in config.contenders
             prepared[arch] = prepare_model(
-                home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}")
+                home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}"), int8=int8
             )
+            for variant in (prepared[arch], prepared[arch].int8):
+                if variant is not None:
+                    run.notes.append(
+                        f"{arch} {variant.precision} (registry version {variant.version}): {variant.accuracy}"
+                    )
         except Exception as exc:  # noqa: BLE001
             run.failures.append(f"{arch} preparation: {_brief(exc)}")
             say(f"  {arch}: preparation FAILED: {_brief(exc)}")
@@ -195,6 +204,12 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
             model.onnx_path, rows, config.limit_batches, config.limit_threads, config.limit_seconds, say
         )
         limits[arch] = {**asdict(limit.best), "points": [asdict(p) for p in limit.points]}
+        if model.int8 is not None:  # the int8 row is measured against the int8 graph's own limit
+            say(f"  {arch} int8:")
+            limit = compute_limit(
+                model.int8.onnx_path, rows, config.limit_batches, config.limit_threads, config.limit_seconds, say
+            )
+            limits[f"{arch}:int8"] = {**asdict(limit.best), "points": [asdict(p) for p in limit.points]}
 
     contenders = build_contenders(config.contenders)
     step(f"3/5 saturated throughput, {config.connections} connections")

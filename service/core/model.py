@@ -49,7 +49,9 @@ class ModelCard:
             scores_output=labels["scores_output"],
             scores_kind=labels.get("scores_kind", "logits"),
             input_range=(float(low), float(high)) if high else None,
-            lineage={k: labels[k] for k in ("run_id", "architecture", "onnx_test_accuracy") if k in labels},
+            lineage={
+                k: labels[k] for k in ("run_id", "architecture", "onnx_test_accuracy", "precision") if k in labels
+            },
         )
 
     def output_spec(self, name: str) -> TensorSpec | None:
