@@ -42,6 +42,12 @@ class DigitsHeavy(nn.Module):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(width, 10))
+        # He initialisation: with PyTorch's default, eight plain conv+ReLU layers shrink the
+        # signal until training sits at chance (seen: 10% after 2 epochs; 52% with this).
+        for layer in self.features:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels / PIXEL_MAX).reshape(-1, 1, 8, 8)

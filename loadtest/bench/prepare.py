@@ -103,21 +103,24 @@ def _source_file(home: BenchHome, version: int) -> Path:
 
 
 def prepare_model(
-    home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, int8: bool = False
-) -> PreparedModel:
+    home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, int8: bool = False,
+    learning_rate: float | None = None,
+) -> PreparedModel:  # fmt: skip
     """`prepare_one` for fp32 and, with `int8`, again for an int8 export of the same
     (deterministic) training run, attached as `.int8`."""
     from dataclasses import replace
 
-    fp32 = prepare_one(home, architecture, epochs, fresh, say)
+    fp32 = prepare_one(home, architecture, epochs, fresh, say, learning_rate=learning_rate)
     if not int8:
         return fp32
-    return replace(fp32, int8=prepare_one(home, architecture, epochs, fresh, say, precision="int8"))
+    int8_model = prepare_one(home, architecture, epochs, fresh, say, precision="int8", learning_rate=learning_rate)
+    return replace(fp32, int8=int8_model)
 
 
 def prepare_one(
-    home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, precision: str = "fp32"
-) -> PreparedModel:
+    home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, precision: str = "fp32",
+    learning_rate: float | None = None,
+) -> PreparedModel:  # fmt: skip
     """Reuse, or train -> register -> export -> build one architecture. A reused model's
     Bento is rebuilt when the serving code changed since it was built (never a stale Bento)."""
     from models.bento import build_bento
@@ -138,7 +141,8 @@ def prepare_one(
             f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)"
         )
         return reusable
-    trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0), say)
+    rate = {"learning_rate": learning_rate} if learning_rate else {}
+    trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0, **rate), say)
     export_version(home, version=trained.ref.version, say=say, quantize=precision)
     build_bento(home, version=trained.ref.version, say=say)
     marker = _source_file(home, trained.ref.version)

@@ -184,8 +184,9 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
         try:
             int8 = arch in config.int8_models and "bento-int8" in config.contenders
             prepared[arch] = prepare_model(
-                home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}"), int8=int8
-            )
+                home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}"), int8=int8,
+                learning_rate=config.learning_rates.get(arch),
+            )  # fmt: skip
             for variant in (prepared[arch], prepared[arch].int8):
                 if variant is not None:
                     run.notes.append(
