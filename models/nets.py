@@ -47,7 +47,8 @@ class DigitsHeavy(nn.Module):
         for layer in self.features:
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels / PIXEL_MAX).reshape(-1, 1, 8, 8)

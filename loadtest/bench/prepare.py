@@ -7,6 +7,7 @@ build` produces. A model whose Bento already exists in the bench home is reused 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,10 @@ def prepare_one(
             f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)"
         )
         return reusable
-    rate = {"learning_rate": learning_rate} if learning_rate else {}
-    trained = train_and_register(home, TrainConfig(model=architecture, epochs=epochs, seed=0, **rate), say)
+    config = TrainConfig(model=architecture, epochs=epochs, seed=0)
+    if learning_rate:
+        config = dataclasses.replace(config, learning_rate=learning_rate)
+    trained = train_and_register(home, config, say)
     export_version(home, version=trained.ref.version, say=say, quantize=precision)
     build_bento(home, version=trained.ref.version, say=say)
     marker = _source_file(home, trained.ref.version)
