@@ -154,9 +154,6 @@ class ComposeStack(LocalStack):
     def nginx(self) -> ComposeNginx:
         return ComposeNginx(self.folder / "nginx", admin_port=self.compose_settings.nginx_admin_port)
 
-    def _require_free_ports(self) -> None:
-        """compose publishes the ports; it reports a taken one itself."""
-
     # -- slots ----------------------------------------------------------------------------
     def start_slot(self, slot: str, bento: str, model_version: str) -> None:
         state = self.store.load()
@@ -220,25 +217,12 @@ class ComposeStack(LocalStack):
             self.cli.run("kill", "-s", "HUP", "nginx", env=self._tags(state))
         self.nginx().wait_for_generation(generation, self.token_file.read_text().strip())
 
-    # -- the commands -------------------------------------------------------------------
-    def up(self, champion: tuple[str, str] | None) -> ReleaseState:
-        with self.store.locked():
-            state = self.store.load()
-            if state.slots[state.stable].bento is None:
-                if champion is None:
-                    raise CanaryError("nothing to serve: train, export and build a model first (make demo does)")
-                from deploy.release import plan_initial
+    # -- the commands (`up`, `execute`, gate and rollout are LocalStack's) -------------------
+    def _start_shared_services(self) -> None:
+        """Redis starts with nginx (apply_nginx_config); compose reports taken ports itself."""
 
-                plan = plan_initial(state, *champion)
-                state = plan.after
-                self.store.history.append("up", f"{champion[0]} in slot {state.stable} (compose)", plan.reason)
-            self.store.save(state)
-            for slot in SLOTS:
-                bento = state.slots[slot].bento
-                if bento and slot in (state.stable, state.candidate):
-                    self.start_slot(slot, bento, state.slots[slot].model_version or "")
-            self.apply_nginx_config(state)
-            return state
+    def _slot_running(self, slot: str) -> bool:
+        return self._services(self.store.load()).get(slot, {}).get("State") == "running"
 
     def down(self) -> list[str]:
         with self.store.locked():

@@ -247,8 +247,7 @@ class LocalStack:
         """Start whatever is not running; with nothing deployed, serve `champion` (bento, version)."""
         with self.store.locked():
             state = self.store.load()
-            self._require_free_ports()
-            self.start_redis()
+            self._start_shared_services()
             if state.slots[state.stable].bento is None:
                 if champion is None:
                     raise CanaryError("nothing to serve: train, export and build a model first (make demo does)")
@@ -257,15 +256,19 @@ class LocalStack:
                 self.store.history.append("up", f"{champion[0]} in slot {state.stable}", plan.reason)
             for slot in SLOTS:
                 slot_state = state.slots[slot]
-                if (
-                    slot_state.bento
-                    and not self.process(f"slot-{slot}").alive
-                    and (slot in (state.stable, state.candidate))
-                ):
+                if slot_state.bento and not self._slot_running(slot) and (slot in (state.stable, state.candidate)):
                     self.start_slot(slot, slot_state.bento, slot_state.model_version or "")
             self.apply_nginx_config(state)
             self.store.save(state)
             return state
+
+    def _start_shared_services(self) -> None:
+        """Before any slot: every port checked free, then the shared Redis."""
+        self._require_free_ports()
+        self.start_redis()
+
+    def _slot_running(self, slot: str) -> bool:
+        return self.process(f"slot-{slot}").alive
 
     def down(self) -> list[str]:
         """Stop every process this stack started (and nothing else)."""

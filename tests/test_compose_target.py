@@ -92,9 +92,10 @@ def test_a_release_on_compose_runs_the_same_commands_through_compose_and_nginx(w
     up = world.canary("up")
     assert up.returncode == 0, up.stderr
     # the stable slot was started with its image and smoke-tested before nginx came up
-    calls = [c["argv"][5:] for c in world.calls()]
+    changes = [c for c in world.calls() if c["argv"][5] != "ps"]  # ps only asks
+    calls = [c["argv"][5:] for c in changes]
     assert calls[0][:4] == ["up", "-d", "--no-deps", "--wait"] and calls[0][-1] == "blue"
-    assert world.calls()[0]["tags"]["blue"] == tag
+    assert changes[0]["tags"]["blue"] == tag
     assert calls[1][:3] == ["exec", "-T", "blue"]
     assert calls[2][0] == "up" and calls[2][-4:] == ["redis", "nginx", "prometheus", "grafana"]
     config = (world.rendered / "nginx.conf").read_text()
@@ -104,7 +105,7 @@ def test_a_release_on_compose_runs_the_same_commands_through_compose_and_nginx(w
 
     deploy = world.canary("deploy", candidate_bento)
     assert deploy.returncode == 0, deploy.stderr
-    deploy_calls = [c for c in world.calls()[len(calls) :] if c["argv"][5] == "up"]
+    deploy_calls = [c for c in world.calls() if c["argv"][5] == "up"]
     assert deploy_calls[-1]["argv"][-1] == "green"
     assert deploy_calls[-1]["tags"] == {"blue": tag, "green": candidate_bento.split(":")[1]}
     assert world.router()["candidate"] == "green" and world.router()["weight"] == 0
