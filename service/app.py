@@ -13,6 +13,7 @@ CPU was not saturated (measured when this project was planned).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from http import HTTPStatus
@@ -128,6 +129,11 @@ class DigitsService:
             self.grpc = await start_grpc_server(lambda: self.core, s.grpc_host, s.grpc_port, s.grpc_max_message_bytes)
         if s.rest_port:
             self.rest = await start_http_server(v2_app, s.rest_host, s.rest_port)
+        # Everything loaded so far (BentoML, pydantic, grpc, protobuf, the model) lives as long
+        # as the process: out of the collector's sight, full collections stop walking it.
+        # Measured on digits-cnn gRPC at a fixed load: p50 3.5-3.9 ms vs 5.8-6.0 ms without.
+        gc.collect()
+        gc.freeze()
 
     @bentoml.on_shutdown
     async def stop_listeners(self) -> None:

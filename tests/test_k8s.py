@@ -127,7 +127,11 @@ def test_each_slot_has_its_own_deployment_service_hpa_and_pdb(overlay):
         assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
         assert hpas[name]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
         assert "replicas" not in deployments[name]["spec"]  # the HPA owns it
-        assert {(p["name"], p["port"]) for p in services[name]["spec"]["ports"]} == {("http", 3000), ("grpc", 50051)}
+        assert {(p["name"], p["port"]) for p in services[name]["spec"]["ports"]} == {
+            ("http", 3000),
+            ("v2", 8000),
+            ("grpc", 50051),
+        }
     assert set(services) >= {"redis"} and set(deployments) >= {"redis"}
 
 
@@ -136,13 +140,18 @@ def test_slot_pods_probe_health_expose_metrics_and_run_locked_down(overlay):
     for name in ("digits-blue", "digits-green"):
         template = by_kind(docs, "Deployment")[name]["spec"]["template"]
         (bento,) = template["spec"]["containers"]
-        assert {(p["name"], p["containerPort"]) for p in bento["ports"]} == {("http", 3000), ("grpc", 50051)}
+        assert {(p["name"], p["containerPort"]) for p in bento["ports"]} == {
+            ("http", 3000),
+            ("v2", 8000),
+            ("grpc", 50051),
+        }
         assert bento["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
         assert bento["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
         assert bento["startupProbe"]["grpc"] == {"port": 50051}
         env = {item["name"]: item for item in bento["env"]}
         assert env["CANARY_SERVICE_GRPC_HOST"]["value"] == "0.0.0.0"
         assert env["CANARY_SERVICE_GRPC_PORT"]["value"] == "50051"
+        assert env["CANARY_SERVICE_REST_PORT"]["value"] == "8000"
         assert env["CANARY_SERVICE_CACHE_URL"]["value"] == "redis://redis:6379/0"
         assert (
             env["CANARY_SERVICE_SLOT"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['bento-canary/slot']"
@@ -201,7 +210,8 @@ def test_gateway_routes_point_at_rendered_services():
                 for match in rule.get("matches", []):
                     for header in match.get("headers", []):
                         assert header["type"] == "Exact" and header["name"] == "x-canary"
-        assert services["digits-blue"]["spec"]["ports"][1]["appProtocol"] == "kubernetes.io/h2c"
+        by_name = {p["name"]: p for p in services["digits-blue"]["spec"]["ports"]}
+        assert by_name["grpc"]["appProtocol"] == "kubernetes.io/h2c"
         slots = [by_kind(docs, "Deployment")[f"digits-{slot}"] for slot in ("blue", "green")]
         status = k8s_plan.read_status(slots, by_kind(docs, "HTTPRoute")["digits"], by_kind(docs, "GRPCRoute")["digits"])
         # The planner understands the shipped routes: blue stable, green idle candidate.

@@ -58,7 +58,7 @@ def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> 
         ]
         for r in (r for r in table if r.model == model):
             name = f"**{r.label}**" if r.kind == "project" else r.label
-            extra = f" ({_ratio(r.vs_baseline)} of {r.contender})" if r.vs_baseline is not None else ""
+            extra = f" ({_ratio(r.vs_baseline)} of direct)" if r.vs_baseline is not None else ""
             lines.append(
                 f"| {name}{extra} | {r.protocol} | {_num(r.rps)} | {_num(r.rows_per_s)} | {_num(r.p50_ms, '.1f')} | "
                 f"{_num(r.p99_ms, '.1f')} | {_num(r.fixed_rps)} | {r.errors} | {_ratio(r.vs_best_alternative)} | "
