@@ -170,7 +170,10 @@ def test_weight_changes_switch_and_rollback_lose_no_request(stack, candidate_ben
     finally:
         stop.set()
         grpc_thread.join(timeout=60)
-        locust.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: Locust handles SIGTERM in a gevent signal handler (stats written,
+        # then exit); SIGINT becomes a KeyboardInterrupt in whichever greenlet runs, and with a
+        # fast server that is often a user greenlet, which swallows it (seen: Locust ran on).
+        locust.send_signal(signal.SIGTERM)
         _, stderr = locust.communicate(timeout=60)
     with open(tmp_path / "run_stats.csv") as handle:
         total_row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
