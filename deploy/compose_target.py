@@ -124,6 +124,7 @@ class ComposeStack(LocalStack):
         super().__init__(home, self.compose_settings)
         s = self.compose_settings
         self.cli = ComposeCli(s)
+        self._ps: dict[str, dict[str, Any]] | None = None  # one `compose ps` per status call
         # nginx reads these three through its ./rendered mount
         self.rendered = s.rendered_dir
         self.routing_file = self.rendered / "routing.json"
@@ -222,42 +223,37 @@ class ComposeStack(LocalStack):
         """Redis starts with nginx (apply_nginx_config); compose reports taken ports itself."""
 
     def _slot_running(self, slot: str) -> bool:
-        return self._services(self.store.load()).get(slot, {}).get("State") == "running"
+        return self._service(slot).get("State") == "running"
 
     def down(self) -> list[str]:
         with self.store.locked():
             self.cli.run("down", env=self._tags(self.store.load()))
         return ["compose project " + self.compose_settings.project]
 
+    # -- status (LocalStack.status, with one `compose ps` for the containers) ---------------
     def status(self) -> dict:
-        state = self.store.load()
-        services = self._services(state)
-        slots = {}
-        for slot in SLOTS:
-            service = services.get(slot, {})
-            role = "stable" if slot == state.stable else "candidate" if slot == state.candidate else "idle"
-            share = (100 - state.weight if state.candidate else 100) if role == "stable" else 0
-            share = state.weight if role == "candidate" else share
-            slots[slot] = {
-                "role": role, "bento": state.slots[slot].bento, "model_version": state.slots[slot].model_version,
-                "weight": share, "pid": None, "alive": service.get("State") == "running",
-                "healthy": service.get("Health") == "healthy", "container": service.get("Name"),
-            }  # fmt: skip
-        router: dict[str, Any] = {}
-        nginx_running = self.nginx().running()
-        if nginx_running and self.token_file.exists():
-            try:
-                router = self.nginx().status(self.token_file.read_text().strip())
-            except CanaryError as exc:
-                router = {"error": str(exc)}
-        s = self.compose_settings
+        self._ps = self._services(self.store.load())
+        try:
+            return super().status()
+        finally:
+            self._ps = None
+
+    def _service(self, name: str) -> dict[str, Any]:
+        ps = self._ps if self._ps is not None else self._services(self.store.load())
+        return ps.get(name, {})
+
+    def _slot_status(self, slot: str) -> dict:
+        service = self._service(slot)
         return {
-            "generation": state.generation, "stable": state.stable, "candidate": state.candidate,
-            "weight": state.weight, "shadow": state.shadow, "slots": slots,
-            "nginx": {"running": nginx_running, "rest": s.nginx_rest_port, "grpc": s.nginx_grpc_port, "router": router},
-            "redis": services.get("redis", {}).get("State") == "running", "last_gate": state.last_gate,
-            "target": f"compose project {s.project}",
+            "pid": None, "alive": service.get("State") == "running",
+            "healthy": service.get("Health") == "healthy", "container": service.get("Name"),
         }  # fmt: skip
+
+    def _redis_running(self) -> bool:
+        return self._service("redis").get("State") == "running"
+
+    def _status_extra(self, state: ReleaseState) -> dict:
+        return {"generation": state.generation, "target": f"compose project {self.compose_settings.project}"}
 
     def _services(self, state: ReleaseState) -> dict[str, dict[str, Any]]:
         """`docker compose ps` by service; empty when compose cannot answer."""

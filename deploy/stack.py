@@ -308,13 +308,6 @@ class LocalStack:
         state = self.store.load()
         slots = {}
         for slot in SLOTS:
-            info = self.process(f"slot-{slot}")
-            healthy = False
-            if info.alive:
-                try:
-                    healthy = httpx.get(f"{self.slot_url(slot)}/v2/health/ready", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    healthy = False
             role = "stable" if slot == state.stable else "candidate" if slot == state.candidate else "idle"
             share = (
                 (100 - state.weight if state.candidate else 100)
@@ -325,9 +318,7 @@ class LocalStack:
             )
             slots[slot] = {
                 "role": role, "bento": state.slots[slot].bento, "model_version": state.slots[slot].model_version,
-                "weight": share, "pid": info.pid if info.alive else None, "alive": info.alive, "healthy": healthy,
-                "rest": self.slot_url(slot), "v2": self.slot_v2_url(slot),
-                "grpc": f"{self.settings.host}:{self.settings.slot_ports(slot).grpc}",
+                "weight": share, **self._slot_status(slot),
             }  # fmt: skip
         router: dict = {}
         nginx_running = self.nginx().running()
@@ -340,5 +331,27 @@ class LocalStack:
             "stable": state.stable, "candidate": state.candidate, "weight": state.weight, "shadow": state.shadow,
             "slots": slots, "nginx": {"running": nginx_running, "rest": self.settings.nginx_rest_port,
                                       "grpc": self.settings.nginx_grpc_port, "router": router},
-            "redis": self.process("redis").alive, "last_gate": state.last_gate, "note": state.note,
+            "redis": self._redis_running(), "last_gate": state.last_gate, "note": state.note,
+            **self._status_extra(state),
         }  # fmt: skip
+
+    def _slot_status(self, slot: str) -> dict:
+        """Process, health and addresses of one slot, for `status`."""
+        info = self.process(f"slot-{slot}")
+        healthy = False
+        if info.alive:
+            try:
+                healthy = httpx.get(f"{self.slot_url(slot)}/v2/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+        return {
+            "pid": info.pid if info.alive else None, "alive": info.alive, "healthy": healthy,
+            "rest": self.slot_url(slot), "v2": self.slot_v2_url(slot),
+            "grpc": f"{self.settings.host}:{self.settings.slot_ports(slot).grpc}",
+        }  # fmt: skip
+
+    def _redis_running(self) -> bool:
+        return self.process("redis").alive
+
+    def _status_extra(self, state: ReleaseState) -> dict:
+        return {}
