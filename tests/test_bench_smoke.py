@@ -1,7 +1,7 @@
-"""The benchmark's pure parts (loadtest.bench): wrk parsing, the report arithmetic on recorded
+"""The benchmark's pure parts (bench): wrk parsing, the report arithmetic on recorded
 numbers, and the hand-written FastAPI contender answering one real request in-process.
 
-No training, no servers, no load: the whole benchmark is `python -m loadtest.bench`.
+No training, no servers, no load: the whole benchmark is `python -m bench`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from loadtest.bench.results import (
+from bench.results import (
     CACHE_HIT,
     FIXED,
     SATURATED,
@@ -22,7 +22,7 @@ from loadtest.bench.results import (
     fixed_rate,
     judge_targets,
 )
-from loadtest.bench.wrk import RESULT_PREFIX, lua_script, parse_wrk_output
+from bench.wrk import RESULT_PREFIX, lua_script, parse_wrk_output
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,7 @@ def test_the_int8_row_is_judged_against_fp32_alternatives_and_its_own_limit():
 
 
 def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):
-    from loadtest.bench.report import build_report, render_markdown, write_report
+    from bench.report import build_report, render_markdown, write_report
 
     table = build_table(RECORDED, LIMITS)
     cache = cache_results(RECORDED, {"digits-heavy": (52_000, 1)})
@@ -195,7 +195,7 @@ def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):
 
 
 def test_cli_quick_shrinks_every_run():
-    from loadtest.bench.__main__ import parse_args
+    from bench.__main__ import parse_args
 
     quick = parse_args(["--quick", "--only", "bento", "fastapi", "--workers", "2"])
     full = parse_args([])
@@ -209,8 +209,8 @@ def test_fastapi_contender_answers_a_real_digit(tmp_path):
     import onnxruntime as ort
     from fastapi.testclient import TestClient
 
-    from loadtest.bench.alternatives.fastapi_app import create_app
-    from loadtest.bench.payloads import sample_rows, to_v2_json
+    from bench.alternatives.fastapi_app import create_app
+    from bench.payloads import sample_rows, to_v2_json
     from tests.support.tiny_model import write_tiny_onnx
 
     model = tmp_path / "model.onnx"

@@ -9,7 +9,6 @@ import copy
 import dataclasses
 import functools
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 from deploy import k8s_plan
 from deploy.k8s_plan import MERGE_PATCH, STRATEGIC_MERGE_PATCH, K8sPatch
 from tests.support.k8s import merge_patch
+from tests.support.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -34,11 +34,8 @@ GATEWAY_KINDS = {"Gateway", "HTTPRoute", "GRPCRoute"}
 
 def kustomize_command() -> list[str]:
     """A real kustomize: the standalone binary, else the one built into kubectl."""
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    pytest.skip("no kustomize renderer: install kubectl (it ships kustomize) or kustomize")
+    renderer = require_tool("kustomize", "kubectl", installs="kubectl, which ships kustomize")
+    return [renderer, "build"] if Path(renderer).name == "kustomize" else [renderer, "kustomize"]
 
 
 @functools.cache
@@ -245,9 +242,7 @@ def test_the_scrape_configmap_is_a_valid_prometheus_config(tmp_path):
     """promtool checks the job (relabel rules, RE2 regexes...). Debian builds Prometheus
     without Kubernetes service discovery, so its one `kubernetes_sd_configs` stanza is checked
     here and swapped for an empty static target list before promtool sees the file."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool missing: apt-get install prometheus")
+    promtool = require_tool("promtool", installs="prometheus, which ships promtool")
     (configmap,) = [doc for doc in render("dev") if doc["kind"] == "ConfigMap"]
     config = yaml.safe_load(configmap["data"]["bento-canary.yml"])
     (job,) = config["scrape_configs"]

@@ -18,6 +18,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.support.tools import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 OBSERVABILITY = ROOT / "deploy" / "observability"
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -45,15 +47,8 @@ _KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_le
              "bool", "offset", "inf", "nan"}  # fmt: skip
 
 
-def tool(name: str, install: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} missing: {install}")
-    return path
-
-
 def promtool() -> str:
-    return tool("promtool", "apt-get install prometheus")
+    return require_tool("promtool", installs="prometheus, which ships promtool")
 
 
 def metric_names(expr: str) -> set[str]:
@@ -326,7 +321,7 @@ def test_compose_scrape_targets_are_the_compose_services():
 
 
 def test_docker_compose_resolves_the_file_and_demands_the_slot_tags():
-    docker_compose = tool("docker-compose", "apt-get install docker-compose")
+    docker_compose = require_tool("docker-compose", installs="docker-compose")
     command = [docker_compose, "-p", "bento-canary", "-f", str(COMPOSE_DIR / "compose.yaml"), "config"]
     env = {key: value for key, value in os.environ.items() if not key.endswith("_TAG")}
     run = subprocess.run(command, capture_output=True, text=True, env={**env, "BLUE_TAG": "v3", "GREEN_TAG": "v4"})

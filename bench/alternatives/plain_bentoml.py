@@ -12,7 +12,7 @@ import os
 import bentoml
 import numpy as np
 
-ONNX_PATH_ENV = "BENCH_ONNX_PATH"  # the same name as loadtest.bench.alternatives.ONNX_PATH_ENV
+ONNX_PATH_ENV = "BENCH_ONNX_PATH"  # the same name as bench.alternatives.ONNX_PATH_ENV
 
 
 @bentoml.service(name="plain-digits")

@@ -1,4 +1,4 @@
-"""`python -m loadtest.bench`: the side-by-side serving benchmark (`make bench`).
+"""`python -m bench`: the side-by-side serving benchmark (`make bench`).
 
 Exit codes: 0 the run completed (whatever the targets say: see the report); 2 a contender
 or a load run failed (the report lists it under `failures`), or the options were wrong.
@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from loadtest.bench.config import ARCHITECTURES, CONTENDER_NAMES, DEFAULT_HOME, BenchConfig
+from bench.config import ARCHITECTURES, CONTENDER_NAMES, DEFAULT_HOME, BenchConfig
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny runs (seconds each): a smoke run, not numbers to quote"
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    from loadtest.bench.runner import run_benchmark
+    from bench.runner import run_benchmark
 
     code, _ = run_benchmark(config, lambda line: print(line, flush=True))
     return code

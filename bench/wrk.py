@@ -15,13 +15,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest.bench.cpu import run_accounted
-from loadtest.bench.payloads import Payload
+from bench.cpu import run_accounted
+from bench.payloads import Payload
 
 RESULT_PREFIX = "BENCH_JSON "
 
 LUA_SCRIPT = r"""
--- Written by loadtest.bench.wrk. args: body file, content type, rate per thread (0 = unpaced), extra headers "k=v;...".
+-- Written by bench.wrk. args: body file, content type, rate per thread (0 = unpaced), extra headers "k=v;...".
 local threads = {}
 statuses = {}
 

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.bench.contenders import Contender, Endpoint
-from loadtest.bench.cpu import machine_busy_seconds, tree_cpu_seconds
-from loadtest.bench.grpcload import STARTUP_S, run_grpc_load
-from loadtest.bench.results import Measurement
-from loadtest.bench.wrk import LoadResult, run_wrk
+from bench.contenders import Contender, Endpoint
+from bench.cpu import machine_busy_seconds, tree_cpu_seconds
+from bench.grpcload import STARTUP_S, run_grpc_load
+from bench.results import Measurement
+from bench.wrk import LoadResult, run_wrk
 
 CORES = os.cpu_count() or 1
 

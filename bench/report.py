@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench.results import CacheResult, Measurement, TableRow, Target
+from bench.results import CacheResult, Measurement, TableRow, Target
 
 METHOD_NOTES = (
     "Saturated: closed loop, {connections} connections (gRPC: calls in flight over {grpc_processes} "

@@ -5,7 +5,7 @@ response models, ONNX Runtime with its default session options, no batching and 
 The handler is `async def` and calls `session.run` inline: with one worker process that is
 the fastest shape (a sync `def` would hop through the thread pool and run several sessions
 at once on two cores). Served as
-`uvicorn --factory loadtest.bench.alternatives.fastapi_app:create_app` with
+`uvicorn --factory bench.alternatives.fastapi_app:create_app` with
 `BENCH_ONNX_PATH` set.
 """
 
@@ -18,7 +18,7 @@ import onnxruntime as ort
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from loadtest.bench.alternatives import ONNX_PATH_ENV
+from bench.alternatives import ONNX_PATH_ENV
 
 
 class RequestInput(BaseModel):

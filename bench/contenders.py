@@ -21,11 +21,11 @@ from typing import Protocol
 
 import numpy as np
 
+from bench.alternatives import ONNX_PATH_ENV
+from bench.payloads import Payload, to_grpc, to_mlflow, to_plain_bentoml, to_v2_binary, to_v2_json
+from bench.prepare import PreparedModel
+from bench.processes import new_children, own_children, stop_tree
 from deploy.process import free_port, serving_home, spawn, venv_bin, wait_http_ok
-from loadtest.bench.alternatives import ONNX_PATH_ENV
-from loadtest.bench.payloads import Payload, to_grpc, to_mlflow, to_plain_bentoml, to_v2_binary, to_v2_json
-from loadtest.bench.prepare import PreparedModel
-from loadtest.bench.processes import new_children, own_children, stop_tree
 
 ALTERNATIVES_DIR = Path(__file__).resolve().parent / "alternatives"
 START_TIMEOUT_S = 180.0
@@ -237,12 +237,12 @@ class HandWrittenFastAPI:
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
         port = free_port()
         argv = [
-            sys.executable, "-m", "uvicorn", "--factory", "loadtest.bench.alternatives.fastapi_app:create_app",
+            sys.executable, "-m", "uvicorn", "--factory", "bench.alternatives.fastapi_app:create_app",
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(ctx.workers), "--no-access-log",
         ]  # fmt: skip
         log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
         base = f"http://127.0.0.1:{port}"
-        repo = Path(__file__).resolve().parents[2]
+        repo = Path(__file__).resolve().parents[1]
         with _spawned(argv, base + "/v2/health/ready", log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=repo) as pid:
             yield Served(
                 (Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),),

@@ -1,6 +1,6 @@
 """A small multi-process V2 gRPC load generator (ghz is not packaged for Debian).
 
-The parent starts `processes` children (`python -m loadtest.bench.grpcload ...`), each with
+The parent starts `processes` children (`python -m bench.grpcload ...`), each with
 one `grpc.aio` channel and `concurrency` calls in flight, replaying one pre-serialized
 `ModelInferRequest` (bytes in, bytes out: no protobuf work on the client). All children
 share one wall-clock window (`--start-at`), so their counts add up; each writes its
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.bench.cpu import run_accounted
-from loadtest.bench.payloads import Payload
-from loadtest.bench.wrk import LoadResult
+from bench.cpu import run_accounted
+from bench.payloads import Payload
+from bench.wrk import LoadResult
 from models.home import REPO_ROOT
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -113,7 +113,7 @@ def run_grpc_load(
     def child(i: int):
         out = workdir / f"grpc-{i}.json"
         argv = [
-            sys.executable, "-m", "loadtest.bench.grpcload", "--target", target, "--request", str(request),
+            sys.executable, "-m", "bench.grpcload", "--target", target, "--request", str(request),
             "--out", str(out), "--concurrency", str(per_process), "--rate", f"{rate / processes:.3f}",
             "--start-at", f"{start_at:.3f}", "--warmup", str(warmup_s), "--duration", str(duration_s),
         ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The side-by-side serving benchmark (issue 7): `python -m loadtest.bench [--quick] [--out DIR]`.
+"""The side-by-side serving benchmark (issue 7): `python -m bench [--quick] [--out DIR]`.
 
 This project's Bento (V2 REST JSON, V2 REST binary, V2 gRPC) against a plain BentoML
 service, a hand-written FastAPI server and `mlflow models serve`, all on the same ONNX

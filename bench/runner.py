@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.bench.config import BenchConfig
-from loadtest.bench.prepare import BenchHome, PreparedModel
+from bench.config import BenchConfig
+from bench.prepare import BenchHome, PreparedModel
 
 Say = Callable[[str], None]
 
@@ -26,7 +26,7 @@ def _brief(exc: Exception) -> str:
 
 class BenchRun:
     def __init__(self, config: BenchConfig, home: BenchHome, say: Say) -> None:
-        from loadtest.bench.results import Measurement
+        from bench.results import Measurement
 
         self.config, self.home, self.say = config, home, say
         self.measurements: list[Measurement] = []
@@ -37,7 +37,7 @@ class BenchRun:
         self.quiet_waited = 0.0  # seconds spent waiting for other processes to pause
 
     def context(self, rows):
-        from loadtest.bench.contenders import ServeContext
+        from bench.contenders import ServeContext
 
         return ServeContext(self.config.workers, self.home.logs, rows, self.home.bentoml_home)
 
@@ -45,9 +45,9 @@ class BenchRun:
         self, contender, model: PreparedModel, rows, mode: str, connections: int, rate: float = 0.0
     ) -> None:
         """Start one contender, load each of its endpoints in turn, stop it."""
-        from loadtest.bench.contenders import SkipContender
-        from loadtest.bench.cpu import tree_size
-        from loadtest.bench.measure import describe, load_endpoint, to_measurement
+        from bench.contenders import SkipContender
+        from bench.cpu import tree_size
+        from bench.measure import describe, load_endpoint, to_measurement
 
         c = self.config
         started = time.monotonic()
@@ -93,7 +93,7 @@ class BenchRun:
             self.say(f"  {contender.label}: FAILED to serve: {_brief(exc)}")
 
     def wait_quiet(self) -> None:
-        from loadtest.bench.cpu import wait_for_quiet
+        from bench.cpu import wait_for_quiet
 
         budget = min(self.config.quiet_wait_s, self.config.quiet_budget_s - self.quiet_waited)
         if budget <= 0:
@@ -106,9 +106,9 @@ class BenchRun:
             )
 
     def run_cache(self, model: PreparedModel, rows) -> None:
-        from loadtest.bench.contenders import ProjectBento
-        from loadtest.bench.processes import redis_hits, redis_server
-        from loadtest.bench.results import CACHE_HIT
+        from bench.contenders import ProjectBento
+        from bench.processes import redis_hits, redis_server
+        from bench.results import CACHE_HIT
 
         try:
             with redis_server() as url:
@@ -162,14 +162,14 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
         del os.environ[key]
     home.create()
 
-    from loadtest.bench import machine as stamp
-    from loadtest.bench.config import CONTENDER_NAMES
-    from loadtest.bench.contenders import build_contenders
-    from loadtest.bench.limit import compute_limit
-    from loadtest.bench.payloads import sample_rows
-    from loadtest.bench.prepare import prepare_model
-    from loadtest.bench.report import build_report, render_markdown, write_report
-    from loadtest.bench.results import FIXED, SATURATED, build_table, cache_results, fixed_rate, judge_targets
+    from bench import machine as stamp
+    from bench.config import CONTENDER_NAMES
+    from bench.contenders import build_contenders
+    from bench.limit import compute_limit
+    from bench.payloads import sample_rows
+    from bench.prepare import prepare_model
+    from bench.report import build_report, render_markdown, write_report
+    from bench.results import FIXED, SATURATED, build_table, cache_results, fixed_rate, judge_targets
 
     machine_before = stamp.machine()
     step(f"bench home {home.home}; {config.workers} worker(s) per server; {'QUICK' if config.quick else 'full'} run")
