@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint fmt clean system-deps
+.PHONY: setup demo test bench chaos lint fmt clean system-deps
 
 ## setup: create .venv, install the project and the system services (idempotent)
 setup: $(STAMP) system-deps
@@ -32,14 +32,19 @@ test: setup
 
 ## bench: the side-by-side serving benchmark (minutes; not part of make test)
 bench: setup
-	@$(BIN)/python -m loadtest.bench
+	@$(BIN)/python -m bench
 
-## lint: ruff (lint + format check), mypy on the packages, bandit for security smells
+## chaos: fault drills on a local stack of its own under Locust load, one table (minutes; not part of make test)
+chaos: setup
+	@$(BIN)/python -m deploy.chaos
+
+## lint: ruff (lint + format check), mypy on the packages, the import contracts, bandit for security smells
 lint: setup
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check .
 	@$(BIN)/mypy
-	@$(BIN)/bandit -q -c pyproject.toml -r models service deploy loadtest
+	@$(BIN)/lint-imports --no-cache  # the layering contracts of pyproject.toml [tool.importlinter]
+	@$(BIN)/bandit -q -c pyproject.toml -r models service deploy loadtest bench
 
 ## fmt: apply ruff's fixes and formatting
 fmt: setup

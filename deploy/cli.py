@@ -235,10 +235,28 @@ def switch(dry_run: DryRun = False) -> None:
     _run_plan(stack, plan_switch(stack.store.load()), dry_run)
 
 
+Bake = Annotated[
+    str | None,
+    typer.Option("--bake", help="Watch the new stable this long after promote, e.g. 2m (0 = no bake; "
+                 "default CANARY_STACK_BAKE_S)."),
+]  # fmt: skip
+
+
+def _bake_seconds(stack, text: str | None) -> float:
+    if text is None:
+        return float(stack.settings.bake_s)
+    return 0.0 if text.strip() in ("0", "0s", "0m") else _duration(text)
+
+
 @app.command()
-def promote(dry_run: DryRun = False) -> None:
-    """The candidate becomes stable at 100%; MLflow alias `champion` moves to its version."""
+def promote(dry_run: DryRun = False, bake: Bake = None) -> None:
+    """The candidate becomes stable at 100% after a check (alive, ready, smoke inference); the
+    old stable stays warm while the new one bakes on live traffic, and a breach of the gate's
+    SLOs switches back by itself. Then MLflow alias `champion` moves to its version.
+
+    Exit code 0 promoted, 1 refused or switched back."""
     from deploy.release import plan_promote
+    from deploy.rollout import promote as run_promote
 
     if _on_k8s():
         plan, version = _k8s().promote(dry_run)
@@ -250,7 +268,17 @@ def promote(dry_run: DryRun = False) -> None:
             typer.echo(f"MLflow alias champion -> version {version}")
         return
     stack = _stack()
-    _run_plan(stack, plan_promote(stack.store.load()), dry_run)
+    bake_s = _bake_seconds(stack, bake)
+    state = stack.store.load()
+    if dry_run or not state.baking:
+        for line in (plan := plan_promote(state, bake_s, "now")).describe():
+            typer.echo(line)
+        if bake_s > 0:
+            typer.echo(f"  bake {bake_s:g}s, then stop slot {state.stable} and move MLflow alias champion")
+        if dry_run:
+            typer.echo(plan.diff() or "(routing unchanged)")
+            return
+    raise typer.Exit(run_promote(stack, bake_s, say, _champion_mover(stack)))
 
 
 @app.command()
@@ -363,8 +391,9 @@ def rollout(
     step_duration: Annotated[str, typer.Option("--step-duration", help="Gate load per step.")] = "30s",
     users: Users = 16,
     spawn_rate: SpawnRate = 16.0,
+    bake: Bake = None,
 ) -> None:
-    """Walk the weight steps, gate each; roll back on a failed gate, promote after the last."""
+    """Walk the weight steps, gate each; roll back on a failed gate, promote (and bake) after the last."""
     from deploy.rollout import GateOptions
     from deploy.rollout import rollout as run_rollout
 
@@ -374,8 +403,9 @@ def rollout(
         raise CanaryError(f"--steps {steps!r} must be comma-separated percentages, e.g. 5,25,50,100") from None
     stack = _stack()
     code = run_rollout(
-        stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack)
-    )
+        stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack),
+        bake_s=_bake_seconds(stack, bake),
+    )  # fmt: skip
     raise typer.Exit(code)
 
 

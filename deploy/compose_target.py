@@ -129,6 +129,7 @@ class ComposeStack(LocalStack):
         self.rendered = s.rendered_dir
         self.routing_file = self.rendered / "routing.json"
         self.token_file = self.rendered / "admin.token"
+        self.force_token_file = self.rendered / "force.token"
 
     # -- what compose runs ----------------------------------------------------------------
     def _tags(self, state: ReleaseState) -> dict[str, str]:
@@ -199,13 +200,16 @@ class ComposeStack(LocalStack):
 
         self.rendered.mkdir(parents=True, exist_ok=True)
         ensure_token(self.token_file)
-        self.token_file.chmod(0o644)  # the container's nginx reads it through a read-only mount
+        ensure_token(self.force_token_file)
+        for token in (self.token_file, self.force_token_file):
+            token.chmod(0o644)  # the container's nginx reads it through a read-only mount
         write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
         ports = NginxPorts(8080, 8081, 8079)  # inside the container (compose.yaml maps them)
         generation = int(time.time() * 1000) % 2_000_000_000
         config = render_config(
             CONTAINER_PREFIX, ports, self._slot_addresses(), CONTAINER_RENDERED / "routing.json",
             CONTAINER_RENDERED / "admin.token", generation, layout=CONTAINER_LAYOUT,
+            force_token_file=CONTAINER_RENDERED / "force.token",
         )  # fmt: skip
         (self.rendered / "nginx.conf").write_text(config)
         services = ["redis", "nginx", "prometheus", "grafana"]
@@ -241,6 +245,26 @@ class ComposeStack(LocalStack):
     def _service(self, name: str) -> dict[str, Any]:
         ps = self._ps if self._ps is not None else self._services(self.store.load())
         return ps.get(name, {})
+
+    def slot_metrics(self, slot: str) -> str:
+        """The slot's /metrics, read inside its container (slots publish no host ports)."""
+        from deploy.bake import MetricsUnavailable
+
+        script = "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:3000/metrics',timeout=5).read().decode())"
+        try:
+            return self.cli.run(
+                "exec", "-T", slot, "python", "-c", script, env=self._tags(self.store.load()), timeout=30
+            )
+        except CanaryError as exc:
+            raise MetricsUnavailable(str(exc)) from None
+
+    def slot_problem(self, slot: str) -> str | None:
+        """Why `slot`'s container cannot serve now (compose's state and health check), or None."""
+        service = self._services(self.store.load()).get(slot, {})
+        if service.get("State") != "running":
+            return f"slot {slot}'s container is {service.get('State') or 'gone'}"
+        health = service.get("Health")
+        return None if health in ("healthy", "", None) else f"slot {slot}'s container is {health}"
 
     def _slot_status(self, slot: str) -> dict:
         service = self._service(slot)

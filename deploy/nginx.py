@@ -33,6 +33,7 @@ NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
 MODULES_DIR = Path("/usr/lib/nginx/modules")  # Debian's libnginx-mod-http-lua and -ndk
 _SLOT_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _UNSAFE_PATH = re.compile(r'["$\n\r]|\]==\]')  # would break out of a quoted nginx or Lua string
+_CIDR = re.compile(r"^[0-9A-Fa-f:.]+(/\d{1,3})?$")
 _SEVERITY = (r"\[(emerg|alert|crit)\]", r"init_by_lua error", r"\[error\]")
 
 
@@ -142,8 +143,9 @@ def _nginx_duration(seconds: float) -> str:
 
 def render_config(
     prefix: Path, ports: NginxPorts, slots: Sequence[SlotAddress], routing_file: Path, token_file: Path,
-    config_generation: int, shadow_timeout_s: float = 1.0, *, max_fails: int = 1, fail_timeout_s: int = 10,
+    config_generation: int, shadow_timeout_s: float = 1.0, *, max_fails: int = 3, fail_timeout_s: int = 10,
     max_body: str = "8m", client_timeout_s: float = 10.0, layout: NginxLayout | None = None,
+    force_token_file: Path | None = None, force_allow: Sequence[str] = (), upstream_timeout_s: float = 10.0,
 ) -> str:  # fmt: skip
     """The nginx config text for these listeners and slots (pure: reads only the template).
 
@@ -152,6 +154,13 @@ def render_config(
     `slots` are the addresses nginx starts with (the first is the default stable slot);
     the routing file, when present, overrides them. `config_generation` is what
     `GET /canary/status` reports once workers run this config.
+
+    Passive health: `max_fails` transport failures (connect error, reset, timeout) of a slot
+    within `fail_timeout_s` take it out of unforced rotation for `fail_timeout_s`; a slot's
+    own 503 never counts. `upstream_timeout_s` bounds how long nginx waits for a slot's
+    answer before it counts as a timeout (and an unforced request moves to the other slot).
+    `X-Canary` forcing is honoured only with the token in `force_token_file` (none: no
+    token forces) or from the CIDRs in `force_allow`.
     """
     layout = layout or NginxLayout()
     prefix, routing_file, token_file = Path(prefix).resolve(), Path(routing_file).resolve(), Path(token_file).resolve()
@@ -162,11 +171,21 @@ def render_config(
         raise ValueError("render_config needs one or more slots with distinct names")
     if not 0 < shadow_timeout_s <= 60 or max_fails < 1 or fail_timeout_s < 1:
         raise ValueError("shadow_timeout_s must be in (0, 60], max_fails and fail_timeout_s at least 1")
+    if not 0 < upstream_timeout_s <= 3600:
+        raise ValueError("upstream_timeout_s must be in (0, 3600]")
+    for source in force_allow:
+        if not _CIDR.match(source):
+            raise ValueError(f"force_allow entry {source!r} must be an IPv4/IPv6 address or CIDR")
     init = {
         "config_generation": int(config_generation), "max_fails": max_fails, "fail_timeout": fail_timeout_s,
         "routing_file": str(routing_file), "token_file": str(token_file), "default_stable": slots[0].name,
         "slots": {s.name: s.to_json() for s in slots},
     }  # fmt: skip
+    if force_token_file is not None:
+        force_path = str(Path(force_token_file).resolve())
+        if _UNSAFE_PATH.search(force_path):
+            raise ValueError(f"path {force_path!r} has a character nginx config cannot quote")
+        init["force_token_file"] = force_path
     # An nginx config, not HTML: escaping would corrupt it; every value is ours, validated above.
     env = jinja2.Environment(  # noqa: S701  # nosec B701
         loader=jinja2.FileSystemLoader(NGINX_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
@@ -177,6 +196,7 @@ def render_config(
         admin_host=layout.admin_host, admin_allow=layout.admin_allow,
         init_json=json.dumps(init, sort_keys=True), shadow_timeout=_nginx_duration(shadow_timeout_s),
         max_body=max_body, client_timeout=_nginx_duration(client_timeout_s),
+        upstream_timeout=_nginx_duration(upstream_timeout_s), force_allow=tuple(force_allow),
     )  # fmt: skip
 
 

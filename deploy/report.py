@@ -24,6 +24,11 @@ def format_status(data: dict) -> str:
             f"{name:<6} {slot['role']:<10} {slot['weight']:>5}%  {slot['bento'] or '-':<22} "
             f"{slot['model_version'] or '-':>7}  {health:<9} {counts.get(name, 0):>8}"
         )
+    if baking := data.get("baking"):
+        lines.append(
+            f"baking: slot {baking['slot']} promoted at {baking['since']} for {baking['bake_s']:g}s; "
+            f"slot {baking['previous']} kept warm (`canary rollback` switches back)"
+        )
     if data.get("shadow"):
         lines.append("shadow: stable traffic is mirrored to the candidate")
     gate = data.get("last_gate")

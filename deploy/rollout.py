@@ -1,10 +1,14 @@
-"""`canary gate` and `canary rollout`: Locust gates that decide each canary step.
+"""`canary gate`, `canary rollout` and `canary promote`: the decisions of a release.
 
 The gate loads stable and candidate side by side through nginx, each forced with
-`X-Canary: never|always`, so each slot is measured on its own (nginx's passive health would
-hide a failing candidate from weighted totals). A rollout walks the weight steps, gates each
-one, rolls back on a failed gate (or on two inconclusive gates in a row) and promotes after
-the last step. Ctrl-C or a crash leaves the candidate at 0% with a note `canary status` shows.
+`X-Canary: never|always` and the stack's force token, so each slot is measured on its own;
+every answer must come from the slot it was sent to, with that slot's model version (the
+router never fails a forced request over, and the gate checks `X-Canary-Slot`). A rollout
+walks the weight steps, gates each one, rolls back on a failed gate (or on two inconclusive
+gates in a row) and promotes after the last step; a promote checks the candidate, routes
+all traffic to it and bakes: the new stable is watched on live traffic while the old one
+stays warm, and a breach switches back by itself. Ctrl-C or a crash leaves the candidate at
+0% with a note `canary status` shows.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from deploy.release import plan_promote, plan_rollback, plan_weight
+from deploy.release import plan_finish_promote, plan_promote, plan_revert_promote, plan_rollback, plan_weight
 from deploy.stack import LocalStack
 from models.errors import CanaryError
 
@@ -29,11 +33,18 @@ class GateOptions:
 
 
 def gate_targets(stack: LocalStack):
+    """Both slots through nginx, forced, each with the slot name and model version that
+    must answer (a mismatch fails the request)."""
     from loadtest.targets import Target
 
     s = stack.settings
+    state = stack.store.load()
     rest, grpc = f"http://{s.host}:{s.nginx_rest_port}", f"{s.host}:{s.nginx_grpc_port}"
-    return Target(rest, grpc, {"X-Canary": "never"}), Target(rest, grpc, {"X-Canary": "always"})
+    targets = []
+    for force, slot in (("never", state.stable), ("always", state.candidate)):
+        version = state.slots[slot].model_version if slot else None
+        targets.append(Target(rest, grpc, {"X-Canary": force}, slot=slot, model_version=version))
+    return targets[0], targets[1]
 
 
 def run_gate_on_stack(stack: LocalStack, options: GateOptions, label: str = "manual"):
@@ -47,7 +58,10 @@ def run_gate_on_stack(stack: LocalStack, options: GateOptions, label: str = "man
     version = state.slots[state.candidate].model_version
     out_dir = stack.home.home / "gates" / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}"
     stable, candidate = gate_targets(stack)
-    outcome = run_gate(stable, candidate, options.duration_s, options.users, options.spawn_rate, out_dir)
+    outcome = run_gate(
+        stable, candidate, options.duration_s, options.users, options.spawn_rate, out_dir,
+        force_token=stack.force_token(),
+    )  # fmt: skip
     verdict = outcome.verdict.verdict if outcome.verdict else "error"
     summary = outcome.verdict.summary if outcome.verdict else (outcome.error or "the gate could not run")
     mlflow_uri = None
@@ -72,8 +86,9 @@ def run_gate_on_stack(stack: LocalStack, options: GateOptions, label: str = "man
 
 
 def rollout(
-    stack: LocalStack, steps: Sequence[int], options: GateOptions, say: Say, on_champion: Callable[[str], None]
-) -> int:
+    stack: LocalStack, steps: Sequence[int], options: GateOptions, say: Say, on_champion: Callable[[str], None],
+    bake_s: float | None = None,
+) -> int:  # fmt: skip
     """Weight steps, each gated, then promote; returns the exit code (0 promoted, 1 rolled
     back on a failed or twice-inconclusive gate, 2 the gate itself could not run)."""
     from loadtest.gate import INCONCLUSIVE
@@ -103,13 +118,52 @@ def rollout(
                 stack.execute(plan_rollback(stack.store.load(), reason=reason))
                 say(f"rolled back to 0%: {reason}")
                 return EXIT_HARNESS if outcome.exit_code == EXIT_HARNESS else EXIT_FAIL
-        stack.execute(plan_promote(stack.store.load()), on_champion=on_champion)
-        say("every step passed: the candidate is promoted (MLflow alias champion moved)")
-        return EXIT_PASS
+        return promote(stack, stack.settings.bake_s if bake_s is None else bake_s, say, on_champion)
     except BaseException as exc:  # Ctrl-C or a crash: leave traffic at a safe, stated weight
         state = stack.store.load()
-        if state.candidate is not None and state.weight > 0:
+        if state.baking:
+            stack.execute(plan_revert_promote(state, f"rollout interrupted during the bake ({type(exc).__name__})"))
+            say("rollout interrupted during the bake: the old stable has all traffic again")
+        elif state.candidate is not None and state.weight > 0:
             why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"crashed ({type(exc).__name__})"
             stack.execute(plan_rollback(state, reason=f"rollout {why} at {state.weight}%: traffic held at 0%"))
             say(f"rollout {why}: candidate traffic set to 0%; `canary status` shows it")
         raise
+
+
+def promote(stack: LocalStack, bake_s: float, say: Say, on_champion: Callable[[str], None] | None) -> int:
+    """Check the candidate, give it all traffic, bake, then stop the old stable and move the
+    champion alias. Returns 0 promoted, 1 switched back because the bake found a breach.
+    A bake that was interrupted (its state is kept) is resumed by calling this again."""
+    import datetime
+
+    from deploy.bake import BakeLimits, watch
+
+    state = stack.store.load()
+    if not state.baking:
+        since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        state = stack.execute(plan_promote(state, bake_s, since))
+        if not state.baking:  # no bake: promoted in one plan
+            if on_champion is not None:
+                on_champion(state.slots[state.stable].model_version or "")
+            say(f"promoted: slot {state.stable} is stable (no bake)")
+            return EXIT_PASS
+        say(f"slot {state.stable} has all traffic; baking {bake_s:g}s against the gate's SLOs "
+            f"(slot {state.candidate} kept warm)")  # fmt: skip
+    else:
+        bake_s = float(state.baking.get("bake_s", bake_s))
+        say(f"resuming the bake of slot {state.stable} ({bake_s:g}s)")
+    slot, s = state.stable, stack.settings
+    limits = BakeLimits.from_thresholds(window_s=s.bake_window_s, min_requests=s.bake_min_requests)
+    result = watch(
+        lambda: stack.slot_metrics(slot), lambda: stack.slot_problem(slot), bake_s, limits,
+        interval_s=s.bake_interval_s, say=say,
+    )  # fmt: skip
+    if not result.passed:
+        reason = f"bake of slot {slot} failed: {result.reason}"
+        stack.execute(plan_revert_promote(stack.store.load(), reason))
+        say(f"switched back: {reason}")
+        return EXIT_FAIL
+    stack.execute(plan_finish_promote(stack.store.load(), result.reason), on_champion=on_champion)
+    say(f"bake passed ({result.reason}): slot {slot} is stable; MLflow alias champion moved")
+    return EXIT_PASS

@@ -45,6 +45,29 @@ class StackSettings(BaseSettings):
     green_v2_port: int = Field(default=8002, description="Green slot's own V2 REST listener.")
     redis_port: int = Field(default=6390, description="Redis (shared response cache).")
     slot_ready_timeout_s: float = Field(default=180.0, description="How long a new slot may take to get ready.")
+    # -- release safety (see nginx/lua/canary_router.lua and deploy/bake.py)
+    router_max_fails: int = Field(
+        default=3, ge=1, description="Transport failures (connect error, reset, timeout) of a slot within "
+        "router_fail_timeout_s that take it out of unforced rotation; a slot's own 503 never counts.",
+    )  # fmt: skip
+    router_fail_timeout_s: int = Field(
+        default=10, ge=1, description="Window for router_max_fails, and how long a failed slot stays out."
+    )
+    upstream_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long nginx waits for a slot's answer; then an unforced request "
+        "moves to the other slot and a forced one gets 503.",
+    )  # fmt: skip
+    force_allow: list[str] = Field(
+        default_factory=list, description="Networks (CIDR) whose clients may force a slot with X-Canary "
+        "without the force token (JSON list). Empty: only the token in force.token forces.",
+    )  # fmt: skip
+    bake_s: float = Field(
+        default=120.0, ge=0, description="After promote, how long the new stable is watched against the "
+        "gate's SLOs, the old stable kept warm to switch back to; 0 = no bake.",
+    )  # fmt: skip
+    bake_interval_s: float = Field(default=2.0, gt=0, description="How often the bake reads the new stable's metrics.")
+    bake_window_s: float = Field(default=30.0, gt=0, description="Sliding window the bake judges.")
+    bake_min_requests: int = Field(default=20, ge=1, description="Requests a bake window needs to be judged.")
 
     def slot_ports(self, slot: str) -> SlotPorts:
         return SlotPorts(*(getattr(self, f"{slot}_{kind}_port") for kind in ("rest", "grpc", "v2")))
@@ -74,6 +97,7 @@ class LocalStack:
         self.store = StateStore(self.folder)
         self.routing_file = self.folder / "routing.json"
         self.token_file = self.folder / "admin.token"
+        self.force_token_file = self.folder / "force.token"  # lets the gate force a slot (mode 0600)
 
     # -- processes ----------------------------------------------------------------------
     def _pid_file(self, name: str) -> Path:
@@ -193,16 +217,54 @@ class LocalStack:
             self._stop(f"slot-{slot}")
             raise
 
-    def smoke_test(self, slot: str, model_version: str) -> None:
+    def smoke_test(self, slot: str, model_version: str, state: ReleaseState | None = None) -> None:
         from models.data import load_split
 
         split = load_split()
         rows = split.x_test[:8]
-        body = {"inputs": [{"name": "input", "shape": [8, 64], "datatype": "FP32", "data": rows.tolist()}]}
+        body = {"inputs": [{"name": "input", "shape": [8, 64], "datatype": "FP32", "data": rows.tolist()}],
+                "parameters": {"cache": False}}  # fmt: skip  # the model must answer, not the cache
         # through the V2 listener: the path nginx sends clients' /v2/ traffic to
-        answer = httpx.post(f"{self.slot_v2_url(slot)}/v2/models/digits/infer", json=body, timeout=30)
-        if answer.status_code != 200 or answer.json().get("model_version") != model_version:
-            raise CanaryError(f"smoke inference on slot {slot} failed: HTTP {answer.status_code} {answer.text[:200]}")
+        try:
+            answer = httpx.post(f"{self.slot_v2_url(slot)}/v2/models/digits/infer", json=body, timeout=15.0)
+        except httpx.HTTPError as exc:
+            raise CanaryError(f"smoke inference on slot {slot} failed: {type(exc).__name__} {exc}") from None
+        got = answer.json().get("model_version") if answer.status_code == 200 else None
+        if got != model_version:
+            raise CanaryError(
+                f"smoke inference on slot {slot} failed: HTTP {answer.status_code}, model version {got!r} "
+                f"(want {model_version!r}) {answer.text[:200]}"
+            )
+
+    def check_slot(self, slot: str, model_version: str) -> None:
+        """Right before a slot takes more traffic: alive, ready, and a correct smoke inference."""
+        if problem := self.slot_problem(slot):
+            raise CanaryError(f"{problem}; traffic stays where it was")
+        try:
+            self.smoke_test(slot, model_version)
+        except CanaryError as exc:
+            raise CanaryError(f"{exc}; traffic stays where it was") from None
+
+    def slot_metrics(self, slot: str) -> str:
+        """The slot's Prometheus text (its /metrics), for the bake."""
+        from deploy.bake import MetricsUnavailable
+
+        try:
+            answer = httpx.get(f"{self.slot_url(slot)}/metrics", timeout=5.0)
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise MetricsUnavailable(f"{type(exc).__name__} {exc}") from None
+        return answer.text
+
+    def slot_problem(self, slot: str) -> str | None:
+        """Why `slot` cannot serve right now (process gone, health failing), or None."""
+        if not self._slot_running(slot):
+            return f"slot {slot}'s process is gone"
+        try:
+            code = httpx.get(f"{self.slot_url(slot)}/v2/health/ready", timeout=3.0).status_code
+        except httpx.HTTPError as exc:
+            return f"slot {slot} does not answer its health check ({type(exc).__name__})"
+        return None if code == 200 else f"slot {slot} is not ready (HTTP {code})"
 
     def stop_slot(self, slot: str) -> None:
         self._stop(f"slot-{slot}")
@@ -227,14 +289,33 @@ class LocalStack:
         from deploy.nginx import NginxPorts, ensure_token, render_config, write_routing_file
 
         ensure_token(self.token_file)
+        ensure_token(self.force_token_file)
         write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
         controller = self.nginx()  # its ports were checked free by up() before anything started
         generation = int(time.time() * 1000) % 2_000_000_000
         ports = NginxPorts(self.settings.nginx_rest_port, self.settings.nginx_grpc_port, self.settings.nginx_admin_port)
         config = render_config(
-            controller.prefix, ports, self._slot_addresses(), self.routing_file, self.token_file, generation
+            controller.prefix,
+            ports,
+            self._slot_addresses(),
+            self.routing_file,
+            self.token_file,
+            generation,
+            **self._router_options(),
         )
         controller.apply(config, generation)
+
+    def _router_options(self) -> dict:
+        s = self.settings
+        return {"max_fails": s.router_max_fails, "fail_timeout_s": s.router_fail_timeout_s,
+                "upstream_timeout_s": s.upstream_timeout_s, "force_allow": tuple(s.force_allow),
+                "force_token_file": self.force_token_file}  # fmt: skip
+
+    def force_token(self) -> str:
+        """The token that lets a client (the gate) force a slot with X-Canary."""
+        from deploy.nginx import ensure_token
+
+        return ensure_token(self.force_token_file)
 
     def set_routing(self, state: ReleaseState) -> None:
         from deploy.nginx import ensure_token, write_routing_file
@@ -294,6 +375,9 @@ class LocalStack:
             if plan.start_slot:
                 slot, bento = plan.start_slot
                 self.start_slot(slot, bento, plan.after.slots[slot].model_version or "")
+            for slot in plan.check_slots:  # a dead or wrong slot never gets more traffic
+                if not plan.start_slot or slot != plan.start_slot[0]:
+                    self.check_slot(slot, plan.after.slots[slot].model_version or "")
             self.set_routing(plan.after)
             self.store.save(plan.after)
             if plan.stop_slot:
@@ -332,6 +416,7 @@ class LocalStack:
             "slots": slots, "nginx": {"running": nginx_running, "rest": self.settings.nginx_rest_port,
                                       "grpc": self.settings.nginx_grpc_port, "router": router},
             "redis": self._redis_running(), "last_gate": state.last_gate, "note": state.note,
+            "baking": state.baking,
             **self._status_extra(state),
         }  # fmt: skip
 

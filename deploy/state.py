@@ -41,6 +41,9 @@ class ReleaseState:
     generation: int = 0
     last_gate: dict[str, Any] | None = None
     note: str = ""  # e.g. "rollout interrupted at 25%: traffic held at 0%"
+    # set from promote until its bake ends: {"slot": new stable, "previous": old stable (warm),
+    # "since": ISO time, "bake_s": seconds}. While set, the old stable is the `candidate` at 0%.
+    baking: dict[str, Any] | None = None
 
     @property
     def idle(self) -> str:

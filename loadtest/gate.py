@@ -3,7 +3,8 @@ beyond reading the thresholds file.
 
 `decide(stable, candidate, thresholds)` runs every check and returns a `GateVerdict`:
 "pass" only when both slots got enough traffic and every check passed, "inconclusive" when
-either slot got too little traffic (whatever the figures say), "fail" otherwise.
+either slot got too little traffic or stable stopped answering (whatever the figures say),
+"fail" otherwise.
 """
 
 from __future__ import annotations
@@ -66,7 +67,13 @@ class GateThresholds:
 class SlotStats:
     """What one slot showed during the gate, from its successful requests: latencies,
     top-class confidences, and per input id (shared by both slots: the same digit sent to
-    both at the same moment) the (label, predicted class) and the latency."""
+    both at the same moment) the (label, predicted class) and the latency.
+
+    unpaired: requests of this slot whose twin (the same input to the other slot) has no
+    outcome; None = not tracked. answered_after_load: whether a request sent once the load
+    stopped got this slot's right answer (a slot that died in the run's last moment has
+    nothing else to show it); None = not checked, `after_load_detail` says why not.
+    """
 
     name: str
     requests: int
@@ -76,6 +83,9 @@ class SlotStats:
     confidences: tuple[float, ...] = ()
     answers: Mapping[int, tuple[int, int]] = field(default_factory=dict)
     latency_by_input: Mapping[int, float] = field(default_factory=dict)
+    unpaired: int | None = None
+    answered_after_load: bool | None = None
+    after_load_detail: str = ""
 
     def percentile(self, q: float) -> float | None:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
@@ -115,6 +125,8 @@ class SlotStats:
             "p50_ms": self.p50_ms, "p95_ms": self.p95_ms, "p99_ms": self.p99_ms,
             "throughput_rps": self.throughput_rps, "error_ratio": self.error_ratio, "accuracy": self.accuracy,
             "mean_confidence": float(np.mean(self.confidences)) if self.confidences else None,
+            "unpaired": self.unpaired, "answered_after_load": self.answered_after_load,
+            "after_load_detail": self.after_load_detail,
         }  # fmt: skip
 
 
@@ -213,15 +225,36 @@ def paired_checks(stable: SlotStats, candidate: SlotStats, t: GateThresholds) ->
     ]
 
 
+def after_load_check(stats: SlotStats) -> Check:
+    answered = bool(stats.answered_after_load)
+    detail = "answered right" if answered else stats.after_load_detail or "no right answer"
+    return Check(f"{stats.name}_answers_after_load", float(answered), 1.0, answered, detail)
+
+
+def paired_requests_check(stable: SlotStats, candidate: SlotStats) -> Check:
+    """Every input went to both slots at once, so both must have settled the same inputs."""
+    unpaired = (stable.unpaired or 0) + (candidate.unpaired or 0)
+    detail = f"{stable.requests} stable vs {candidate.requests} candidate requests, {unpaired} without their twin"
+    return Check("requests_paired", float(unpaired), 0.0, unpaired == 0, detail)
+
+
 def decide(stable: SlotStats, candidate: SlotStats, thresholds: GateThresholds) -> GateVerdict:
     """Judge the candidate against stable; see the module docstring for the verdict rules."""
     t = thresholds
     enough = [_at_least(f"samples_{s.name}", float(s.requests), t.min_samples_per_slot) for s in (stable, candidate)]
+    # Without a live stable there is nothing to compare with: no verdict on the candidate.
+    stable_alive = [after_load_check(stable)] if stable.answered_after_load is not None else []
+    judgeable = [*enough, *stable_alive]
+    liveness = [after_load_check(candidate)] if candidate.answered_after_load is not None else []
+    tracked = stable.unpaired is not None or candidate.unpaired is not None
+    pairing = [paired_requests_check(stable, candidate)] if tracked else []
     increase = None
     if stable.error_ratio is not None and candidate.error_ratio is not None:
         increase = candidate.error_ratio - stable.error_ratio
     checks = (
-        *enough,
+        *judgeable,
+        *liveness,
+        *pairing,
         _at_most("candidate_p95_ms", candidate.p95_ms, t.slo_p95_ms),
         _at_most("candidate_error_ratio", candidate.error_ratio, t.slo_error_ratio),
         latency_check(stable, candidate, t),
@@ -229,12 +262,14 @@ def decide(stable: SlotStats, candidate: SlotStats, thresholds: GateThresholds) 
         *paired_checks(stable, candidate, t),
     )
     failed = [c for c in checks if not c.passed]
-    if not all(c.passed for c in enough):
+    if not all(c.passed for c in judgeable):
         verdict = INCONCLUSIVE
         short = [f"{c.name} {c.value:.0f} < {c.limit:.0f}" for c in enough if not c.passed]
-        reason = "too little traffic: " + ", ".join(short)
+        reasons = ["too little traffic: " + ", ".join(short)] if short else []
+        reasons += [f"stable does not answer after the load: {c.detail}" for c in stable_alive if not c.passed]
+        reason = "; ".join(reasons)
     elif failed:
-        verdict, reason = FAIL, "; ".join(f"{c.name} {_fmt(c.value)} (limit {_fmt(c.limit)})" for c in failed)
+        verdict, reason = FAIL, "; ".join(_failure(c) for c in failed)
     else:
         verdict = PASS
         reason = (
@@ -242,6 +277,12 @@ def decide(stable: SlotStats, candidate: SlotStats, thresholds: GateThresholds) 
             f"errors {_fmt(candidate.error_ratio)}, accuracy {_fmt(candidate.accuracy)} vs {_fmt(stable.accuracy)}"
         )
     return GateVerdict(verdict, checks, f"{verdict}: {reason}")
+
+
+def _failure(check: Check) -> str:
+    if check.name.endswith("_answers_after_load"):
+        return f"{check.name}: {check.detail}"  # a yes/no: the reason says more than the figure
+    return f"{check.name} {_fmt(check.value)} (limit {_fmt(check.limit)})"
 
 
 def _fmt(value: float | None) -> str:

@@ -3,7 +3,24 @@
     locust -f loadtest/gate_locustfile.py --headless -u 16 -r 16 -t 30s \\
         --stable-rest http://127.0.0.1:8080 --stable-header "X-Canary: never" \\
         --candidate-rest http://127.0.0.1:8080 --candidate-header "X-Canary: always" \\
-        --stable-grpc 127.0.0.1:50051 --candidate-grpc 127.0.0.1:50051 --gate-out gate-out/
+        --stable-grpc 127.0.0.1:50051 --candidate-grpc 127.0.0.1:50051 --gate-out gate-out/ \\
+        --stable-slot blue --stable-version 2 --candidate-slot green --candidate-version 3 \\
+        --gate-force-token-file ~/.canary/force-token
+
+Who answered is checked, not assumed: with `--<slot>-slot NAME` an answer must carry
+`X-Canary-Slot: NAME` (gRPC: `x-canary-slot` initial metadata), with `--<slot>-version V`
+its V2 `model_version` must be V; any other answer is a failed request of that target.
+When the router wants a token for forced requests, give it in the environment variable
+CANARY_GATE_FORCE_TOKEN (what `run_gate` does) or as a file with `--gate-force-token-file`,
+never as a header option: command lines are visible to every user of the machine (ps). It
+goes out as `X-Canary-Force-Token` (gRPC: `x-canary-force-token`) with every request.
+
+A request still unanswered when the load stops counts: the users get up to the request
+timeout to finish (Locust's stop timeout), what is still open then and older than the hang
+threshold (`loadtest.samples.hang_after_s`) is a failure "no answer after N s", and once
+the load stops each slot must answer one more request per protocol; a slot that died in
+the run's last moment fails there. So a dead or frozen candidate never passes, and the run
+ends about a request timeout after its duration at the latest.
 
 Exit codes (`environment.process_exit_code`): 0 pass, 1 fail or inconclusive, 2 the gate
 itself could not run (bad arguments or thresholds, a target unreachable at start, an
@@ -14,21 +31,24 @@ exception in the harness, an interrupted run). Writes result.json, latency/timel
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import gevent
 import grpc
 import locust.log
 from locust import constant_throughput, events
 
 from loadtest.gate import DEFAULT_THRESHOLDS, GateThresholds
 from loadtest.results import EXIT_HARNESS, RESULT_FILE, RunConfig, finish_gate, write_error
-from loadtest.samples import DigitFeed, SampleBook
-from loadtest.targets import SLOTS, Target, from_args
-from loadtest.users import USER_CLASSES, GateContext, bind
+from loadtest.samples import DigitFeed, SampleBook, hang_after_s
+from loadtest.targets import FORCE_TOKEN_ENV, SLOTS, Target, from_args
+from loadtest.users import NO_PROXY, USER_CLASSES, GateContext, answers_now, bind
 
 # Locust runs the User classes it finds in this module's namespace.
 RestJsonUser, RestBinaryUser, GrpcUser = (USER_CLASSES[p] for p in ("rest-json", "rest-binary", "grpc"))
@@ -55,6 +75,13 @@ def add_arguments(parser) -> None:
         group.add_argument(
             f"--{slot}-header", action="append", default=[], help=f"'Name: value' sent to {slot} (repeatable)"
         )
+        group.add_argument(f"--{slot}-slot", default=None, help=f"router slot that must answer {slot} (X-Canary-Slot)")
+        group.add_argument(f"--{slot}-version", default=None, help=f"model version that must answer {slot}")
+    group.add_argument(
+        "--gate-force-token-file",
+        default=None,
+        help=f"file holding the router's force token (default: ${FORCE_TOKEN_ENV}); never pass it as an option",
+    )
     group.add_argument("--gate-thresholds", default=str(DEFAULT_THRESHOLDS), help="thresholds YAML file")
     group.add_argument("--gate-out", default="gate-out", help="directory for result.json, plots and report.md")
     group.add_argument(
@@ -92,13 +119,29 @@ def parse_protocols(text: str | None, targets: dict[str, Target]) -> dict[str, i
     return weights
 
 
-def probe(slot: str, target: Target, uses_grpc: bool) -> None:
+def read_force_token(token_file: str | None) -> str | None:
+    """The force token from `--gate-force-token-file`, else from the environment; the
+    token's value never goes into an error message."""
+    if token_file:
+        try:
+            token = Path(token_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise GateSetupError(f"cannot read --gate-force-token-file {token_file}: {exc.strerror}") from None
+    else:
+        token = os.environ.get(FORCE_TOKEN_ENV, "").strip()
+    if token and not token.isprintable():
+        raise GateSetupError("the force token must be a single line of printable characters")
+    return token or None
+
+
+def probe(slot: str, context: GateContext, uses_grpc: bool) -> None:
     """Fail fast when nothing answers; any HTTP answer (even 503) counts as reachable:
     a candidate that answers badly must fail the gate, not abort it."""
-    # `Target` admits http(s) base URLs only, so urlopen cannot be pointed at a file.
-    request = urllib.request.Request(f"{target.rest}/v2/health/live", headers=dict(target.headers))  # noqa: S310
+    target = context.target(slot)
+    # `Target` admits http(s) base URLs only, so the opener cannot be pointed at a file.
+    request = urllib.request.Request(f"{target.rest}/v2/health/live", headers=context.headers(slot))  # noqa: S310
     try:
-        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()  # noqa: S310  # nosec B310
+        NO_PROXY.open(request, timeout=PROBE_TIMEOUT_S).close()  # nosec B310
     except urllib.error.HTTPError:
         pass
     except (OSError, ValueError) as exc:
@@ -111,6 +154,44 @@ def probe(slot: str, target: Target, uses_grpc: bool) -> None:
                 raise GateSetupError(f"{slot} gRPC target {target.grpc} is unreachable") from None
 
 
+class AfterLoadCheck:
+    """Once the load stops, one request per protocol to each slot, alongside the users' last
+    requests: a slot that died in the run's last moment has nothing else to show it."""
+
+    def __init__(self, context: GateContext, protocols: tuple[str, ...]) -> None:
+        self.context, self.protocols = context, protocols
+        self.calls: dict[tuple[str, str], gevent.Greenlet] = {}
+
+    def start(self, **_kwargs) -> None:
+        _, row, _ = self.context.feed.next()
+        self.calls = {
+            (slot, protocol): gevent.spawn(answers_now, self.context, slot, protocol, row)
+            for slot in SLOTS
+            for protocol in self.protocols
+        }
+
+    def finish(self) -> dict[str, str | None]:
+        """Per slot None (answered right) or why not; waits at most the request timeout."""
+        timeout_s = self.context.timeout_s
+        gevent.joinall(list(self.calls.values()), timeout=timeout_s + 1.0)
+        # A check that never ran must not pass for one that did.
+        errors: dict[str, str | None] = {slot: None if self.calls else "not checked" for slot in SLOTS}
+        for (slot, protocol), call in self.calls.items():
+            if not call.ready():
+                call.kill(block=False)
+                error = f"{protocol}: no answer after {timeout_s:g} s"
+            elif call.exception is not None:
+                error = f"{protocol}: {type(call.exception).__name__}: {call.exception}"
+            else:
+                error = call.value
+            errors[slot] = errors[slot] or error
+        return errors
+
+
+class NoAnswer(Exception):
+    """A request still open when the load stopped (reported to Locust's statistics)."""
+
+
 @dataclass(frozen=True)
 class GateRun:
     """Everything the quitting handler needs to decide."""
@@ -119,13 +200,33 @@ class GateRun:
     thresholds: GateThresholds
     config: RunConfig
     out_dir: Path
+    after_load: AfterLoadCheck
+
+    def on_test_stop(self, environment, **_kwargs) -> None:
+        """Settle the requests the stop left open, then collect the after-load answers."""
+        book = self.context.book
+        hung = book.stop()
+        for sample in hung:  # the book has them; this puts them in Locust's printed table too
+            request_type = "grpc" if sample.protocol == "grpc" else "POST"
+            context = {"slot": sample.slot, "protocol": sample.protocol, "pair": sample.pair, "label": sample.label}
+            environment.events.request.fire(
+                request_type=request_type, name=f"{sample.slot} {sample.protocol}", response_time=sample.latency_ms,
+                response_length=0, exception=NoAnswer(sample.error), context=context,
+            )  # fmt: skip
+        if hung:
+            per_slot = Counter(s.slot for s in hung)
+            log.warning("requests with no answer when the load stopped: %s", dict(per_slot))
+        book.after_load.update(self.after_load.finish())
+        for slot, error in book.after_load.items():
+            if error:
+                log.warning("%s gave no right answer after the load: %s", slot, error)
 
 
 def set_up(environment) -> GateRun:
     options = environment.parsed_options
     try:
         targets = {
-            s: from_args(getattr(options, f"{s}_rest"), getattr(options, f"{s}_grpc"), getattr(options, f"{s}_header"))
+            s: from_args(*(getattr(options, f"{s}_{part}") for part in ("rest", "grpc", "header", "slot", "version")))
             for s in SLOTS
         }
         thresholds = GateThresholds.from_yaml(options.gate_thresholds)
@@ -134,22 +235,38 @@ def set_up(environment) -> GateRun:
     weights = parse_protocols(options.gate_protocols, targets)
     if options.gate_user_rate < 0:
         raise GateSetupError("--gate-user-rate must be >= 0")
+    if not options.gate_timeout > 0:
+        raise GateSetupError("--gate-timeout must be > 0")
+    force_token = read_force_token(options.gate_force_token_file)
     for name, user_class in USER_CLASSES.items():
         user_class.weight = weights.get(name, 0)
         if options.gate_user_rate:
             user_class.wait_time = constant_throughput(options.gate_user_rate)
     environment.user_classes[:] = [u for u in environment.user_classes if u.weight > 0]
-    for slot, target in targets.items():
-        probe(slot, target, bool(weights.get("grpc")))
-    book = SampleBook()
+    book = SampleBook(hang_s=hang_after_s(options.gate_timeout, thresholds.slo_p95_ms))
+    context = GateContext(
+        targets["stable"], targets["candidate"], DigitFeed.test_split(), book, options.gate_model,
+        options.gate_timeout, force_token,
+    )  # fmt: skip
+    for slot in SLOTS:
+        probe(slot, context, bool(weights.get("grpc")))
+    # Let the users finish the requests in flight when the load stops instead of killing them
+    # mid-flight: each ends within the request timeout, answered or failed. Whatever is still
+    # open after that is settled by the book's hang rule.
+    environment.stop_timeout = max(float(environment.stop_timeout or 0), options.gate_timeout + 1.0)
+    mix = ",".join(f"{name}={weight}" for name, weight in weights.items() if weight)
+    config = RunConfig(
+        options.num_users or 1, options.spawn_rate, mix, options.gate_thresholds, options.gate_model,
+        options.gate_timeout, book.hang_s, force_token is not None,
+    )  # fmt: skip
+    after_load = AfterLoadCheck(context, ("rest-json", "grpc") if weights.get("grpc") else ("rest-json",))
+    run = GateRun(context, thresholds, config, Path(options.gate_out), after_load)
     environment.events.request.add_listener(book.on_request)
     environment.events.test_start.add_listener(lambda **_: book.start())
-    environment.events.test_stop.add_listener(lambda **_: book.stop())
-    feed = DigitFeed.test_split()
-    context = GateContext(targets["stable"], targets["candidate"], feed, book, options.gate_model, options.gate_timeout)
-    mix = ",".join(f"{name}={weight}" for name, weight in weights.items() if weight)
-    config = RunConfig(options.num_users or 1, options.spawn_rate, mix, options.gate_thresholds, options.gate_model)
-    return GateRun(context, thresholds, config, Path(options.gate_out))
+    environment.events.test_stopping.add_listener(lambda **_: setattr(context, "stopping", True))
+    environment.events.test_stopping.add_listener(after_load.start)
+    environment.events.test_stop.add_listener(run.on_test_stop)
+    return run
 
 
 @events.init.add_listener

@@ -1,7 +1,9 @@
 """Turn a finished gate run into its files: `result.json`, plots and `report.md`.
 
 `result.json` is the contract between the Locust process and `run_gate`: the verdict, its
-checks, per-slot (and per-protocol) figures, the configuration, the exit code and the paths
+checks, per-slot (and per-protocol) figures with the commonest failure messages (e.g.
+"answered by slot blue (version 2), sent to green (version 3)"), each target (its slot and
+model version; secret header values masked), the configuration, the exit code and the paths
 of the report files. A harness error writes the same file with verdict "error".
 """
 
@@ -23,6 +25,7 @@ RESULT_FILE = "result.json"
 SAMPLES_FILE = "samples.csv"
 EXIT_PASS, EXIT_FAIL, EXIT_HARNESS = 0, 1, 2
 ERROR = "error"  # the verdict recorded when the gate itself could not run
+MAX_REASONS = 10  # failure messages kept per slot in result.json
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class RunConfig:
     protocols: str
     thresholds: str
     model: str
+    timeout_s: float = 10.0
+    hang_after_s: float = 2.0  # see `loadtest.samples.hang_after_s`
+    force_token: bool = False  # whether one was sent (never its value)
 
 
 def exit_code_for(verdict: GateVerdict) -> int:
@@ -45,8 +51,9 @@ def per_protocol(book: SampleBook) -> dict[str, dict[str, dict[str, float | int]
 
     table: dict[str, dict[str, dict[str, float | int]]] = {slot: {} for slot in SLOTS}
     for slot in SLOTS:
-        for protocol in sorted({s.protocol for s in book.samples if s.slot == slot}):
-            mine = [s for s in book.samples if s.slot == slot and s.protocol == protocol]
+        counted = book.counted(slot)
+        for protocol in sorted({s.protocol for s in counted}):
+            mine = [s for s in counted if s.protocol == protocol]
             good = [s.latency_ms for s in mine if s.ok]
             table[slot][protocol] = {
                 "requests": len(mine),
@@ -69,7 +76,16 @@ def finish_gate(
         **verdict.to_dict(),
         "exit_code": exit_code_for(verdict),
         "error": None,
-        "slots": {slot: {**stats[slot].summary(), "target": targets[slot].describe()} for slot in SLOTS},
+        "slots": {
+            slot: {
+                **stats[slot].summary(),
+                "target": targets[slot].describe(),
+                "failure_reasons": dict(book.failure_reasons(slot).most_common(MAX_REASONS)),
+            }
+            for slot in SLOTS
+        },
+        # inputs dropped from both slots: still open, and not yet hung, when the load stopped
+        "inputs_cut_at_stop": len(book.cut),
         "per_protocol": per_protocol(book),
         "config": {**asdict(config), "duration_s": stop - start, "thresholds_values": asdict(thresholds)},
         "started_at": start,

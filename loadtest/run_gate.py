@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from loadtest.gate import DEFAULT_THRESHOLDS, GateVerdict
 from loadtest.results import ERROR, EXIT_HARNESS, RESULT_FILE
-from loadtest.targets import Target
+from loadtest.targets import FORCE_TOKEN_ENV, Target
 
 LOCUSTFILE = Path(__file__).with_name("gate_locustfile.py")
 REPO_ROOT = LOCUSTFILE.parents[1]
@@ -59,14 +59,16 @@ def _harness_error(message: str, result_path: Path | None = None) -> GateOutcome
 
 def locust_command(
     stable: Target, candidate: Target, duration_s: float, users: int, spawn_rate: float, out_dir: Path,
-    thresholds_path: Path, protocols: str | None = None, user_rate: float = 5.0,
+    thresholds_path: Path, protocols: str | None = None, user_rate: float = 5.0, timeout_s: float = 10.0,
 ) -> list[str]:  # fmt: skip
-    """The Locust command line of one gate run."""
+    """The Locust command line of one gate run. It has no force token on purpose: a command
+    line is readable by every user of the machine (`ps`); `run_gate` passes the token in
+    the Locust process's environment."""
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"]
     argv += ["-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{math.ceil(duration_s)}s"]
     argv += [*stable.to_args("stable"), *candidate.to_args("candidate")]
     argv += ["--gate-out", str(out_dir), "--gate-thresholds", str(thresholds_path)]
-    argv += ["--gate-user-rate", f"{user_rate:g}"]
+    argv += ["--gate-user-rate", f"{user_rate:g}", "--gate-timeout", f"{timeout_s:g}"]
     return argv + (["--gate-protocols", protocols] if protocols else [])
 
 
@@ -81,6 +83,8 @@ def run_gate(
     *,
     protocols: str | None = None,
     user_rate: float = 5.0,
+    timeout_s: float = 10.0,
+    force_token: str | None = None,
     stream: TextIO | None = None,
 ) -> GateOutcome:
     """Load `stable` and `candidate` side by side for `duration_s` and decide.
@@ -90,30 +94,46 @@ def run_gate(
     exit code 2 with `error` set. `protocols` is the mix, e.g. "rest-json=2,grpc=1"
     (default: REST JSON, REST binary and, when both targets have an address, gRPC).
     `user_rate` is the digits per second each user sends to both slots (0 = flat out).
+    `timeout_s` is the per-request timeout: a dead or frozen candidate ends the run at most
+    about this long after `duration_s`, with exit code 1. Each target's `slot` and
+    `model_version`, when set, must be who answers its requests.
+    `force_token` goes out as `X-Canary-Force-Token` (gRPC metadata `x-canary-force-token`)
+    with every request to both targets; it reaches Locust through the environment variable
+    CANARY_GATE_FORCE_TOKEN, never its command line, and is written nowhere. None: no token
+    (one in this process's environment is not passed on either).
     """
     stream = stream or sys.stdout
-    if not (duration_s > 0 and users >= 1 and spawn_rate > 0):
-        got = f"duration {duration_s}, users {users}, spawn rate {spawn_rate}"
-        return _harness_error(f"need duration > 0, users >= 1 and spawn rate > 0 (got {got})")
+    if not (duration_s > 0 and users >= 1 and spawn_rate > 0 and timeout_s > 0):
+        got = f"duration {duration_s}, users {users}, spawn rate {spawn_rate}, timeout {timeout_s}"
+        return _harness_error(f"need duration > 0, users >= 1, spawn rate > 0 and timeout > 0 (got {got})")
+    if force_token is not None and not (force_token.strip() and force_token.isprintable()):
+        return _harness_error("the force token must be a non-empty line of printable characters")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)  # a stale result must never pass for this run's
     argv = locust_command(
-        stable, candidate, duration_s, users, spawn_rate, out_dir, Path(thresholds_path), protocols, user_rate
-    )
+        stable, candidate, duration_s, users, spawn_rate, out_dir, Path(thresholds_path), protocols, user_rate,
+        timeout_s,
+    )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop(FORCE_TOKEN_ENV, None)  # only the token of this call, if any
+    if force_token is not None:
+        env[FORCE_TOKEN_ENV] = force_token.strip()
+    # The load, then up to a timeout for the requests in flight and the after-load check.
+    deadline_s = duration_s + 2 * timeout_s + GRACE_S
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=REPO_ROOT, env=env,
         start_new_session=True,  # its own process group: a timeout or Ctrl-C here kills all of it
+        preexec_fn=_die_with_parent,  # noqa: PLW1509  # nosec B603 - no shell; fixed argv
     )  # fmt: skip
     pump = threading.Thread(target=_copy_lines, args=(process.stdout, stream), name="gate-output", daemon=True)
     pump.start()
     try:
-        code = process.wait(duration_s + GRACE_S)
+        code = process.wait(deadline_s)
     except subprocess.TimeoutExpired:
         _kill(process)
-        return _harness_error(f"Locust did not finish within {duration_s + GRACE_S:.0f} s")
+        return _harness_error(f"Locust did not finish within {deadline_s:.0f} s")
     except BaseException:  # Ctrl-C: no half-measured verdict, and no orphaned Locust
         _kill(process)
         raise
@@ -141,6 +161,19 @@ def _copy_lines(source: TextIO, stream: TextIO) -> None:
     for line in source:
         stream.write(line)
         stream.flush()
+
+
+def _die_with_parent() -> None:
+    """In the Locust child, before exec: SIGTERM it when `canary` dies, even by SIGKILL
+    (its own session keeps it out of Ctrl-C's reach; a gate outliving its caller would go on
+    forcing load onto the slots). Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill(process: subprocess.Popen) -> None:

@@ -3,15 +3,23 @@
 Every task takes the next labelled digit of the test split and sends that SAME input to
 stable and to the candidate at the same moment (which one is sent first alternates), so both
 slots are measured under the same load and their predictions can be compared on identical
-inputs. Each request is reported through Locust's request event with its slot,
-input id, label and prediction in `context`; `SampleBook.on_request` records it.
+inputs. Each request is announced to the `SampleBook` before it goes out (so one that never
+comes back still counts) and reported through Locust's request event with its slot, input
+id, label and prediction in `context`; `SampleBook.on_request` records it.
+
+An answer counts only if it comes from the slot and model version the target names
+(`Target.wrong_answerer`): a router that fails a forced request over to the other slot
+must not have the gate measure stable as the candidate.
 
 This module patches gRPC for gevent on import: import it only inside a Locust process.
 """
 
 from __future__ import annotations
 
+import http.client
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +29,14 @@ import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from locust import User, constant, task
 from locust.contrib.fasthttp import FastHttpSession
+from locust.exception import StopUser
 from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
 from loadtest.samples import DigitFeed, SampleBook
-from loadtest.targets import SLOTS, Target
+from loadtest.targets import FORCE_TOKEN_HEADER, SLOT_HEADER, SLOTS, Target
 from loadtest.v2codec import (
     HEADER_LENGTH,
+    Prediction,
     WrongAnswer,
     from_grpc_answer,
     from_rest_answer,
@@ -39,6 +49,9 @@ from loadtest.v2codec import (
 # Must run after gevent's monkey-patching (done by importing locust) and before any channel.
 grpc_gevent.init_gevent()
 
+# The users reach the targets directly (FastHttp ignores proxy variables): so do the probes.
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 @dataclass
 class GateContext:
@@ -50,9 +63,19 @@ class GateContext:
     book: SampleBook
     model: str = "digits"
     timeout_s: float = 10.0
+    force_token: str | None = None  # lets forced requests through the router; never logged
+    stopping: bool = False  # set when the load stops: no new input may go out
 
     def target(self, slot: str) -> Target:
         return self.stable if slot == "stable" else self.candidate
+
+    def headers(self, slot: str) -> dict[str, str]:
+        """The target's headers, plus the force token when there is one."""
+        token = {FORCE_TOKEN_HEADER: self.force_token} if self.force_token else {}
+        return {**self.target(slot).headers, **token}
+
+    def metadata(self, slot: str) -> tuple[tuple[str, str], ...]:
+        return tuple((k.lower(), v) for k, v in self.headers(slot).items())
 
     def order(self, pair: int) -> tuple[str, str]:
         return SLOTS if DigitFeed.stable_first(pair) else SLOTS[::-1]
@@ -82,7 +105,13 @@ class PairedUser(User):
 
     @task
     def same_digit_to_both_slots(self) -> None:
+        if self.gate.stopping:
+            # Locust checks a user's state before waking it and kills it only afterwards: a user
+            # whose wait ended during the stop would send an input only to be killed mid-flight.
+            raise StopUser()
         pair, row, label = self.gate.feed.next()
+        for slot in SLOTS:  # before either is sent: a request killed unstarted is open too
+            self.gate.book.begin(slot, self.protocol, pair, label)
         # Both requests in flight at once: each slot always carries the same concurrency.
         # Sent one after the other, a momentarily slow slot would collect the waiting users
         # and the other would idle, turning every hiccup into a large latency difference.
@@ -117,7 +146,7 @@ class RestUser(PairedUser):
         body, headers = self.encode(row)
         context = {"slot": slot, "protocol": self.protocol, "pair": pair, "label": label}
         url = self.path.format(model=self.gate.model)
-        headers = {**self.gate.target(slot).headers, **headers}
+        headers = {**self.gate.headers(slot), **headers}
         name = f"{slot} {self.protocol}"
         session = self.sessions[slot]
         payload: Any = body  # typed str by Locust; geventhttpclient sends bytes as they are
@@ -131,6 +160,10 @@ class RestUser(PairedUser):
                 prediction = from_rest_answer(resp.content or b"")
             except WrongAnswer as exc:
                 resp.failure(f"wrong answer: {exc}")
+                return
+            answered_by = resp.headers.get(SLOT_HEADER) if resp.headers else None
+            if wrong := self.gate.target(slot).wrong_answerer(answered_by, prediction.model_version):
+                resp.failure(wrong)
                 return
             # Locust copied our context into the request's metadata: the prediction goes there.
             resp.request_meta["context"].update(predicted=prediction.predicted, confidence=prediction.confidence)
@@ -178,25 +211,69 @@ class GrpcUser(PairedUser):
     def send(self, slot: str, pair: int, row: np.ndarray, label: int) -> None:
         context = {"slot": slot, "protocol": self.protocol, "pair": pair, "label": label}
         request = to_grpc_request(row, self.gate.model)
-        metadata = self.gate.target(slot).grpc_metadata
         exception: Exception | None = None
         length = 0
         started = time.perf_counter()
         try:
-            response = self.stubs[slot].ModelInfer(request, metadata=metadata, timeout=self.gate.timeout_s)
-            elapsed = time.perf_counter() - started
-            length = response.ByteSize()
-            prediction = from_grpc_answer(response)
+            prediction, length = grpc_infer(self.stubs[slot], request, self.gate, slot)
             context.update(predicted=prediction.predicted, confidence=prediction.confidence)
         except grpc.RpcError as exc:
-            elapsed = time.perf_counter() - started
             exception = GrpcFailure(f"{exc.code().name}: {exc.details()}")
         except WrongAnswer as exc:
-            exception = GrpcFailure(f"wrong answer: {exc}")
+            exception = GrpcFailure(str(exc))
+        elapsed = time.perf_counter() - started
         self.environment.events.request.fire(
             request_type="grpc", name=f"{slot} {self.protocol}", response_time=elapsed * 1000,
             response_length=length, exception=exception, context=context,
         )  # fmt: skip
+
+
+def grpc_infer(stub: Any, request: Any, gate: GateContext, slot: str) -> tuple[Prediction, int]:
+    """One ModelInfer call: (its prediction, the answer's size). Raises grpc.RpcError, or
+    WrongAnswer for a malformed answer or one from another slot or model version."""
+    response, call = stub.ModelInfer.with_call(request, metadata=gate.metadata(slot), timeout=gate.timeout_s)
+    try:
+        prediction = from_grpc_answer(response)
+    except WrongAnswer as exc:
+        raise WrongAnswer(f"wrong answer: {exc}") from None
+    # The router sends its slot as initial metadata (the answer's HTTP/2 headers).
+    answered_by = dict(call.initial_metadata() or ()).get(SLOT_HEADER.lower())
+    if wrong := gate.target(slot).wrong_answerer(answered_by, prediction.model_version):
+        raise WrongAnswer(wrong)
+    return prediction, response.ByteSize()
+
+
+def rest_infer(gate: GateContext, slot: str, row: np.ndarray) -> None:
+    """One V2 REST JSON inference outside Locust's sessions; raises WrongAnswer or OSError."""
+    target = gate.target(slot)
+    headers = {**gate.headers(slot), "Content-Type": "application/json"}
+    url = f"{target.rest}/v2/models/{gate.model}/infer"
+    # `Target` admits http(s) base URLs only, so this cannot open a file.
+    request = urllib.request.Request(url, data=to_json_body(row), headers=headers, method="POST")  # noqa: S310
+    try:
+        with NO_PROXY.open(request, timeout=gate.timeout_s) as answer:
+            body, answered_by = answer.read(), answer.headers.get(SLOT_HEADER)
+    except urllib.error.HTTPError as exc:
+        raise WrongAnswer(f"HTTP {exc.code}") from None
+    prediction = from_rest_answer(body)
+    if wrong := target.wrong_answerer(answered_by, prediction.model_version):
+        raise WrongAnswer(wrong)
+
+
+def answers_now(gate: GateContext, slot: str, protocol: str, row: np.ndarray) -> str | None:
+    """Whether `slot` gives a right answer from the right server right now: None if it does,
+    else why not. Sent as the load stops, outside Locust's users and its statistics."""
+    try:
+        if protocol == "grpc":
+            with grpc.insecure_channel(gate.target(slot).grpc) as channel:
+                grpc_infer(pb2_grpc.GRPCInferenceServiceStub(channel), to_grpc_request(row, gate.model), gate, slot)
+        else:
+            rest_infer(gate, slot, row)
+    except grpc.RpcError as exc:
+        return f"{protocol}: {exc.code().name}: {exc.details()}"
+    except (WrongAnswer, OSError, http.client.HTTPException) as exc:
+        return f"{protocol}: {exc or type(exc).__name__}"
+    return None
 
 
 USER_CLASSES = {"rest-json": RestJsonUser, "rest-binary": RestBinaryUser, "grpc": GrpcUser}

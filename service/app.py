@@ -107,7 +107,7 @@ class DigitsService:
             batching=BatchingConfig(settings.max_batch_size, settings.max_latency_ms, settings.max_queue_rows),
             cache=build_cache(settings, self.metrics.cache_event),
             observer=self.metrics,
-            faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio),
+            faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio, settings.fault_after_requests),
         )
         self.core.start()
         self.grpc: GrpcEndpoint | None = None

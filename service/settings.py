@@ -57,7 +57,12 @@ class ServiceSettings(BaseSettings):
 
     # -- fault injection (tests and chaos drills only; settable only here, at start)
     fault_latency_ms: float = Field(default=0.0, ge=0, description="Extra time per model batch (a slower model).")
-    fault_error_ratio: float = Field(default=0.0, ge=0, le=1, description="Share of requests failed with 500.")
+    fault_error_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="Share of requests failed with 500, on a counted schedule (evenly spread)."
+    )
+    fault_after_requests: int = Field(
+        default=0, ge=0, description="Requests answered normally before injected errors start (e.g. the smoke test)."
+    )
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> ServiceSettings:

@@ -1,10 +1,16 @@
 """The promotion gate: its verdict rules on synthetic samples, its exit-code contract with
-short real Locust runs, and the issue's four scenarios against real served Bentos."""
+short real Locust runs, the issue's four scenarios against real served Bentos, and that it
+cannot be fooled by the router (who answered, the force token, a slot dying mid-run)."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import statistics
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -14,11 +20,22 @@ from scipy.stats import mannwhitneyu
 
 from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds, GateVerdict, SlotStats, decide
 from loadtest.results import exit_code_for
-from loadtest.run_gate import log_to_mlflow, run_gate
-from loadtest.samples import DigitFeed, SampleBook
-from loadtest.targets import Target
+from loadtest.run_gate import locust_command, log_to_mlflow, run_gate
+from loadtest.samples import DigitFeed, SampleBook, hang_after_s
+from loadtest.targets import FORCE_TOKEN_ENV, Target, from_args
 from loadtest.v2codec import WrongAnswer, from_rest_answer
-from tests.support.gate_fixtures import GateSlot, gate, gate_slot, run_locust
+from tests.support.gate_fixtures import (
+    FAKE_DURATION_S,
+    FAKE_TIMEOUT_S,
+    GateSlot,
+    fake_gate,
+    fake_slot,
+    fake_target,
+    fake_thresholds,
+    gate,
+    gate_slot,
+    run_locust,
+)
 
 pytest_plugins = ["tests.support.gate_fixtures"]  # stable_slot, twin_slot, twin_outcomes, worse_model...
 
@@ -214,6 +231,311 @@ def test_sample_book_pairs_inputs_across_slots():
     stable, candidate = book.slot_stats("stable"), book.slot_stats("candidate")
     assert (stable.requests, candidate.requests, candidate.failures) == (1, 2, 1)
     assert stable.answers == {0: (4, 4)} and candidate.answers == {0: (4, 4)}
+
+
+def context(slot_name: str, pair: int, protocol: str = "rest-json", label: int = 4) -> dict:
+    return {"slot": slot_name, "protocol": protocol, "pair": pair, "label": label}
+
+
+def answer(book: SampleBook, slot_name: str, pair: int, ok: bool = True) -> None:
+    """Report one finished request to `book` as Locust would."""
+    ctx = context(slot_name, pair)
+    if ok:
+        ctx.update(predicted=4, confidence=0.9)
+    book.on_request(response_time=5.0, exception=None if ok else RuntimeError("HTTP 500"), context=ctx)
+
+
+def test_requests_open_past_the_hang_threshold_fail_their_slot():
+    book = SampleBook(hang_s=2.0)
+    book.start()
+    for pair in range(3):
+        book.begin("stable", "grpc", pair, label=4)
+        book.begin("candidate", "grpc", pair, label=4)
+    answer(book, "stable", 0)
+    answer(book, "candidate", 0)
+    answer(book, "stable", 1)  # the candidate's request 1 never comes back
+    sent = book.open[("candidate", 1)].sent
+    # request 2 (both slots) was sent only 0.5 s before the stop: caught by the end, not hung
+    book.open[("stable", 2)] = replace(book.open[("stable", 2)], sent=sent + 2.5)
+    book.open[("candidate", 2)] = replace(book.open[("candidate", 2)], sent=sent + 2.5)
+
+    hung = book.stop(now=sent + 3.0)
+
+    assert [(s.slot, s.pair, s.ok, s.error) for s in hung] == [("candidate", 1, False, "no answer after 3.0 s")]
+    assert hung[0].latency_ms == pytest.approx(3000.0) and hung[0].protocol == "grpc"
+    stable, candidate = book.slot_stats("stable"), book.slot_stats("candidate")
+    assert (stable.requests, stable.failures, candidate.requests, candidate.failures) == (2, 0, 2, 1)
+    assert book.cut == {2} and (stable.unpaired, candidate.unpaired) == (0, 0)
+    assert book.failure_reasons("candidate") == {"no answer after 3.0 s": 1}
+
+
+def test_a_closed_book_ignores_late_answers():
+    book = SampleBook(hang_s=2.0)
+    book.begin("candidate", "rest-json", 0, label=4)
+    book.stop(now=book.open[("candidate", 0)].sent + 10.0)
+    answer(book, "candidate", 0)  # the hung request "answers" after the verdict's samples were settled
+    assert [(s.ok, s.error) for s in book.samples] == [(False, "no answer after 10.0 s")]
+
+
+def test_a_request_killed_before_it_was_sent_is_still_counted():
+    book = SampleBook(hang_s=2.0)
+    book.begin("stable", "rest-binary", 7, label=1)
+    book.begin("candidate", "rest-binary", 7, label=1)
+    answer(book, "stable", 7)  # the candidate's greenlet was killed before it sent anything
+    book.stop(now=book.open[("candidate", 7)].sent + 2.0)
+    assert book.slot_stats("candidate").failures == 1 and book.slot_stats("stable").requests == 1
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "slo_p95_ms", "hang_s"),
+    [(10.0, 500.0, 2.0), (10.0, 1500.0, 6.0), (1.0, 500.0, 1.0), (30.0, 100.0, 2.0)],
+)
+def test_the_hang_threshold_sits_above_healthy_latency_and_below_the_timeout(timeout_s, slo_p95_ms, hang_s):
+    assert hang_after_s(timeout_s, slo_p95_ms) == pytest.approx(hang_s)
+
+
+def test_a_candidate_answering_far_fewer_requests_than_stable_never_passes():
+    book = SampleBook()
+    for pair in range(1000):
+        answer(book, "stable", pair)
+        if pair % 2:  # half of the candidate's requests went missing, the rest answered fine
+            answer(book, "candidate", pair)
+    verdict = decide(book.slot_stats("stable"), book.slot_stats("candidate"), THRESHOLDS)
+    paired = next(c for c in verdict.checks if c.name == "requests_paired")
+    assert verdict.verdict == FAIL and not paired.passed and paired.value == 500
+    assert "1000 stable vs 500 candidate" in paired.detail
+
+
+def test_a_candidate_dead_after_the_load_fails_and_a_dead_stable_is_inconclusive():
+    latencies = base_latencies()
+    alive, dead = {"answered_after_load": True}, {"answered_after_load": False, "after_load_detail": "grpc: timed out"}
+    stable, candidate = slot("stable", latencies), slot("candidate", latencies)
+    verdict = decide(replace(stable, **alive), replace(candidate, **dead), THRESHOLDS)
+    assert verdict.verdict == FAIL and failed(verdict) == {"candidate_answers_after_load"}
+    assert "grpc: timed out" in verdict.summary
+    verdict = decide(replace(stable, **dead), replace(candidate, **alive), THRESHOLDS)
+    assert verdict.verdict == INCONCLUSIVE and "stable does not answer after the load" in verdict.summary
+    assert decide(replace(stable, **alive), replace(candidate, **alive), THRESHOLDS).verdict == PASS
+
+
+@pytest.mark.parametrize(
+    ("answered_by", "version", "message"),
+    [
+        ("green", "3", None),
+        ("blue", "2", "answered by slot blue (version 2), sent to green (version 3)"),
+        ("green", "2", "answered by slot green (version 2), sent to green (version 3)"),
+        (None, "3", "answered by a server without X-Canary-Slot (version 3), sent to green (version 3)"),
+    ],
+)
+def test_a_target_knows_who_must_answer_it(answered_by, version, message):
+    assert Target("http://nginx:8080", slot="green", model_version="3").wrong_answerer(answered_by, version) == message
+
+
+def test_targets_carry_slot_and_version_through_the_command_line_and_the_report():
+    target = Target("http://nginx:8080", "nginx:50051", {"X-Canary": "always"}, "green", "3")
+    args = target.to_args("candidate")
+    assert args[args.index("--candidate-slot") + 1] == "green" and args[args.index("--candidate-version") + 1] == "3"
+    assert from_args("http://nginx:8080", "nginx:50051", ["X-Canary: always"], "green", "3") == target
+    assert target.describe()["slot"] == "green" and target.describe()["model_version"] == "3"
+    unchecked = Target("http://nginx:8080")
+    assert unchecked.wrong_answerer("blue", "9") is None and "--stable-slot" not in unchecked.to_args("stable")
+    leaky = Target("http://nginx:8080", headers={"X-Canary-Force-Token": "s3cret"})
+    assert "s3cret" not in json.dumps(leaky.describe())
+
+
+# -- the gate against the router's contract (real Locust, fake V2 slots) ---------------------
+
+
+def per_protocol_failures(outcome, slot_name: str) -> dict[str, tuple[int, int]]:
+    return {p: (f["requests"], f["failures"]) for p, f in outcome.result["per_protocol"][slot_name].items()}
+
+
+@pytest.mark.parametrize(
+    ("answering", "message"),
+    [
+        # nginx failed the forced candidate request over to stable: blue answers for green
+        ("blue", "answered by slot blue (version 2), sent to green (version 3)"),
+        # the right slot, but it still runs the old model
+        ("green-old", "answered by slot green (version 2), sent to green (version 3)"),
+    ],
+)
+def test_answers_from_the_wrong_slot_or_model_version_fail_the_gate(tmp_path, answering, message):
+    with fake_slot("blue", "2") as blue, fake_slot("green-old", "2", slot_header="green") as green_old:
+        wrong = {"blue": blue, "green-old": green_old}[answering]
+        stable = fake_target(blue, "never", "blue", "2")
+        candidate = fake_target(wrong, "always", "green", "3")
+        outcome = fake_gate(stable, candidate, tmp_path / "out")
+    assert outcome.exit_code == 1 and outcome.verdict.verdict == FAIL, outcome.verdict.summary
+    slots = outcome.result["slots"]
+    assert slots["stable"]["failures"] == 0
+    assert slots["candidate"]["failures"] == slots["candidate"]["requests"] > 0
+    assert slots["candidate"]["failure_reasons"] == {message: slots["candidate"]["requests"]}
+    failures = per_protocol_failures(outcome, "candidate")
+    assert set(failures) == {"rest-json", "rest-binary", "grpc"}  # the gRPC answer is checked too
+    assert all(requests == failed_ > 0 for requests, failed_ in failures.values()), failures
+    assert not check(outcome, "candidate_answers_after_load").passed
+    assert slots["candidate"]["target"]["slot"] == "green" and slots["candidate"]["target"]["model_version"] == "3"
+
+
+def spy_on_popen(monkeypatch) -> list[tuple[list[str], dict[str, str]]]:
+    """Record the argv and environment of the Locust processes `run_gate` starts."""
+    started: list[tuple[list[str], dict[str, str]]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv, *args, **kwargs):
+        if "locust" in argv:  # the module is shared: the fake slots start through it too
+            started.append((list(argv), dict(kwargs.get("env") or os.environ)))
+        return real_popen(argv, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    return started
+
+
+def infer_requests(fake) -> list[dict]:
+    return [r for r in fake.requests() if r["path"] == "ModelInfer" or r["path"].endswith("/infer")]
+
+
+def test_the_force_token_reaches_both_slots_and_no_command_line(tmp_path, monkeypatch):
+    token = "gate-force-0123456789abcdef"
+    monkeypatch.setenv(FORCE_TOKEN_ENV, "a-stale-token-of-the-calling-shell")
+    started = spy_on_popen(monkeypatch)
+    output = io.StringIO()
+    with fake_slot("blue", "2") as blue, fake_slot("green", "3") as green:
+        stable, candidate = fake_target(blue, "never", "blue", "2"), fake_target(green, "always", "green", "3")
+        outcome = fake_gate(stable, candidate, tmp_path / "out", force_token=token, stream=output)
+        seen = {"stable": blue.requests(), "candidate": green.requests()}
+    # a healthy pair of slots passes: the failures elsewhere in this file are the checks' doing
+    assert outcome.exit_code == 0, outcome.verdict.summary if outcome.verdict else outcome.error
+    for slot_name, requests in seen.items():
+        by_protocol = {p: [r for r in requests if r["protocol"] == p] for p in ("rest", "grpc")}
+        assert len(by_protocol["rest"]) > 100 and len(by_protocol["grpc"]) > 50, slot_name
+        tokens = {r["headers"].get("x-canary-force-token") for r in requests}
+        assert tokens == {token}, f"{slot_name} saw {tokens}"  # REST headers, gRPC metadata, the probe
+    [(argv, env)] = started
+    assert not any(token in arg for arg in argv) and env[FORCE_TOKEN_ENV] == token
+    argv = locust_command(stable, candidate, 4, 24, 24, tmp_path, tmp_path / "t.yaml")
+    assert not any(token in arg for arg in argv)
+    written = [
+        p.read_text(errors="replace") for p in (tmp_path / "out").iterdir() if p.suffix in (".json", ".md", ".csv")
+    ]
+    assert len(written) == 3 and not any(token in text for text in [*written, output.getvalue()])
+    assert outcome.result["config"]["force_token"] is True
+
+
+def test_a_locust_run_by_hand_reads_the_force_token_from_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(FORCE_TOKEN_ENV, raising=False)
+    token_file = tmp_path / "force-token"
+    token_file.write_text("by-hand-token\n")
+    thresholds = fake_thresholds(tmp_path / "thresholds.yaml")
+    with fake_slot("blue", "2") as blue, fake_slot("green", "3") as green:
+        stable, candidate = fake_target(blue, "never", "blue", "2"), fake_target(green, "always", "green", "3")
+        extra = ["--gate-force-token-file", str(token_file), "--gate-thresholds", str(thresholds)]
+        code, result = run_locust(stable, candidate, tmp_path / "out", 2, *extra, "--gate-timeout", "2")
+        tokens = {r["headers"].get("x-canary-force-token") for r in infer_requests(green) + infer_requests(blue)}
+    assert result["verdict"] != "error" and code in (0, 1), result
+    assert tokens == {"by-hand-token"}
+
+
+FREEZE_AT_STOP_LOCUSTFILE = """
+import os
+import signal
+
+from locust import events
+
+from loadtest.gate_locustfile import *  # noqa: F403 - the real gate, and a candidate that freezes
+
+
+@events.test_stopping.add_listener  # registered before the gate's own listeners: runs first
+def freeze_candidate(**_kwargs):
+    os.kill(int(os.environ["GATE_TEST_FREEZE_PID"]), signal.SIGSTOP)
+"""
+
+
+def test_a_candidate_frozen_the_moment_the_load_stops_fails(tmp_path, monkeypatch):
+    # Every request of the load got its answer; only the after-load check can see this one.
+    locustfile = tmp_path / "freeze_locustfile.py"
+    locustfile.write_text(FREEZE_AT_STOP_LOCUSTFILE)
+    thresholds = fake_thresholds(tmp_path / "thresholds.yaml")
+    with fake_slot("blue", "2") as blue, fake_slot("green", "3") as green:
+        monkeypatch.setenv("GATE_TEST_FREEZE_PID", str(green.pid))
+        stable, candidate = fake_target(blue, "never", "blue", "2"), fake_target(green, "always", "green", "3")
+        extra = ["--gate-thresholds", str(thresholds), "--gate-timeout", str(FAKE_TIMEOUT_S)]
+        code, result = run_locust(stable, candidate, tmp_path / "out", FAKE_DURATION_S, *extra, locustfile=locustfile)
+    assert (code, result["verdict"]) == (1, FAIL), result.get("summary")
+    after_load = next(c for c in result["checks"] if c["name"] == "candidate_answers_after_load")
+    assert not after_load["passed"] and result["slots"]["stable"]["answered_after_load"] is True
+    assert result["config"]["duration_s"] <= FAKE_DURATION_S + FAKE_TIMEOUT_S + 1.5
+
+
+KILLED_AT_STOP_LOCUSTFILE = """
+import os
+import signal
+
+import gevent
+from locust import events
+
+from loadtest.gate_locustfile import *  # noqa: F403 - the real gate, with Locust's default stop
+
+
+@events.test_start.add_listener
+def freeze_candidate_a_second_before_the_end(**_kwargs):
+    pid = int(os.environ["GATE_TEST_FREEZE_PID"])
+    gevent.spawn_later(float(os.environ["GATE_TEST_FREEZE_AFTER_S"]), os.kill, pid, signal.SIGSTOP)
+
+
+@events.test_stopping.add_listener
+def kill_users_mid_request(environment, **_kwargs):
+    environment.stop_timeout = 0  # Locust's default: users die with their requests in flight
+    environment.canary_gate_run.context.book.hang_s = 0.5  # these requests are ~1 s old
+"""
+
+
+def test_requests_killed_in_flight_at_the_stop_are_failures_not_lost(tmp_path, monkeypatch):
+    locustfile = tmp_path / "killed_locustfile.py"
+    locustfile.write_text(KILLED_AT_STOP_LOCUSTFILE)
+    thresholds = fake_thresholds(tmp_path / "thresholds.yaml")
+    with fake_slot("blue", "2") as blue, fake_slot("green", "3") as green:
+        monkeypatch.setenv("GATE_TEST_FREEZE_PID", str(green.pid))
+        monkeypatch.setenv("GATE_TEST_FREEZE_AFTER_S", str(FAKE_DURATION_S - 1))
+        stable, candidate = fake_target(blue, "never", "blue", "2"), fake_target(green, "always", "green", "3")
+        extra = ["--gate-thresholds", str(thresholds), "--gate-timeout", "3"]  # longer than the ~1 s they wait
+        code, result = run_locust(stable, candidate, tmp_path / "out", FAKE_DURATION_S, *extra, locustfile=locustfile)
+    assert (code, result["verdict"]) == (1, FAIL), result.get("summary")
+    slots = result["slots"]
+    reasons = slots["candidate"]["failure_reasons"]
+    assert reasons and all(reason.startswith("no answer after") for reason in reasons), reasons
+    assert slots["candidate"]["failures"] == sum(reasons.values()) > 0 and slots["stable"]["failures"] == 0
+    assert slots["candidate"]["requests"] == slots["stable"]["requests"]  # every input counted on both sides
+    assert next(c for c in result["checks"] if c["name"] == "requests_paired")["passed"]
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+@pytest.mark.parametrize("fate", ["freeze", "kill"])
+def test_a_candidate_that_stops_answering_mid_run_fails_the_gate(tmp_path, fate):
+    with fake_slot("blue", "2") as blue, fake_slot("green", "3") as green, ThreadPoolExecutor(1) as pool:
+        stable, candidate = fake_target(blue, "never", "blue", "2"), fake_target(green, "always", "green", "3")
+        running = pool.submit(fake_gate, stable, candidate, tmp_path / "out")
+        # The load is under way once the candidate has answered a hundred inputs (~1 s).
+        wait_for(lambda: len(infer_requests(green)) >= 100 or running.done(), 90, "the load did not start")
+        assert not running.done(), running.result().error
+        struck = time.monotonic()
+        green.freeze() if fate == "freeze" else green.kill()
+        outcome = running.result(timeout=120)
+        took = time.monotonic() - struck
+    assert outcome.exit_code == 1 and outcome.verdict.verdict != PASS, outcome.verdict.summary
+    candidate_figures = outcome.result["slots"]["candidate"]
+    assert candidate_figures["failures"] > 0 and candidate_figures["answered_after_load"] is False
+    # The run ends within its duration plus a request timeout (plus Locust's report writing).
+    assert outcome.result["config"]["duration_s"] <= FAKE_DURATION_S + FAKE_TIMEOUT_S + 1.5
+    assert took < FAKE_DURATION_S + FAKE_TIMEOUT_S + 20
 
 
 # -- exit-code contract (real Locust, real Bentos) ------------------------------------------

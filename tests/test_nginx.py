@@ -47,6 +47,8 @@ NEEDED = [Path(NGINX), MODULES_DIR / "ngx_http_lua_module.so", MODULES_DIR / "nd
           Path("/usr/share/lua/5.1/resty/core.lua")]  # fmt: skip
 SHADOW_TIMEOUT_S = 1.0
 FAIL_TIMEOUT_S = 2  # short, so a slot marked down by one test is healthy again for the next
+UPSTREAM_TIMEOUT_S = 1.5  # a slot silent this long has failed (hung-slot tests)
+MAX_FAILS = 3
 VERSIONS = {"blue": "v1", "green": "v2"}
 
 
@@ -65,7 +67,12 @@ class Stack:
     ports: NginxPorts
     controller: NginxController
     token: str
+    force_token: str
     slots: dict[str, FakeSlot] = field(default_factory=dict)
+
+    def force(self, mode: str) -> dict[str, str]:
+        """Headers of a privileged client forcing a slot (`always` = candidate, `never` = stable)."""
+        return {"X-Canary": mode, "X-Canary-Force-Token": self.force_token}
 
     @property
     def rest_url(self) -> str:
@@ -82,7 +89,8 @@ class Stack:
         args: dict[str, Any] = {
             "prefix": self.prefix, "ports": self.ports, "slots": self.addresses(), "config_generation": generation,
             "routing_file": self.prefix / "routing.json", "token_file": self.prefix / "admin.token",
-            "shadow_timeout_s": SHADOW_TIMEOUT_S, "fail_timeout_s": FAIL_TIMEOUT_S,
+            "shadow_timeout_s": SHADOW_TIMEOUT_S, "fail_timeout_s": FAIL_TIMEOUT_S, "max_fails": MAX_FAILS,
+            "force_token_file": self.prefix / "force.token", "upstream_timeout_s": UPSTREAM_TIMEOUT_S,
         }  # fmt: skip
         return render_config(**{**args, **overrides})
 
@@ -104,10 +112,12 @@ class Stack:
 def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     missing = [str(p) for p in NEEDED if not p.exists()]
     if missing:
-        pytest.skip(f"needs nginx with Debian's lua module (make system-deps); missing {', '.join(missing)}")
+        pytest.fail(f"needs nginx with Debian's lua module: run `make setup`; missing {', '.join(missing)}",
+                    pytrace=False)  # fmt: skip
     prefix = tmp_path_factory.mktemp("nginx")
     stack = Stack(prefix, NginxPorts(free_port(), free_port(), free_port(), public_host="127.0.0.1"),
-                  NginxController(prefix, NGINX, timeout_s=10.0), ensure_token(prefix / "admin.token"))  # fmt: skip
+                  NginxController(prefix, NGINX, timeout_s=10.0), ensure_token(prefix / "admin.token"),
+                  ensure_token(prefix / "force.token"))  # fmt: skip
     try:
         for name, version in VERSIONS.items():
             stack.slots[name] = FakeSlot(name, version).start()
@@ -240,15 +250,31 @@ def test_weight_changes_apply_within_a_second_without_reload(stack: Stack) -> No
     assert stack.status()["config_generation"] == 1
 
 
-def test_header_forces_slot(stack: Stack) -> None:
+def test_header_forces_slot_only_with_the_force_token(stack: Stack) -> None:
     with httpx.Client(base_url=stack.rest_url) as client:
-        assert {infer(client, **{"X-Canary": "always"}) for _ in range(20)} == {"green"}
+        assert {infer(client, **stack.force("always")) for _ in range(20)} == {"green"}
+        # an anonymous client, or one with a wrong token, is routed as if it sent nothing
+        assert {infer(client, **{"X-Canary": "always"}) for _ in range(20)} == {"blue"}
+        wrong = {"X-Canary": "always", "X-Canary-Force-Token": stack.force_token[:-1] + "x"}
+        assert {infer(client, **wrong) for _ in range(20)} == {"blue"}
         assert {infer(client) for _ in range(20)} == {"blue"}
         stack.route(weight=100)
-        assert {infer(client, **{"X-Canary": "never"}) for _ in range(20)} == {"blue"}
-        assert {infer(client) for _ in range(20)} == {"green"}
+        assert {infer(client, **stack.force("never")) for _ in range(20)} == {"blue"}
+        assert {infer(client, **{"X-Canary": "never"}) for _ in range(20)} == {"green"}
         stack.route(candidate=None)
-        assert infer(client, **{"X-Canary": "always"}) == "blue"  # no candidate: nothing to force
+        nothing = client.post("/v2/models/digits/infer", json={}, headers=stack.force("always"))
+    assert nothing.status_code == 503 and "no candidate" in nothing.json()["error"]
+
+
+def test_an_allow_listed_network_forces_without_the_token(stack: Stack) -> None:
+    stack.controller.apply(stack.render(2, force_allow=("127.0.0.0/8",)), 2)
+    try:
+        with httpx.Client(base_url=stack.rest_url) as client:
+            assert {infer(client, **{"X-Canary": "always"}) for _ in range(10)} == {"green"}
+    finally:
+        stack.controller.apply(stack.render(1), 1)  # the other tests expect generation 1
+    with httpx.Client(base_url=stack.rest_url) as client:
+        assert {infer(client, **{"X-Canary": "always"}) for _ in range(10)} == {"blue"}
 
 
 def test_user_sticks_to_one_slot(stack: Stack) -> None:
@@ -268,15 +294,18 @@ def test_grpc_reaches_chosen_slot_and_obeys_metadata(stack: Stack) -> None:
     with grpcclient.InferenceServerClient(stack.grpc_target) as client:
         assert client.is_server_live()
         assert {grpc_version(client) for _ in range(10)} == {"v1"}
-        assert grpc_version(client, {"x-canary": "always"}) == "v2"
+        assert grpc_version(client, {"x-canary": "always"}) == "v1"  # no token: not forced
+        token = {"x-canary-force-token": stack.force_token}
+        assert grpc_version(client, {"x-canary": "always", **token}) == "v2"
         stack.route(weight=100)
         assert {grpc_version(client) for _ in range(10)} == {"v2"}
-        assert grpc_version(client, {"x-canary": "never"}) == "v1"
+        assert grpc_version(client, {"x-canary": "never", **token}) == "v1"
         stack.route(weight=50)
         assert len({grpc_version(client, {"x-user-id": "alice"}) for _ in range(20)}) == 1
     with grpc.insecure_channel(stack.grpc_target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        _, call = stub.ServerLive.with_call(service_pb2.ServerLiveRequest(), metadata=(("x-canary", "never"),))
+        forced = (("x-canary", "never"), ("x-canary-force-token", stack.force_token))
+        _, call = stub.ServerLive.with_call(service_pb2.ServerLiveRequest(), metadata=forced)
         assert ("x-canary-slot", "blue") in call.initial_metadata()
 
 
@@ -319,23 +348,86 @@ def test_killed_candidate_costs_no_request(stack: Stack) -> None:
         assert {grpc_version(client) for _ in range(20)} == {"v1"}
 
 
-def test_unreachable_slot_is_retried_on_the_other(stack: Stack) -> None:
+def test_unreachable_slot_is_retried_on_the_other_and_marked_down_after_max_fails(stack: Stack) -> None:
     blue = stack.addresses()[0]
     dead = SlotAddress("green", "127.0.0.1", free_port(), free_port())  # nothing listens there
     stack.route(weight=100, slots=[blue, dead])
     with grpcclient.InferenceServerClient(stack.grpc_target) as client:
         assert grpc_version(client) == "v1"  # gRPC first: green is not yet marked down
-    assert stack.status()["slots"]["green"]["down"]
+    assert not stack.status()["slots"]["green"]["down"], "one stray failure must not take a slot out"
     with httpx.Client(base_url=stack.rest_url) as client:
         assert {infer(client) for _ in range(10)} == {"blue"}
+    assert stack.status()["slots"]["green"]["down"]
 
 
-def test_503_slot_is_retried_on_the_other(stack: Stack) -> None:
+def test_a_slots_own_503_reaches_the_client_and_never_marks_it_down(stack: Stack) -> None:
+    """Overload is not failure: a 503 with Retry-After is passed on, not retried elsewhere."""
     stack.slots["green"].behave(status=503)
     stack.route(weight=100)
     with httpx.Client(base_url=stack.rest_url) as client:
-        assert {infer(client) for _ in range(20)} == {"blue"}
-    assert len(stack.slots["green"].requests()) >= 1, "green was never tried"
+        answers = [client.post("/v2/models/digits/infer", json={}) for _ in range(20)]
+    assert {(a.status_code, a.headers["x-canary-slot"], a.headers.get("retry-after")) for a in answers} == {
+        (503, "green", "1")
+    }
+    assert stack.slots["blue"].requests() == [], "an overloaded candidate's requests moved to stable"
+    assert not stack.status()["slots"]["green"]["down"]
+
+
+def test_overloaded_stable_at_weight_0_never_spills_onto_the_candidate(stack: Stack) -> None:
+    stack.slots["blue"].behave(status=503)
+    with httpx.Client(base_url=stack.rest_url) as client:
+        answers = [client.post("/v2/models/digits/infer", json={}) for _ in range(30)]
+    assert {a.status_code for a in answers} == {503}
+    assert stack.slots["green"].requests() == []
+    assert not stack.status()["slots"]["blue"]["down"]
+
+
+def test_dead_stable_at_weight_0_is_not_replaced_by_the_untested_candidate(stack: Stack) -> None:
+    stack.slots["blue"].kill()
+    with httpx.Client(base_url=stack.rest_url) as client:
+        answers = [client.post("/v2/models/digits/infer", json={}) for _ in range(10)]
+    assert {a.status_code for a in answers} == {503}
+    assert {a.headers["x-canary-slot"] for a in answers} == {"blue"}
+    assert all("slot blue did not answer" in a.json()["error"] for a in answers)
+    assert stack.slots["green"].requests() == []
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_a_forced_request_never_fails_over(stack: Stack, mode: str) -> None:
+    """The gate forces each slot; an answer from the other slot would be measured as this one's."""
+    forced, other = ("green", "blue") if mode == "always" else ("blue", "green")
+    stack.route(weight=50)
+    stack.slots[forced].kill()
+    with httpx.Client(base_url=stack.rest_url) as client:
+        for path in ("/v2/models/digits/infer", "/classify"):
+            answers = [client.post(path, json={}, headers=stack.force(mode)) for _ in range(5)]
+            assert {a.status_code for a in answers} == {503}, path
+            assert {a.headers["x-canary-slot"] for a in answers} == {forced}
+            assert "forced" in answers[0].json()["error"]
+    assert stack.slots[other].requests() == []
+    with grpcclient.InferenceServerClient(stack.grpc_target) as client:
+        metadata = {"x-canary": mode, "x-canary-force-token": stack.force_token}
+        with pytest.raises(grpcclient.InferenceServerException, match="StatusCode.UNAVAILABLE"):
+            grpc_version(client, metadata)
+    assert stack.slots[other].requests() == []
+
+
+def test_a_hung_candidate_times_out_forced_and_costs_unforced_clients_nothing(stack: Stack) -> None:
+    stack.slots["green"].behave(sleep_s=UPSTREAM_TIMEOUT_S + 3)
+    stack.route(weight=100)
+    with httpx.Client(base_url=stack.rest_url, timeout=UPSTREAM_TIMEOUT_S + 10) as client:
+        forced = client.post("/v2/models/digits/infer", json={}, headers=stack.force("always"))
+        assert forced.status_code == 503 and forced.headers["x-canary-slot"] == "green"
+    # unforced, several clients at once (as in production): each request green holds past the
+    # timeout moves to blue, and MAX_FAILS timeouts within the window take green out
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> str:
+        with httpx.Client(base_url=stack.rest_url, timeout=UPSTREAM_TIMEOUT_S + 10) as client:
+            return infer(client)
+
+    with ThreadPoolExecutor(MAX_FAILS + 3) as pool:
+        assert set(pool.map(one, range(MAX_FAILS + 3))) == {"blue"}
     assert stack.status()["slots"]["green"]["down"]
 
 
@@ -506,7 +598,7 @@ def test_restart_restores_routing_from_file(stack: Stack) -> None:
     assert (status["stable"], status["candidate"], status["weight"], status["shadow"]) == ("blue", "green", 30, True)
     assert stack.master_pid() != old_master
     with httpx.Client(base_url=stack.rest_url) as client:
-        assert infer(client, **{"X-Canary": "always"}) == "green"
+        assert infer(client, **stack.force("always")) == "green"
 
 
 # ---- pure helpers ----

@@ -6,8 +6,10 @@ import pytest
 
 from deploy.release import (
     plan_deploy,
+    plan_finish_promote,
     plan_initial,
     plan_promote,
+    plan_revert_promote,
     plan_rollback,
     plan_shadow,
     plan_switch,
@@ -47,8 +49,8 @@ def test_weight_outside_0_100_is_refused(with_candidate, weight):
         plan_weight(with_candidate, weight)
 
 
-@pytest.mark.parametrize("plan", [lambda s: plan_weight(s, 5), plan_switch, plan_promote, plan_rollback,
-                                  lambda s: plan_shadow(s, True)])  # fmt: skip
+@pytest.mark.parametrize("plan", [lambda s: plan_weight(s, 5), plan_switch, lambda s: plan_promote(s, 60, "now"),
+                                  plan_rollback, lambda s: plan_shadow(s, True)])  # fmt: skip
 def test_commands_that_need_a_candidate_refuse_without_one(serving_v1, plan):
     with pytest.raises(CanaryError, match="needs a candidate"):
         plan(serving_v1)
@@ -61,10 +63,40 @@ def test_switch_keeps_the_old_stable_warm_and_switching_back_restores(with_candi
     assert (back.stable, back.candidate) == ("blue", "green")
 
 
-def test_promote_makes_the_candidate_stable_stops_the_old_and_moves_champion(with_candidate):
-    plan = plan_promote(plan_weight(with_candidate, 50).after)
+def test_promote_without_bake_checks_the_candidate_stops_the_old_and_moves_champion(with_candidate):
+    plan = plan_promote(plan_weight(with_candidate, 50).after, 0, "now")
     assert (plan.after.stable, plan.after.candidate, plan.after.weight) == ("green", None, 0)
     assert plan.stop_slot == "blue" and plan.champion_version == "2"
+    assert plan.check_slots == ("green",)
+    assert any("check slot green" in line for line in plan.describe())
+
+
+def test_promote_with_bake_keeps_the_old_stable_warm_until_the_bake_passes(with_candidate):
+    baking = plan_promote(plan_weight(with_candidate, 50).after, 60, "t0")
+    assert baking.check_slots == ("green",) and baking.stop_slot is None and baking.champion_version is None
+    state = baking.after
+    assert (state.stable, state.candidate, state.weight) == ("green", "blue", 0)
+    assert state.baking == {"slot": "green", "previous": "blue", "since": "t0", "bake_s": 60}
+    for refused in (lambda s: plan_weight(s, 10), lambda s: plan_deploy(s, "digits-service:v3", "3"),
+                    lambda s: plan_promote(s, 60, "t1")):  # fmt: skip
+        with pytest.raises(CanaryError, match="still baking"):
+            refused(state)
+    done = plan_finish_promote(state, "120 requests")
+    assert (done.after.stable, done.after.candidate, done.after.baking) == ("green", None, None)
+    assert done.stop_slot == "blue" and done.champion_version == "2"
+    back = plan_revert_promote(state, "error ratio 50%")
+    assert (back.after.stable, back.after.candidate, back.after.weight, back.after.baking) == ("blue", "green", 0, None)
+    assert back.stop_slot is None and back.champion_version is None and back.check_slots == ()
+    assert "error ratio 50%" in back.after.note
+    assert plan_rollback(state).after.stable == "blue"  # a rollback during the bake switches back
+
+
+def test_slots_that_gain_traffic_are_checked_and_a_rollback_checks_nothing(with_candidate):
+    assert plan_weight(with_candidate, 30).check_slots == ("green",)
+    at_30 = plan_weight(with_candidate, 30).after
+    assert plan_weight(at_30, 10).check_slots == ("blue",)  # stable gains what green loses
+    assert plan_switch(at_30).check_slots == ("green",)
+    assert plan_rollback(at_30).check_slots == ()
 
 
 def test_rollback_sends_the_candidate_to_zero_with_the_reason(with_candidate):

@@ -5,6 +5,18 @@
 -- Dict keys: "state" (JSON: stable, candidate, weight, shadow, slots{name: host, ports}),
 -- "generation" (bumped on every change), "fails:<slot>"/"down:<slot>" (passive health,
 -- expiring after fail_timeout), "requests:<slot>"/"shadow:<slot>" (counters).
+--
+-- Release-safety rules (each one closes a way a bad candidate could reach users):
+-- * Forcing a slot (`X-Canary: always|never`, gRPC metadata `x-canary`) is a privilege: it
+--   is honoured only with the stack's force token (`X-Canary-Force-Token`) or from an
+--   allow-listed network; anyone else is routed as if the header were absent.
+-- * A forced request is answered by the slot it forced or fails with a 503 naming that
+--   slot: it never fails over, so the gate can never measure stable in the candidate's place.
+-- * Passive health counts only transport failures (connect error, reset, timeout: nginx's
+--   own 502/504). A slot's 503 (our overload answer, with Retry-After) is passed to the
+--   client as it is: it neither marks the slot down nor moves the request.
+-- * Unforced traffic fails over to the candidate only while the candidate already has a
+--   share of traffic (weight > 0): at 0% it is untested and never a fallback.
 local balancer = require "ngx.balancer"
 local json = require "canary_json"
 
@@ -13,7 +25,8 @@ local dict = ngx.shared.canary
 
 -- Set by init() in the master and inherited by the workers it forks, so status tells
 -- which rendered config the answering worker runs (a failed reload keeps old workers).
-local cfg = { config_generation = -1, max_fails = 1, fail_timeout = 10, token_digest = nil }
+local cfg = { config_generation = -1, max_fails = 3, fail_timeout = 10, token_digest = nil,
+              force_digest = nil }
 
 local SLOT_NAME = "^%l[%l%d_%-]*$"
 
@@ -112,6 +125,13 @@ function M.init(text)
   token = token and token:match("^%s*(.-)%s*$")
   if not token or token == "" then error("token file " .. conf.token_file .. " unreadable or empty: " .. tostring(err), 0) end
   cfg.token_digest = ngx.sha1_bin(token)
+  cfg.force_digest = nil
+  if conf.force_token_file then
+    local force = read_file(conf.force_token_file)
+    force = force and force:match("^%s*(.-)%s*$")
+    if not force or force == "" then error("force token file " .. conf.force_token_file .. " unreadable or empty", 0) end
+    cfg.force_digest = ngx.sha1_bin(force)
+  end
 
   -- The routing file is the durable copy (it survives restarts); the dict survives reloads.
   local doc
@@ -137,12 +157,6 @@ end
 
 local function is_down(slot) return dict:get("down:" .. slot) ~= nil end
 
--- The slot a failing slot's traffic moves to: stable <-> candidate.
-local function partner(s, slot)
-  if slot == s.stable then return s.candidate end
-  if slot == s.candidate then return s.stable end
-end
-
 -- Unforced traffic without a user draws from a shuffled deck of 0..99 per worker: each draw
 -- is uniform like math.random, but every 100 draws hit the weight exactly, so the split
 -- stays accurate over a few hundred requests.
@@ -160,29 +174,65 @@ local function draw()
   return deck[dealt]
 end
 
+-- May this request force a slot? Only with the force token, or from an allow-listed
+-- network (`$canary_force_net`, set by the config's geo block).
+local function may_force()
+  if ngx.var.canary_force_net == "1" then return true end
+  local given = ngx.var.http_x_canary_force_token
+  -- compare digests: the time taken says nothing about how much of the token matched
+  return given ~= nil and cfg.force_digest ~= nil and ngx.sha1_bin(given) == cfg.force_digest
+end
+
+-- The slot a failing slot's unforced traffic may move to: the candidate only while it has
+-- a share of traffic (at 0% it has not been judged yet), stable always.
+local function fallback(s, slot)
+  if slot == s.stable then
+    if s.candidate and s.weight > 0 then return s.candidate end
+    return nil
+  end
+  if slot == s.candidate then return s.stable end
+end
+
+-- (slot, forced): the slot that answers this request, and whether a privileged client chose it.
 local function choose(s)
   local candidate = s.candidate
-  if not candidate then return s.stable end
   local force = ngx.var.http_x_canary
-  if force == "always" then return candidate end
-  if force == "never" then return s.stable end
-  if s.weight == 0 then return s.stable end
+  if (force == "always" or force == "never") and may_force() then
+    if force == "never" then return s.stable, true end
+    return candidate, true -- nil when there is no candidate: answered 503 by route()
+  end
+  if not candidate or s.weight == 0 then return s.stable, false end
   local user = ngx.var.http_x_user_id
   if not user or user == "" then user = ngx.var["cookie_canary-user"] end
   -- crc32 is stable across workers and restarts: a user keeps a slot at a given weight,
   -- and raising the weight only moves more users to the candidate, never back
   local bucket = (user and user ~= "") and ngx.crc32_long(user) % 100 or draw()
-  return bucket < s.weight and candidate or s.stable
+  return bucket < s.weight and candidate or s.stable, false
+end
+
+local function reply(status, body)
+  ngx.status = status
+  ngx.header.content_type = "application/json"
+  ngx.say(json.encode(body))
 end
 
 -- access_by_lua on both public listeners.
 function M.route()
   local s = state()
-  local slot = choose(s)
-  local other = partner(s, slot)
-  if is_down(slot) and other and not is_down(other) then slot = other end
-  ngx.ctx.slot = slot
-  ngx.var.canary_slot = slot -- variables are shared with the mirror subrequest
+  local slot, forced = choose(s)
+  if not slot then
+    ngx.var.canary_slot = "-"
+    reply(503, { error = "X-Canary: always, but no candidate is deployed" })
+    return ngx.exit(503)
+  end
+  if not forced and is_down(slot) then
+    local other = fallback(s, slot)
+    if other and not is_down(other) then slot = other end
+  end
+  ngx.ctx.slot, ngx.ctx.forced = slot, forced
+  -- variables survive the error_page redirect (ngx.ctx does not) and the mirror subrequest
+  ngx.var.canary_slot = slot
+  ngx.var.canary_forced = forced and "1" or ""
 end
 
 local function note_failure(slot)
@@ -199,13 +249,18 @@ function M.balance(port_field)
   local slot = ctx.slot or s.stable
   local failed, code = balancer.get_last_failure()
   if failed then
-    -- proxy_next_upstream/grpc_next_upstream is retrying: the last try failed
+    -- proxy_next_upstream/grpc_next_upstream is retrying an unforced request: the last
+    -- try failed in transport (log() counts it against the slot)
     ngx.log(ngx.WARN, "canary: slot ", slot, " failed (", failed, " ", tostring(code), "), retrying")
-    note_failure(slot)
-    slot = partner(s, slot) or slot
+    slot = fallback(s, slot) or slot
     ctx.slot = slot
-  elseif not ctx.shadow then
+    ngx.var.canary_slot = slot
+  elseif not ctx.shadow and not ctx.forced and fallback(s, slot) then
     balancer.set_more_tries(1)
+  end
+  if not ctx.shadow then -- the mirror subrequest shares the main request's variables
+    ctx.tried = (ctx.tried and (ctx.tried .. " ") or "") .. slot
+    ngx.var.canary_tried = ctx.tried
   end
   local addr = s.slots[slot] or s.slots[s.stable]
   local ok, err = balancer.set_current_peer(addr.host, addr[port_field])
@@ -213,6 +268,15 @@ function M.balance(port_field)
     ngx.log(ngx.ERR, "canary: cannot route to ", slot, ": ", err)
     return ngx.exit(ngx.ERROR)
   end
+end
+
+-- content_by_lua of @canary_unavailable: nginx's own 502/504 (no slot answered) as a clear
+-- 503 that names the slot. Upstream answers never come here (proxy_intercept_errors off).
+function M.unavailable()
+  local slot = ngx.var.canary_slot
+  local how = ngx.var.canary_forced == "1" and " (forced by X-Canary: no failover)" or ""
+  ngx.header["X-Canary-Slot"] = slot
+  reply(503, { error = "slot " .. tostring(slot) .. " did not answer" .. how })
 end
 
 -- rewrite_by_lua of the internal shadow location (a mirror subrequest; subrequests skip
@@ -229,11 +293,25 @@ function M.shadow()
 end
 
 function M.header_filter()
-  if ngx.ctx.slot then ngx.header["X-Canary-Slot"] = ngx.ctx.slot end
+  local slot = ngx.ctx.slot or ngx.var.canary_slot
+  if slot and slot ~= "" and slot ~= "-" then ngx.header["X-Canary-Slot"] = slot end
 end
 
+-- log_by_lua: count the request, and every transport failure against the slot it hit.
+-- $upstream_status lists one status per try ("502, 200"); $canary_tried the slots tried.
 function M.log()
-  if ngx.ctx.slot then dict:incr("requests:" .. ngx.ctx.slot, 1, 0) end
+  local slot = ngx.ctx.slot or ngx.var.canary_slot
+  if slot and slot ~= "" and slot ~= "-" then dict:incr("requests:" .. slot, 1, 0) end
+  local tried = ngx.var.canary_tried
+  if not tried or tried == "" then return end
+  local statuses = {}
+  for status in (ngx.var.upstream_status or ""):gmatch("[^,%s]+") do statuses[#statuses + 1] = status end
+  local i = 0
+  for name in tried:gmatch("%S+") do
+    i = i + 1
+    -- 502: connect error or reset; 504: timeout (our slots never answer these themselves)
+    if statuses[i] == "502" or statuses[i] == "504" then note_failure(name) end
+  end
 end
 
 local function status_table()
@@ -254,12 +332,6 @@ local function status_table()
     config_generation = cfg.config_generation, worker_pid = ngx.worker.pid(),
     max_fails = cfg.max_fails, fail_timeout_s = cfg.fail_timeout,
   }
-end
-
-local function reply(status, body)
-  ngx.status = status
-  ngx.header.content_type = "application/json"
-  ngx.say(json.encode(body))
 end
 
 local function authorized()

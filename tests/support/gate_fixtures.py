@@ -2,6 +2,11 @@
 
 Every slot is a `bentoml serve` of the session's Bento on free ports (REST and gRPC), with
 the same settings, so stable and a candidate differ only by what a test injects.
+
+For what the gate checks about the router rather than the model (who answered, the force
+token, a slot that dies or freezes), `fake_slot` is the much faster stand-in: a V2-speaking
+`tests.support.upstreams.FakeSlot` that tags its answers with `X-Canary-Slot` as the router
+does, judged by `fake_gate` with thresholds that leave latency out of it.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from loadtest.gate import GateThresholds
 from loadtest.run_gate import LOCUSTFILE, REPO_ROOT, GateOutcome, run_gate
 from loadtest.targets import Target
 from models.home import CanaryHome
+from tests.support.upstreams import FakeSlot
 
 # Two slots and Locust share the 2 cores: one ONNX Runtime thread per slot. With the default
 # (a thread per core) each idle runtime thread spin-waits for work, and two identical slots
@@ -114,3 +121,44 @@ def twin_slot(canary_home: CanaryHome, built_pipeline) -> Iterator[GateSlot]:
 def twin_outcomes(stable_slot: GateSlot, twin_slot: GateSlot, tmp_path_factory) -> list[GateOutcome]:
     """Three gate runs of stable against its healthy twin."""
     return [gate(stable_slot, twin_slot, tmp_path_factory.mktemp(f"twin-{run}")) for run in range(3)]
+
+
+# -- fake slots: the gate against the router's contract, in seconds ------------------------
+
+# 24 users x 5 digits/s for 4 s: ~450 requests per slot; a 2 s request timeout keeps a run
+# with a frozen slot short.
+FAKE_DURATION_S, FAKE_TIMEOUT_S = 4, 2.0
+
+
+@contextmanager
+def fake_slot(name: str, version: str, slot_header: str | None = None) -> Iterator[FakeSlot]:
+    """A V2 fake slot; `slot_header` is the X-Canary-Slot its answers carry (default `name`)."""
+    fake = FakeSlot(name, version, v2=True, slot_header=slot_header or name).start()
+    try:
+        yield fake
+    finally:
+        fake.kill()  # at once, even when a test froze it (a frozen process ignores SIGTERM)
+        fake.stop()
+
+
+def fake_target(fake: FakeSlot, forcing: str, slot: str | None = None, version: str | None = None) -> Target:
+    """How the gate reaches `fake`, forced with `X-Canary: forcing`, expecting `slot`/`version`."""
+    return Target(fake.url, f"127.0.0.1:{fake.grpc_port}", {"X-Canary": forcing}, slot, version)
+
+
+def fake_thresholds(path: Path) -> Path:
+    """The real thresholds, but latency left out (two Python fakes on a busy machine) and 100
+    samples enough: the fake tests are about who answers, not how fast."""
+    loose = replace(GateThresholds.from_yaml(), min_samples_per_slot=100, slo_p95_ms=2000.0, max_latency_slowdown=100.0)
+    path.write_text(json.dumps(asdict(loose)))  # JSON is YAML
+    return path
+
+
+def fake_gate(stable: Target, candidate: Target, out_dir: Path, **kwargs) -> GateOutcome:
+    """One real gate run (Locust subprocess) against fake slots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = fake_thresholds(out_dir.parent / f"{out_dir.name}-thresholds.yaml")
+    return run_gate(
+        stable, candidate, FAKE_DURATION_S, USERS, USERS, out_dir, thresholds, user_rate=USER_RATE,
+        timeout_s=FAKE_TIMEOUT_S, **kwargs,
+    )  # fmt: skip

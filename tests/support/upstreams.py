@@ -5,13 +5,22 @@ the child, which reports them). REST answers any GET/POST with JSON naming the s
 `X-Model-Version` header; gRPC serves the V2 `GRPCInferenceService` (ModelInfer,
 ServerLive) answering `model_version`. Both record what they received. The parent steers
 it through `/_fake/*` on the REST port (answer 503, sleep) and can SIGKILL it by pid.
+
+`FakeSlot("green", "3", v2=True, slot_header="green")` answers V2 inference (REST
+`POST .../infer` and gRPC ModelInfer) with a well-formed classification (the same digit
+for every input) and, like the router in front of a slot, tags every answer with
+`X-Canary-Slot` (gRPC: `x-canary-slot` initial metadata). `freeze()` SIGSTOPs it: it keeps
+accepting connections and never answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,8 +37,9 @@ import httpx
 class FakeSlot:
     """Parent-side handle on one fake slot process; stop() or kill() only this child."""
 
-    def __init__(self, name: str, version: str) -> None:
+    def __init__(self, name: str, version: str, *, v2: bool = False, slot_header: str | None = None) -> None:
         self.name, self.version = name, version
+        self.v2, self.slot_header = v2, slot_header
         self.log = Path(tempfile.mkstemp(prefix=f"fake-slot-{name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
         self.rest_port = self.grpc_port = 0
@@ -37,7 +47,7 @@ class FakeSlot:
     def start(self, timeout_s: float = 30.0) -> Self:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, __file__, "--name", self.name, "--version", self.version],
+                [sys.executable, __file__, "--name", self.name, "--version", self.version, *self._v2_args()],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         assert self.proc.stdout is not None
@@ -49,6 +59,15 @@ class FakeSlot:
         ports = json.loads(line)
         self.rest_port, self.grpc_port = ports["rest_port"], ports["grpc_port"]
         return self
+
+    def _v2_args(self) -> list[str]:
+        return (["--v2"] if self.v2 else []) + (["--slot-header", self.slot_header] if self.slot_header else [])
+
+    def freeze(self) -> None:
+        """Hang it: SIGSTOP. The kernel still accepts connections; nothing is answered.
+        kill() and stop() work on a frozen slot."""
+        assert self.proc is not None and self.proc.poll() is None
+        os.kill(self.proc.pid, signal.SIGSTOP)
 
     @property
     def pid(self) -> int:
@@ -118,7 +137,19 @@ class _Recorder:
             self.seen.append(entry)
 
 
-def _rest_handler(name: str, version: str, rec: _Recorder) -> type[BaseHTTPRequestHandler]:
+# The V2 answer of a `v2` fake: always digit 0, confidently (10 finite logits for one row).
+V2_LOGITS = [4.0] + [0.0] * 9
+
+
+def _v2_answer(path: str, version: str) -> dict[str, Any]:
+    model = path.split("/")[3] if path.count("/") >= 4 else "digits"
+    logits = {"name": "logits", "datatype": "FP32", "shape": [1, len(V2_LOGITS)], "data": V2_LOGITS}
+    return {"model_name": model, "model_version": version, "outputs": [logits]}
+
+
+def _rest_handler(
+    name: str, version: str, rec: _Recorder, v2: bool = False, slot_header: str | None = None
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like a real model server behind nginx
         disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK stall
@@ -132,6 +163,10 @@ def _rest_handler(name: str, version: str, rec: _Recorder) -> type[BaseHTTPReque
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("X-Model-Version", version)
+            if slot_header:
+                self.send_header("X-Canary-Slot", slot_header)
+            if status == 503:  # the real service's overload answer: "retry, possibly elsewhere"
+                self.send_header("Retry-After", "1")
             self.end_headers()
             self.wfile.write(data)
 
@@ -146,6 +181,8 @@ def _rest_handler(name: str, version: str, rec: _Recorder) -> type[BaseHTTPReque
                 time.sleep(rec.sleep_s)  # a slow model
             if rec.status != 200:
                 return self._send(rec.status, {"error": "unavailable", "slot": name})
+            if v2 and self.command == "POST" and self.path.endswith("/infer"):
+                return self._send(200, _v2_answer(self.path, version))
             self._send(200, {"slot": name, "model_version": version, "method": self.command, "path": self.path})
 
         def _control(self, body: bytes) -> None:
@@ -170,7 +207,9 @@ def _rest_handler(name: str, version: str, rec: _Recorder) -> type[BaseHTTPReque
     return Handler
 
 
-def _grpc_server(name: str, version: str, rec: _Recorder) -> tuple[Any, int]:
+def _grpc_server(
+    name: str, version: str, rec: _Recorder, v2: bool = False, slot_header: str | None = None
+) -> tuple[Any, int]:
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -185,7 +224,13 @@ def _grpc_server(name: str, version: str, rec: _Recorder) -> tuple[Any, int]:
 
         def ModelInfer(self, request: Any, context: Any) -> Any:
             self._record("ModelInfer", context)
-            return service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=name)
+            if slot_header:
+                context.send_initial_metadata((("x-canary-slot", slot_header),))
+            answer = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=version, id=name)
+            if v2:
+                answer.outputs.add(name="logits", datatype="FP32", shape=[1, len(V2_LOGITS)])
+                answer.raw_output_contents.append(struct.pack(f"<{len(V2_LOGITS)}f", *V2_LOGITS))
+            return answer
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
@@ -198,11 +243,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", required=True)
+    parser.add_argument("--v2", action="store_true", help="answer V2 inference with a valid classification")
+    parser.add_argument("--slot-header", default=None, help="X-Canary-Slot value on every answer")
     args = parser.parse_args()
     rec = _Recorder()
-    http = ThreadingHTTPServer(("127.0.0.1", 0), _rest_handler(args.name, args.version, rec))
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _rest_handler(args.name, args.version, rec, args.v2, args.slot_header))
     http.daemon_threads = True
-    grpc_server, grpc_port = _grpc_server(args.name, args.version, rec)
+    grpc_server, grpc_port = _grpc_server(args.name, args.version, rec, args.v2, args.slot_header)
     print(json.dumps({"rest_port": http.server_address[1], "grpc_port": grpc_port}), flush=True)
     try:
         http.serve_forever()
