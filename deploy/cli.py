@@ -46,16 +46,6 @@ def _options(
     _OPTIONS["target"] = target
 
 
-def _on_k8s() -> bool:
-    return _OPTIONS["target"] == "k8s"
-
-
-def _k8s():
-    from deploy.k8s_target import k8s_target
-
-    return k8s_target()
-
-
 def _home() -> CanaryHome:
     home = CanaryHome()
     home.activate()
@@ -140,54 +130,45 @@ def demo(
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and the routing diff; change nothing.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Bake = Annotated[
+    str | None,
+    typer.Option("--bake", help="Watch the new stable this long after promote, e.g. 2m (0 = no bake; "
+                 "default CANARY_STACK_BAKE_S)."),
+]  # fmt: skip
+Duration = Annotated[str, typer.Option("--duration", help="Load per gate, e.g. 30s (at most 60s is enough).")]
+Users = Annotated[int, typer.Option("--users", help="Locust users (each loads both slots).")]
+SpawnRate = Annotated[float, typer.Option("--spawn-rate", help="Users started per second.")]
 
 
-def _stack():
-    """The stack the release commands drive: local processes, or the compose services
-    (the same planner, state and nginx admin API; see deploy/compose_target.py)."""
-    if _OPTIONS["target"] == "compose":
-        from deploy.compose_target import ComposeStack
+def _target():
+    """The `ReleaseTarget` of `--target`, resolved once per command (deploy/targets/)."""
+    from deploy.targets import TARGETS
 
-        return ComposeStack(_home())
-    from deploy.stack import LocalStack
-
-    return LocalStack(_home())
+    home = CanaryHome()
+    if _OPTIONS["target"] != "k8s":  # a cluster's commands touch no local state folder
+        home.activate()
+    return TARGETS[_OPTIONS["target"]](home)
 
 
-def _run_plan(stack, plan, dry_run: bool) -> None:
-    for line in plan.describe():
+def _print(applied) -> None:
+    """A routing command's lines on stdout, its exit code for the shell."""
+    for line in applied.lines:
         typer.echo(line)
-    if dry_run:
-        typer.echo(plan.diff() or "(routing unchanged)")
-        return
-
-    after = stack.execute(plan, on_champion=_champion_mover(stack))
-    typer.echo(f"done: stable {after.stable}, candidate {after.candidate or '-'} at {after.weight}%")
+    if applied.exit_code:
+        raise typer.Exit(applied.exit_code)
 
 
 @app.command()
 def up() -> None:
     """Start the local stack: Redis, the Bento slots, nginx (REST + gRPC). Idempotent."""
-    from models.bento import find_bento
-
-    stack = _stack()
-    stack.home.require()
-    state = stack.store.load()
-    champion = None
-    if state.slots[state.stable].bento is None:
-        champion = find_bento(stack.home, "@champion")
-    state = stack.up(champion)
-    s = stack.settings
-    typer.echo(
-        f"stack up: REST http://{s.host}:{s.nginx_rest_port}  gRPC {s.host}:{s.nginx_grpc_port}  "
-        f"stable {state.stable}={state.slots[state.stable].bento}"
-    )
+    for line in _target().up(say):
+        typer.echo(line)
 
 
 @app.command()
 def down() -> None:
     """Stop every process `canary up` started, and nothing else."""
-    stopped = _stack().down()
+    stopped = _target().down()
     typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
@@ -197,15 +178,7 @@ def deploy(
     dry_run: DryRun = False,
 ) -> None:
     """Start a candidate in the idle slot; it gets 0% of traffic until `weight`/`switch`."""
-    from deploy.release import plan_deploy
-    from models.bento import find_bento
-
-    if _on_k8s():
-        typer.echo(_k8s().deploy(release.lstrip("@") if release.isdigit() else release, dry_run).describe())
-        return
-    stack = _stack()
-    bento, version = find_bento(stack.home, release)
-    _run_plan(stack, plan_deploy(stack.store.load(), bento, version), dry_run)
+    _print(_target().deploy(release, dry_run))
 
 
 @app.command()
@@ -213,39 +186,15 @@ def weight(
     percent: Annotated[int, typer.Argument(help="Candidate share of REST and gRPC traffic, 0-100.")],
     dry_run: DryRun = False,
 ) -> None:
-    """Set the candidate's share of traffic (applied within a second, no nginx reload)."""
-    from deploy.release import plan_weight
-
-    if _on_k8s():
-        typer.echo(_k8s().weight(percent, dry_run).describe())
-        return
-    stack = _stack()
-    _run_plan(stack, plan_weight(stack.store.load(), percent), dry_run)
+    """Set the candidate's share of traffic (applied within a second, no nginx reload); a slot
+    whose share grows is checked first (alive, ready, smoke inference)."""
+    _print(_target().weight(percent, dry_run))
 
 
 @app.command()
 def switch(dry_run: DryRun = False) -> None:
     """Blue-green cut-over: the candidate takes 100%; the old stable stays warm for a switch back."""
-    from deploy.release import plan_switch
-
-    if _on_k8s():
-        typer.echo(_k8s().switch(dry_run).describe())
-        return
-    stack = _stack()
-    _run_plan(stack, plan_switch(stack.store.load()), dry_run)
-
-
-Bake = Annotated[
-    str | None,
-    typer.Option("--bake", help="Watch the new stable this long after promote, e.g. 2m (0 = no bake; "
-                 "default CANARY_STACK_BAKE_S)."),
-]  # fmt: skip
-
-
-def _bake_seconds(stack, text: str | None) -> float:
-    if text is None:
-        return float(stack.settings.bake_s)
-    return 0.0 if text.strip() in ("0", "0s", "0m") else _duration(text)
+    _print(_target().switch(dry_run))
 
 
 @app.command()
@@ -255,30 +204,7 @@ def promote(dry_run: DryRun = False, bake: Bake = None) -> None:
     SLOs switches back by itself. Then MLflow alias `champion` moves to its version.
 
     Exit code 0 promoted, 1 refused or switched back."""
-    from deploy.release import plan_promote
-    from deploy.rollout import promote as run_promote
-
-    if _on_k8s():
-        plan, version = _k8s().promote(dry_run)
-        typer.echo(plan.describe())
-        if not dry_run and version is not None:
-            from models.registry import CHAMPION, Registry
-
-            Registry(_home()).set_alias(CHAMPION, int(version))
-            typer.echo(f"MLflow alias champion -> version {version}")
-        return
-    stack = _stack()
-    bake_s = _bake_seconds(stack, bake)
-    state = stack.store.load()
-    if dry_run or not state.baking:
-        for line in (plan := plan_promote(state, bake_s, "now")).describe():
-            typer.echo(line)
-        if bake_s > 0:
-            typer.echo(f"  bake {bake_s:g}s, then stop slot {state.stable} and move MLflow alias champion")
-        if dry_run:
-            typer.echo(plan.diff() or "(routing unchanged)")
-            return
-    raise typer.Exit(run_promote(stack, bake_s, say, _champion_mover(stack)))
+    _print(_target().promote(dry_run, bake, say))
 
 
 @app.command()
@@ -286,14 +212,8 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why (kept in `canary history`).")] = "",
     dry_run: DryRun = False,
 ) -> None:
-    """Send the candidate to 0% at once."""
-    from deploy.release import plan_rollback
-
-    if _on_k8s():
-        typer.echo(_k8s().rollback(dry_run).describe())
-        return
-    stack = _stack()
-    _run_plan(stack, plan_rollback(stack.store.load(), reason), dry_run)
+    """Send the candidate to 0% at once (during a bake: the old stable takes everything back)."""
+    _print(_target().rollback(reason, dry_run))
 
 
 @app.command()
@@ -302,29 +222,30 @@ def shadow(
     dry_run: DryRun = False,
 ) -> None:
     """Mirror a copy of stable traffic to the candidate (answers discarded) or stop it."""
-    from deploy.release import plan_shadow
-
     if mode not in ("on", "off"):
         raise CanaryError(f"shadow takes on or off, got {mode!r}")
-    stack = _stack()
-    _run_plan(stack, plan_shadow(stack.store.load(), mode == "on"), dry_run)
+    _print(_target().shadow(mode == "on", dry_run))
 
 
 @app.command()
-def status(as_json: JsonOut = False) -> None:
+def status(
+    as_json: JsonOut = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Redraw in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between redraws with --watch.")] = 2.0,
+) -> None:
     """Slots, Bentos, model versions, weights, health, requests per slot, last gate verdict."""
     import json
 
-    from deploy.report import format_status
+    target = _target()
+    if watch:
+        from deploy.watch import watch_status
 
-    if _on_k8s():
-        from deploy.k8s_target import format_k8s_status
-
-        data = _k8s().status()
-        typer.echo(json.dumps(data, indent=2) if as_json else format_k8s_status(data))
+        if not 0.2 <= interval <= 600:
+            raise CanaryError(f"--interval must be between 0.2 and 600 seconds, got {interval:g}")
+        watch_status(target, interval)
         return
-    data = _stack().status()
-    typer.echo(json.dumps(data, indent=2) if as_json else format_status(data))
+    data = target.status()
+    typer.echo(json.dumps(data, indent=2) if as_json else target.format_status(data))
 
 
 @app.command()
@@ -332,7 +253,7 @@ def history(as_json: JsonOut = False) -> None:
     """The audit trail: who changed what, when and why."""
     import json
 
-    entries = _stack().store.history.entries()
+    entries = _target().history()
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
@@ -341,31 +262,10 @@ def history(as_json: JsonOut = False) -> None:
         typer.echo(f"{e['time']}  {e['who']:<10} {e['action']:<9} {e['detail']}{reason}")
 
 
-def _duration(text: str) -> float:
-    """ "30s", "2m" or "45" -> seconds."""
-    units = {"s": 1, "m": 60}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise CanaryError(f"duration {text!r} must look like 30s or 2m") from None
-    if not 0 < seconds <= 3600:
-        raise CanaryError(f"duration {text!r} must be between 1s and 60m")
-    return seconds
+def _gate_request(duration: str, users: int, spawn_rate: float):
+    from deploy.targets.base import GateRequest, parse_duration
 
-
-def _champion_mover(stack):
-    def move(version: str) -> None:
-        from models.registry import CHAMPION, Registry
-
-        Registry(stack.home).set_alias(CHAMPION, int(version))
-
-    return move
-
-
-Duration = Annotated[str, typer.Option("--duration", help="Load per gate, e.g. 30s (at most 60s is enough).")]
-Users = Annotated[int, typer.Option("--users", help="Locust users (each loads both slots).")]
-SpawnRate = Annotated[float, typer.Option("--spawn-rate", help="Users started per second.")]
+    return GateRequest(parse_duration(duration), users, spawn_rate)
 
 
 @app.command()
@@ -373,16 +273,7 @@ def gate(duration: Duration = "30s", users: Users = 16, spawn_rate: SpawnRate = 
     """Load stable and candidate side by side with Locust and judge the candidate.
 
     Exit code 0 pass, 1 fail or inconclusive, 2 the gate could not run."""
-    from deploy.rollout import GateOptions, run_gate_on_stack
-
-    stack = _stack()
-    outcome = run_gate_on_stack(stack, GateOptions(_duration(duration), users, spawn_rate))
-    verdict = outcome.verdict.verdict if outcome.verdict else "error"
-    typer.echo(f"gate {verdict}: {outcome.verdict.summary if outcome.verdict else outcome.error}")
-    for path in (outcome.result_path, outcome.report_path, *outcome.plots):
-        if path:
-            typer.echo(f"  {path}")
-    raise typer.Exit(outcome.exit_code)
+    _print(_target().gate(_gate_request(duration, users, spawn_rate), say))
 
 
 @app.command()
@@ -394,19 +285,11 @@ def rollout(
     bake: Bake = None,
 ) -> None:
     """Walk the weight steps, gate each; roll back on a failed gate, promote (and bake) after the last."""
-    from deploy.rollout import GateOptions
-    from deploy.rollout import rollout as run_rollout
-
     try:
         parsed = [int(step) for step in steps.split(",")]
     except ValueError:
         raise CanaryError(f"--steps {steps!r} must be comma-separated percentages, e.g. 5,25,50,100") from None
-    stack = _stack()
-    code = run_rollout(
-        stack, parsed, GateOptions(_duration(step_duration), users, spawn_rate), say, _champion_mover(stack),
-        bake_s=_bake_seconds(stack, bake),
-    )  # fmt: skip
-    raise typer.Exit(code)
+    _print(_target().rollout(parsed, _gate_request(step_duration, users, spawn_rate), bake, say))
 
 
 @app.command()

@@ -100,8 +100,8 @@ class K8sPlan:
     summary: str
     patches: tuple[K8sPatch, ...]
 
-    def describe(self) -> str:
-        """The `--dry-run` text: the summary, then each request and its exact body."""
+    def describe(self) -> list[str]:
+        """The `--dry-run` lines: the summary, then each request and its exact body."""
         lines = [f"{self.action}: {self.summary}"]
         if not self.patches:
             lines.append("  nothing to patch")
@@ -109,7 +109,7 @@ class K8sPlan:
             target = f"{patch.api_version} {patch.kind} {patch.namespace}/{patch.name}"
             lines.append(f"  PATCH {target} ({patch.patch_type})")
             lines.append(f"    {patch.json()}")
-        return "\n".join(lines)
+        return lines
 
 
 # -- reading recorded objects ------------------------------------------------------------

@@ -371,7 +371,7 @@ def test_weight_patches_both_routes_with_exact_merge_patch_bodies(cluster):
 def test_setting_the_current_weight_plans_no_patch(cluster):
     plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 10)
     assert plan.patches == ()
-    assert "nothing to patch" in plan.describe()
+    assert "  nothing to patch" in plan.describe()
 
 
 def test_a_hand_edited_grpc_route_is_brought_back_in_line(cluster):
@@ -519,7 +519,7 @@ def test_plans_are_immutable_and_print_their_exact_requests(cluster):
         patch.name = "other"  # type: ignore[misc]
     patch.payload()["spec"]["rules"].clear()  # a copy: the plan is unchanged
     assert len(patch.payload()["spec"]["rules"]) == 3
-    lines = plan.describe().splitlines()
+    lines = plan.describe()
     assert lines[0] == "weight: candidate green 10% -> 25% (stable blue 75%)"
     assert (
         lines[1] == "  PATCH gateway.networking.k8s.io/v1 HTTPRoute bento-canary/digits (application/merge-patch+json)"

@@ -145,7 +145,7 @@ def test_dry_run_sends_nothing_and_returns_the_plan_it_would_send(target, api, c
     plan = run(target, command, dry_run=True)
     assert api.patches == [] and api.objects == before
     assert plan == planned(command)
-    first_request = plan.describe().splitlines()[1]
+    first_request = plan.describe()[1]
     assert first_request.startswith(f"  PATCH gateway.networking.k8s.io/v1 HTTPRoute {NS}/digits (")
 
 

@@ -353,3 +353,16 @@ def test_a_candidate_killed_at_30_percent_costs_no_request_and_cannot_be_promote
     assert "slot green" in promote.stderr.strip().splitlines()[-1] and "traffic stays" in promote.stderr
     assert stack.store.load() == before
     assert {rest(stack).headers["x-canary-slot"] for _ in range(20)} == {"blue"}
+
+
+def test_promote_through_the_cli_moves_the_champion_alias(stack, stack_settings, candidate_bento, canary_home):
+    from models.registry import Registry
+
+    if not stack.process("slot-green").alive:
+        run(stack, plan_deploy(stack.store.load(), *candidate_bento))
+    result = canary_cli(stack_settings, "promote", "--bake", "0")
+    assert result.returncode == 0, result.stderr
+    state = stack.store.load()
+    assert (state.stable, state.candidate) == ("green", None) and not stack.process("slot-blue").alive
+    assert "champion" in Registry(canary_home).get(int(candidate_bento[1])).aliases
+    assert {rest(stack).headers["x-model-version"] for _ in range(10)} == {candidate_bento[1]}
