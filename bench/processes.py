@@ -17,25 +17,9 @@ from deploy.process import Child, free_port
 
 
 def stop_tree(child: Child, timeout: float = 15.0) -> None:
-    """Stop our child and any descendants it left behind (e.g. uvicorn under `mlflow models serve`)."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(child.pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
+    """Stop our child and any descendants it left behind (e.g. uvicorn under `mlflow models
+    serve`): `Child.stop` signals the whole tree, collected before the child exits."""
     child.stop(timeout)
-    for proc in descendants:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(descendants, timeout=5)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 def new_children(before: set[int]) -> list[int]:

@@ -93,7 +93,7 @@ class Load:
             return self._stats
         if self.process.poll() is None:
             # not SIGINT: it becomes a KeyboardInterrupt in whichever greenlet runs and a
-            # user greenlet may swallow it (see tests/test_stack.py `Load`)
+            # user greenlet may swallow it (see tests/deploy/test_stack.py `Load`)
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(60)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-SLOTS = ("blue", "green")
+from deploy.state import SLOTS
+
 SERVICE_PREFIX = "digits-"  # slot Services are digits-blue and digits-green
 SLOT_LABEL = "bento-canary/slot"
 CONTAINER = "bento"

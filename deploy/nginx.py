@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import jinja2
 
+from deploy.state import write_atomic
 from models.errors import CanaryError
 
 NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
@@ -200,21 +201,6 @@ def render_config(
     )  # fmt: skip
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_routing_file(path: Path, routing: Routing, slots: Sequence[SlotAddress]) -> None:
     """Write the routing nginx loads at every start and reload, atomically (tmp + rename)."""
     names = {s.name for s in slots}
@@ -222,7 +208,7 @@ def write_routing_file(path: Path, routing: Routing, slots: Sequence[SlotAddress
     if unknown:
         raise ValueError(f"routing names unknown slot(s) {', '.join(sorted(unknown))}")  # type: ignore[arg-type]
     doc = {**routing.to_json(), "slots": {s.name: s.to_json() for s in slots}}
-    _atomic_write(Path(path), json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(path), json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def ensure_token(path: Path) -> str:
@@ -298,7 +284,7 @@ class NginxController:
             raise NginxConfigError(f"nginx config refused: {_one_line(test.stderr + test.stdout)}")
         previous = self.conf.read_text() if self.conf.exists() else None
         if previous is not None:
-            _atomic_write(self.last_good, previous)
+            write_atomic(self.last_good, previous)
         os.replace(tmp_name, self.conf)
         log_offset = self.error_log.stat().st_size if self.error_log.exists() else 0
         try:
@@ -311,7 +297,7 @@ class NginxController:
             if previous is None:
                 self.conf.unlink(missing_ok=True)
             else:
-                _atomic_write(self.conf, previous)  # the file on disk stays what actually runs
+                write_atomic(self.conf, previous)  # the file on disk stays what actually runs
             raise
 
     def start(self) -> None:

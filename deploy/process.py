@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from models.errors import CanaryError
 
@@ -37,28 +38,17 @@ def venv_bin(name: str) -> str:
 def descendants(pid: int) -> list[int]:
     """All processes below `pid` (BentoML's workers run in sessions of their own, so a
     process group does not reach them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal `pid` and every process below it (collected first, so none is missed)."""
     for target in [pid, *descendants(pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target, sig)
-        except ProcessLookupError:
-            pass
 
 
 def stop_tree(pid: int, exited: Callable[[], bool], timeout: float) -> None:

@@ -273,7 +273,7 @@ class LocalStack:
     def nginx(self):
         from deploy.nginx import NginxController
 
-        return NginxController(self.folder / "nginx")
+        return NginxController(self.folder / "nginx", admin_port=self.settings.nginx_admin_port)
 
     def _slot_addresses(self):
         from deploy.nginx import SlotAddress

@@ -15,7 +15,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the load generator of `make bench`
-# tests/test_k8s.py renders deploy/k8s with a real kustomize: kubectl's built-in one or the
+# tests/deploy/test_k8s.py renders deploy/k8s with a real kustomize: kubectl's built-in one or the
 # standalone binary. The overlays use `components:` (kustomize >= 3.7, kubectl >= 1.21), so
 # Debian's own kubectl (`kubernetes-client`, 1.20 in bookworm) cannot render them and bookworm
 # has no kustomize package: the package is `kubectl`, from an apt source that carries it (the

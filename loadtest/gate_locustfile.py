@@ -47,7 +47,7 @@ from locust import constant_throughput, events
 from loadtest.gate import DEFAULT_THRESHOLDS, GateThresholds
 from loadtest.results import EXIT_HARNESS, RESULT_FILE, RunConfig, finish_gate, write_error
 from loadtest.samples import DigitFeed, SampleBook, hang_after_s
-from loadtest.targets import FORCE_TOKEN_ENV, SLOTS, Target, from_args
+from loadtest.targets import FORCE_TOKEN_ENV, ROLES, Target, from_args
 from loadtest.users import NO_PROXY, USER_CLASSES, GateContext, answers_now, bind
 
 # Locust runs the User classes it finds in this module's namespace.
@@ -69,7 +69,7 @@ class GateSetupError(Exception):
 @events.init_command_line_parser.add_listener
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("canary gate", "the two targets and where the verdict goes")
-    for slot in SLOTS:
+    for slot in ROLES:
         group.add_argument(f"--{slot}-rest", help=f"V2 REST base URL of the {slot} target")
         group.add_argument(f"--{slot}-grpc", default=None, help=f"V2 gRPC host:port of the {slot} target (optional)")
         group.add_argument(
@@ -166,7 +166,7 @@ class AfterLoadCheck:
         _, row, _ = self.context.feed.next()
         self.calls = {
             (slot, protocol): gevent.spawn(answers_now, self.context, slot, protocol, row)
-            for slot in SLOTS
+            for slot in ROLES
             for protocol in self.protocols
         }
 
@@ -175,7 +175,7 @@ class AfterLoadCheck:
         timeout_s = self.context.timeout_s
         gevent.joinall(list(self.calls.values()), timeout=timeout_s + 1.0)
         # A check that never ran must not pass for one that did.
-        errors: dict[str, str | None] = {slot: None if self.calls else "not checked" for slot in SLOTS}
+        errors: dict[str, str | None] = {slot: None if self.calls else "not checked" for slot in ROLES}
         for (slot, protocol), call in self.calls.items():
             if not call.ready():
                 call.kill(block=False)
@@ -227,7 +227,7 @@ def set_up(environment) -> GateRun:
     try:
         targets = {
             s: from_args(*(getattr(options, f"{s}_{part}") for part in ("rest", "grpc", "header", "slot", "version")))
-            for s in SLOTS
+            for s in ROLES
         }
         thresholds = GateThresholds.from_yaml(options.gate_thresholds)
     except (ValueError, OSError) as exc:
@@ -248,7 +248,7 @@ def set_up(environment) -> GateRun:
         targets["stable"], targets["candidate"], DigitFeed.test_split(), book, options.gate_model,
         options.gate_timeout, force_token,
     )  # fmt: skip
-    for slot in SLOTS:
+    for slot in ROLES:
         probe(slot, context, bool(weights.get("grpc")))
     # Let the users finish the requests in flight when the load stops instead of killing them
     # mid-flight: each ends within the request timeout, answered or failed. Whatever is still

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state, no GU
 
 from loadtest.gate import GateVerdict
 from loadtest.samples import SampleBook
-from loadtest.targets import SLOTS
+from loadtest.targets import ROLES
 
 COLORS = {"stable": "tab:blue", "candidate": "tab:orange"}
 STYLES = {"stable": "-", "candidate": "--"}  # dashed: a candidate on top of stable stays visible
@@ -20,7 +20,7 @@ def plot_latency(book: SampleBook, path: Path) -> Path:
     """Latency distribution per slot: histogram (log scale) and empirical CDF."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     hist, cdf = fig.subplots(1, 2)
-    per_slot = {slot: np.sort([s.latency_ms for s in book.samples if s.slot == slot and s.ok]) for slot in SLOTS}
+    per_slot = {slot: np.sort([s.latency_ms for s in book.samples if s.slot == slot and s.ok]) for slot in ROLES}
     everything = np.concatenate([v for v in per_slot.values() if v.size] or [np.array([1.0])])
     low, high = max(everything.min(), 0.05), max(everything.max(), everything.min() * 1.01, 0.1)
     bins = np.geomspace(low, high, 60)
@@ -48,7 +48,7 @@ def plot_timeline(book: SampleBook, path: Path) -> Path:
     fig = Figure(figsize=(14, 4), layout="constrained")
     rate, errors, latency = fig.subplots(1, 3, sharex=True)
     start, _ = book.window()
-    for slot in SLOTS:
+    for slot in ROLES:
         seconds, ok, failed = book.timeline(slot)
         style = {"color": COLORS[slot], "label": slot, "linestyle": STYLES[slot], "where": "post"}
         rate.step(seconds, ok, **style)
@@ -89,7 +89,7 @@ def write_markdown(path: Path, result: dict[str, Any], verdict: GateVerdict, plo
         "| slot | target | requests | failed | error ratio | p50 ms | p95 ms | p99 ms | answered/s | accuracy |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for slot in SLOTS:
+    for slot in ROLES:
         s = slots[slot]
         cells = [
             slot, f"`{s['target']['rest']}`", s["requests"], s["failures"], _cell(s["error_ratio"], 100, 2, "%"),

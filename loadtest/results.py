@@ -19,7 +19,7 @@ from typing import Any
 from loadtest.gate import GateThresholds, GateVerdict, decide
 from loadtest.report import plot_latency, plot_timeline, write_markdown
 from loadtest.samples import Sample, SampleBook
-from loadtest.targets import SLOTS, Target
+from loadtest.targets import ROLES, Target
 
 RESULT_FILE = "result.json"
 SAMPLES_FILE = "samples.csv"
@@ -49,8 +49,8 @@ def per_protocol(book: SampleBook) -> dict[str, dict[str, dict[str, float | int]
     """Requests, failures and median latency per slot and protocol (diagnosis only)."""
     import numpy as np
 
-    table: dict[str, dict[str, dict[str, float | int]]] = {slot: {} for slot in SLOTS}
-    for slot in SLOTS:
+    table: dict[str, dict[str, dict[str, float | int]]] = {slot: {} for slot in ROLES}
+    for slot in ROLES:
         counted = book.counted(slot)
         for protocol in sorted({s.protocol for s in counted}):
             mine = [s for s in counted if s.protocol == protocol]
@@ -68,7 +68,7 @@ def finish_gate(
 ) -> tuple[GateVerdict, dict[str, Any]]:
     """Decide, then write result.json, the plots and report.md into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = {slot: book.slot_stats(slot) for slot in SLOTS}
+    stats = {slot: book.slot_stats(slot) for slot in ROLES}
     verdict = decide(stats["stable"], stats["candidate"], thresholds)
     plots = [plot_latency(book, out_dir / "latency.png"), plot_timeline(book, out_dir / "timeline.png")]
     start, stop = book.window()
@@ -82,7 +82,7 @@ def finish_gate(
                 "target": targets[slot].describe(),
                 "failure_reasons": dict(book.failure_reasons(slot).most_common(MAX_REASONS)),
             }
-            for slot in SLOTS
+            for slot in ROLES
         },
         # inputs dropped from both slots: still open, and not yet hung, when the load stopped
         "inputs_cut_at_stop": len(book.cut),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlparse
 
-SLOTS = ("stable", "candidate")
+ROLES = ("stable", "candidate")  # the gate's two targets (deploy.state.SLOTS names the router's slots)
 SLOT_HEADER = "X-Canary-Slot"  # set by the router on every answer (gRPC: initial metadata)
 FORCE_TOKEN_HEADER = "X-Canary-Force-Token"  # noqa: S105  # nosec B105 - a header name, not a secret
 # The force token travels to the Locust process in this variable, never on its command line.

@@ -33,7 +33,7 @@ from locust.exception import StopUser
 from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
 from loadtest.samples import DigitFeed, SampleBook
-from loadtest.targets import FORCE_TOKEN_HEADER, SLOT_HEADER, SLOTS, Target
+from loadtest.targets import FORCE_TOKEN_HEADER, ROLES, SLOT_HEADER, Target
 from loadtest.v2codec import (
     HEADER_LENGTH,
     Prediction,
@@ -78,7 +78,7 @@ class GateContext:
         return tuple((k.lower(), v) for k, v in self.headers(slot).items())
 
     def order(self, pair: int) -> tuple[str, str]:
-        return SLOTS if DigitFeed.stable_first(pair) else SLOTS[::-1]
+        return ROLES if DigitFeed.stable_first(pair) else ROLES[::-1]
 
 
 def bind(environment, context: GateContext) -> None:
@@ -110,7 +110,7 @@ class PairedUser(User):
             # whose wait ended during the stop would send an input only to be killed mid-flight.
             raise StopUser()
         pair, row, label = self.gate.feed.next()
-        for slot in SLOTS:  # before either is sent: a request killed unstarted is open too
+        for slot in ROLES:  # before either is sent: a request killed unstarted is open too
             self.gate.book.begin(slot, self.protocol, pair, label)
         # Both requests in flight at once: each slot always carries the same concurrency.
         # Sent one after the other, a momentarily slow slot would collect the waiting users
@@ -136,7 +136,7 @@ class RestUser(PairedUser):
                 self.gate.target(slot).rest, environment.events.request, user=self,
                 connection_timeout=self.gate.timeout_s, network_timeout=self.gate.timeout_s,
             )
-            for slot in SLOTS
+            for slot in ROLES
         }  # fmt: skip
 
     def encode(self, row: np.ndarray) -> tuple[bytes, dict[str, str]]:
@@ -201,7 +201,7 @@ class GrpcUser(PairedUser):
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
-        self.channels = {slot: grpc.insecure_channel(self.gate.target(slot).grpc) for slot in SLOTS}
+        self.channels = {slot: grpc.insecure_channel(self.gate.target(slot).grpc) for slot in ROLES}
         self.stubs = {slot: pb2_grpc.GRPCInferenceServiceStub(channel) for slot, channel in self.channels.items()}
 
     def on_stop(self) -> None:

@@ -1,6 +1,6 @@
 """What each `canary` release command calls: the CLI only parses, resolves `--target` once,
 calls one method of that `ReleaseTarget` and prints. Pinned against a fake target, in-process
-with Typer's CliRunner (the end-to-end runs are in tests/test_stack.py and test_rollout.py)."""
+with Typer's CliRunner (the end-to-end runs are in tests/deploy/test_stack.py and test_rollout.py)."""
 
 from __future__ import annotations
 

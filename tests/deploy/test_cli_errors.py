@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from models.home import CanaryHome
 from models.registry import Registry
+from tests.support.canary_cli import assert_one_line_error, run_canary
 
-CANARY = str(Path(sys.executable).parent / "canary")
 pytestmark = pytest.mark.slow
-
-
-def run_canary(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CANARY, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1]
 
 
 @pytest.mark.parametrize(

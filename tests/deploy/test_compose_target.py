@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from deploy.process import free_port
-from tests.test_cli_errors import CANARY, assert_one_line_error
+from tests.support.canary_cli import CANARY, assert_one_line_error
 
 pytestmark = pytest.mark.slow
-FAKE = Path(__file__).resolve().parent / "support" / "fake_docker.py"
+FAKE = Path(__file__).resolve().parents[1] / "support" / "fake_docker.py"
 
 
 class ComposeWorld:
@@ -149,7 +149,7 @@ def test_the_compose_file_and_the_compose_target_agree_on_addresses_and_ports():
 
     from deploy.compose_target import CONTAINER_LAYOUT, SLOT_GRPC, SLOT_REST, SLOT_V2, ComposeSettings
 
-    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy/compose/compose.yaml").read_text())
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/compose/compose.yaml").read_text())
     subnet = compose["networks"]["canary"]["ipam"]["config"][0]["subnet"]
     settings = ComposeSettings()
     for slot in ("blue", "green"):

@@ -22,7 +22,7 @@ from deploy.k8s_plan import MERGE_PATCH, STRATEGIC_MERGE_PATCH, K8sPatch
 from tests.support.k8s import merge_patch
 from tests.support.tools import require_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 RECORDED = ROOT / "tests" / "testdata" / "k8s"
 OVERLAYS = ("dev", "prod", "ingress-nginx")

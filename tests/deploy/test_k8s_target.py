@@ -29,7 +29,7 @@ from deploy.process import free_port
 from models.errors import CanaryError, NotFoundError
 from tests.support.k8s import merge_patch
 
-RECORDED = Path(__file__).resolve().parent / "testdata" / "k8s"
+RECORDED = Path(__file__).resolve().parents[1] / "testdata" / "k8s"
 NS = "bento-canary"
 V3 = "registry.example.com/bento-canary/digits-service:v3"
 V4 = "registry.example.com/bento-canary/digits-service:v4"

@@ -20,7 +20,7 @@ import yaml
 
 from tests.support.tools import require_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "deploy" / "observability"
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 DASHBOARD = OBSERVABILITY / "grafana" / "dashboards" / "bento-canary.json"

@@ -28,7 +28,7 @@ from deploy.stack import LocalStack, StackSettings
 from models.errors import CanaryError
 
 pytestmark = pytest.mark.slow
-LOCUSTFILE = Path(__file__).parents[1] / "loadtest" / "locustfile.py"
+LOCUSTFILE = Path(__file__).parents[2] / "loadtest" / "locustfile.py"
 ROW = np.full((1, 64), 3.0, dtype=np.float32)
 BODY = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ROW.ravel().tolist()}]}
 

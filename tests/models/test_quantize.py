@@ -16,7 +16,7 @@ from models.errors import QuantizationRefused
 from models.pipeline import export_version, train_and_register
 from models.registry import Registry
 from models.train import TrainConfig
-from tests.test_cli_errors import assert_one_line_error, run_canary
+from tests.support.canary_cli import assert_one_line_error, run_canary
 
 pytestmark = pytest.mark.slow
 

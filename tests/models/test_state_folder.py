@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-CANARY = str(Path(sys.executable).parent / "canary")
+from tests.support.canary_cli import CANARY
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,12 +62,16 @@ def tiny_card(sha256: str, version: str = "1", name: str = "digits") -> ModelCar
     )
 
 
-def tiny_core(tmp_path: Path, version: str = "1", seed: int = 0, max_rows: int = 1024) -> InferenceCore:
-    """A started (warmed, ready) core over the tiny model."""
+def tiny_core(
+    tmp_path: Path, version: str = "1", seed: int = 0, max_rows: int = 1024, *, start: bool = True, **options: Any
+) -> InferenceCore:
+    """A started (warmed, ready) core over the tiny model; `start=False` leaves it not ready.
+    `options` go to `InferenceCore` (batching, cache, observer, faults)."""
     path = tmp_path / f"tiny-v{version}-s{seed}.onnx"
     sha = write_tiny_onnx(path, seed)
-    core = InferenceCore(OnnxRunner(path, tiny_card(sha, version), intra_op_threads=1), max_rows)
-    core.start()
+    core = InferenceCore(OnnxRunner(path, tiny_card(sha, version), intra_op_threads=1), max_rows, **options)
+    if start:
+        core.start()
     return core
 
 
