@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -263,10 +264,31 @@ def set_up(environment) -> GateRun:
     run = GateRun(context, thresholds, config, Path(options.gate_out), after_load)
     environment.events.request.add_listener(book.on_request)
     environment.events.test_start.add_listener(lambda **_: book.start())
+    environment.events.test_start.add_listener(lambda **_: gevent.spawn(report_progress, book, options.run_time))
     environment.events.test_stopping.add_listener(lambda **_: setattr(context, "stopping", True))
     environment.events.test_stopping.add_listener(after_load.start)
     environment.events.test_stop.add_listener(run.on_test_stop)
     return run
+
+
+def progress_line(book: SampleBook, elapsed_s: float, run_time_s: float | None) -> str:
+    """One line of the gate's live progress: elapsed/remaining, answers and failures per slot."""
+    counts = {role: [0, 0] for role in ROLES}
+    for sample in book.samples:
+        counts[sample.slot][0 if sample.ok else 1] += 1
+    left = f", {max(0.0, run_time_s - elapsed_s):.0f}s left" if run_time_s else ""
+    slots = "  ".join(f"{role} {ok} answered {failed} failed" for role, (ok, failed) in counts.items())
+    return f"gate progress: {elapsed_s:.0f}s{left}  {slots}"
+
+
+def report_progress(book: SampleBook, run_time_s: float | None) -> None:
+    """Print `progress_line` every few seconds while the load runs (a greenlet): every 5 s,
+    more often in short runs so even those show some."""
+    started, every_s = time.monotonic(), max(1.0, min(5.0, (run_time_s or 20.0) / 4))
+    while book.stopped is None:
+        gevent.sleep(every_s)
+        if book.stopped is None:
+            print(progress_line(book, time.monotonic() - started, run_time_s), flush=True)
 
 
 @events.init.add_listener

@@ -25,6 +25,7 @@ from loadtest.targets import FORCE_TOKEN_ENV, Target
 
 LOCUSTFILE = Path(__file__).with_name("gate_locustfile.py")
 REPO_ROOT = LOCUSTFILE.parents[1]
+LOCUST_LOG = "locust.log"  # everything Locust printed, in the gate's folder
 GRACE_S = 120.0  # start-up (imports, probes) and report writing on top of the load itself
 
 
@@ -89,7 +90,8 @@ def run_gate(
 ) -> GateOutcome:
     """Load `stable` and `candidate` side by side for `duration_s` and decide.
 
-    Locust's progress is copied line by line to `stream` (default stdout). Never raises for
+    The gate's progress lines go to `stream` (default stdout); everything Locust printed
+    goes to `locust.log` in `out_dir`. Never raises for
     a gate problem: bad arguments, an unreachable target or a crashed harness come back as
     exit code 2 with `error` set. `protocols` is the mix, e.g. "rest-json=2,grpc=1"
     (default: REST JSON, REST binary and, when both targets have an address, gRPC).
@@ -127,7 +129,10 @@ def run_gate(
         start_new_session=True,  # its own process group: a timeout or Ctrl-C here kills all of it
         preexec_fn=_die_with_parent,  # noqa: PLW1509  # nosec B603 - no shell; fixed argv
     )  # fmt: skip
-    pump = threading.Thread(target=_copy_lines, args=(process.stdout, stream), name="gate-output", daemon=True)
+    log_path = out_dir / LOCUST_LOG
+    pump = threading.Thread(
+        target=_copy_lines, args=(process.stdout, stream, log_path), name="gate-output", daemon=True
+    )
     pump.start()
     try:
         code = process.wait(deadline_s)
@@ -157,10 +162,20 @@ def parse_outcome(code: int, result_path: Path) -> GateOutcome:
     return GateOutcome(code, GateVerdict.from_dict(result), result_path, report, plots)
 
 
-def _copy_lines(source: TextIO, stream: TextIO) -> None:
-    for line in source:
-        stream.write(line)
-        stream.flush()
+def is_progress(line: str) -> bool:
+    """The lines a person watching the gate needs: its progress, its problems, its files.
+    Locust's own INFO lines and stats tables stay in the gate's locust.log."""
+    return line.startswith("gate ") or "canary.gate:" in line or "Traceback" in line
+
+
+def _copy_lines(source: TextIO, stream: TextIO, log_path: Path) -> None:
+    with open(log_path, "w") as log:
+        for line in source:
+            log.write(line)
+            log.flush()
+            if is_progress(line):
+                stream.write(line)
+                stream.flush()
 
 
 def _die_with_parent() -> None:

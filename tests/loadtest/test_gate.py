@@ -413,12 +413,19 @@ def test_the_force_token_reaches_both_slots_and_no_command_line(tmp_path, monkey
         assert tokens == {token}, f"{slot_name} saw {tokens}"  # REST headers, gRPC metadata, the probe
     [(argv, env)] = started
     assert not any(token in arg for arg in argv) and env[FORCE_TOKEN_ENV] == token
+    # the person watching sees the gate's progress and files; Locust's own chatter stays in its log
+    printed = output.getvalue()
+    assert "gate progress: " in printed and "stable " in printed and "gate result: " in printed, printed
+    assert "locust.runners" not in printed and "Aggregated" not in printed, printed
+    assert "Aggregated" in (tmp_path / "out" / "locust.log").read_text()
     argv = locust_command(stable, candidate, 4, 24, 24, tmp_path, tmp_path / "t.yaml")
     assert not any(token in arg for arg in argv)
     written = [
-        p.read_text(errors="replace") for p in (tmp_path / "out").iterdir() if p.suffix in (".json", ".md", ".csv")
+        p.read_text(errors="replace")
+        for p in (tmp_path / "out").iterdir()
+        if p.suffix in (".json", ".md", ".csv", ".log")
     ]
-    assert len(written) == 3 and not any(token in text for text in [*written, output.getvalue()])
+    assert len(written) == 4 and not any(token in text for text in [*written, output.getvalue()])
     assert outcome.result["config"]["force_token"] is True
 
 
