@@ -68,9 +68,10 @@ def test_mlflow_run_has_params_per_epoch_metrics_and_a_signature(built_pipeline,
 
 
 def test_first_version_is_champion(built_pipeline, canary_home):
+    # as registered: release tests later in the session promote other versions to champion
     registry = Registry(canary_home)
     first = min(int(v.version) for v in registry.client.search_model_versions("name='digits'"))
-    assert "champion" in registry.get(first).aliases
+    assert built_pipeline.version == first and "champion" in built_pipeline.aliases
 
 
 def test_bento_carries_onnxruntime_but_not_torch_or_mlflow(built_pipeline, canary_home):

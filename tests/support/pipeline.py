@@ -21,6 +21,7 @@ class BuiltPipeline:
     bento_tag: str
     archive_bytes: int
     requirements: tuple[str, ...]
+    aliases: tuple[str, ...] = ()  # the registry aliases it got when it was registered
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +34,13 @@ def built_pipeline(canary_home: CanaryHome) -> BuiltPipeline:
     exported = export_version(canary_home, version=trained.ref.version)
     built = build_bento(canary_home, version=trained.ref.version)
     return BuiltPipeline(
-        trained.ref.version, trained.ref.run_id, exported.sha256, built.tag, built.archive_bytes, built.requirements
+        trained.ref.version,
+        trained.ref.run_id,
+        exported.sha256,
+        built.tag,
+        built.archive_bytes,
+        built.requirements,
+        tuple(trained.ref.aliases),
     )
 
 
