@@ -423,12 +423,7 @@ class LocalStack:
     def _slot_status(self, slot: str) -> dict:
         """Process, health and addresses of one slot, for `status`."""
         info = self.process(f"slot-{slot}")
-        healthy = False
-        if info.alive:
-            try:
-                healthy = httpx.get(f"{self.slot_url(slot)}/v2/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                healthy = False
+        healthy = info.alive and self.slot_problem(slot) is None  # the same check as before routing
         return {
             "pid": info.pid if info.alive else None, "alive": info.alive, "healthy": healthy,
             "rest": self.slot_url(slot), "v2": self.slot_v2_url(slot),
