@@ -140,7 +140,20 @@ def test_a_candidate_that_dies_or_hangs_mid_gate_never_passes(stack, twin, built
     deployed = stack.execute(plan_deploy(state, *release))
     pid = stack.process(f"slot-{deployed.candidate}").pid
     options = GateOptions(duration_s=12, users=16, spawn_rate=16)
-    timer = threading.Timer(5.0, kill_tree, args=(pid, fault))  # the whole process tree, 5 s in
+    token = stack.token_file.read_text().strip()
+    served = lambda: stack.nginx().status(token)["slots"][deployed.candidate]["requests"]  # noqa: E731
+    before = served()
+
+    def fault_mid_gate() -> None:
+        # after the gate's load has reached the candidate (a fixed delay raced a slow start-up
+        # on a busy machine: the candidate froze before the gate's probe), then 3 s more
+        deadline = time.monotonic() + 60
+        while served() < before + 50 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)
+        kill_tree(pid, fault)  # the whole process tree
+
+    timer = threading.Thread(target=fault_mid_gate)
     timer.start()
     started = time.monotonic()
     try:
