@@ -138,6 +138,9 @@ Bake = Annotated[
 Duration = Annotated[str, typer.Option("--duration", help="Load per gate, e.g. 30s (at most 60s is enough).")]
 Users = Annotated[int, typer.Option("--users", help="Locust users (each loads both slots).")]
 SpawnRate = Annotated[float, typer.Option("--spawn-rate", help="Users started per second.")]
+Thresholds = Annotated[
+    str | None, typer.Option("--thresholds", help="The gate's limits (YAML); default loadtest/thresholds.yaml.")
+]
 
 
 def _target():
@@ -262,18 +265,33 @@ def history(as_json: JsonOut = False) -> None:
         typer.echo(f"{e['time']}  {e['who']:<10} {e['action']:<9} {e['detail']}{reason}")
 
 
-def _gate_request(duration: str, users: int, spawn_rate: float):
+def _gate_request(duration: str, users: int, spawn_rate: float, thresholds: str | None = None):
+    from pathlib import Path
+
     from deploy.targets.base import GateRequest, parse_duration
 
-    return GateRequest(parse_duration(duration), users, spawn_rate)
+    limits = None
+    if thresholds is not None:
+        import yaml
+
+        from loadtest.gate import GateThresholds
+
+        limits = Path(thresholds)
+        try:
+            GateThresholds.from_yaml(limits)  # refuse a bad file before any traffic moves
+        except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+            raise CanaryError(f"--thresholds {thresholds}: {' '.join(str(exc).split())}") from None
+    return GateRequest(parse_duration(duration), users, spawn_rate, limits)
 
 
 @app.command()
-def gate(duration: Duration = "30s", users: Users = 16, spawn_rate: SpawnRate = 16.0) -> None:
+def gate(
+    duration: Duration = "30s", users: Users = 16, spawn_rate: SpawnRate = 16.0, thresholds: Thresholds = None
+) -> None:
     """Load stable and candidate side by side with Locust and judge the candidate.
 
     Exit code 0 pass, 1 fail or inconclusive, 2 the gate could not run."""
-    _print(_target().gate(_gate_request(duration, users, spawn_rate), say))
+    _print(_target().gate(_gate_request(duration, users, spawn_rate, thresholds), say))
 
 
 @app.command()
@@ -283,13 +301,14 @@ def rollout(
     users: Users = 16,
     spawn_rate: SpawnRate = 16.0,
     bake: Bake = None,
+    thresholds: Thresholds = None,
 ) -> None:
     """Walk the weight steps, gate each; roll back on a failed gate, promote (and bake) after the last."""
     try:
         parsed = [int(step) for step in steps.split(",")]
     except ValueError:
         raise CanaryError(f"--steps {steps!r} must be comma-separated percentages, e.g. 5,25,50,100") from None
-    _print(_target().rollout(parsed, _gate_request(step_duration, users, spawn_rate), bake, say))
+    _print(_target().rollout(parsed, _gate_request(step_duration, users, spawn_rate, thresholds), bake, say))
 
 
 @app.command()

@@ -14,6 +14,12 @@ rule is copied from the recorded object, and `metadata.resourceVersion` makes th
 refuse the patch (409) if the route changed since it was read. Deployment patches are
 strategic merge patches that set one container's image by name.
 
+Shadow traffic is a Gateway API `RequestMirror` filter on the HTTPRoute's weighted rule that
+names the candidate's Service: the gateway sends a copy of each unforced REST request there
+and discards the answer. As on the local stack, a rollback or a role change (switch,
+promote) turns it off; a weight change keeps it. The GRPCRoute is never mirrored (gRPC
+mirroring is an extended feature few gateways implement).
+
 Bad input raises `ValueError` with a one-line message.
 """
 
@@ -33,12 +39,14 @@ SERVICE_PREFIX = "digits-"  # slot Services are digits-blue and digits-green
 SLOT_LABEL = "bento-canary/slot"
 CONTAINER = "bento"
 CANARY_HEADER = "x-canary"
+MIRROR = "RequestMirror"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 API_VERSIONS = {
     "Deployment": "apps/v1",
     "HTTPRoute": "gateway.networking.k8s.io/v1",
     "GRPCRoute": "gateway.networking.k8s.io/v1",
+    "ConfigMap": "v1",
 }
 # An OCI image reference: [registry[:port]/]path[:tag][@sha256:digest].
 _COMPONENT = r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
@@ -205,6 +213,13 @@ class _RouteView:
             weights[_slot_of_ref(self.route, ref)] += int(ref.get("weight", 1))  # Gateway API default: 1
         return weights
 
+    def mirrored_to(self) -> str | None:
+        """The slot the weighted rule mirrors to (RequestMirror), None when it mirrors nothing."""
+        for item in self.rule(self.weighted).get("filters") or ():
+            if item.get("type") == MIRROR:
+                return _slot_of_ref(self.route, (item.get("requestMirror") or {}).get("backendRef") or {})
+        return None
+
     def shares(self) -> dict[str, int]:
         """Percent of unforced traffic per slot (weights are relative in the Gateway API)."""
         weights = self.raw_weights()
@@ -238,7 +253,25 @@ def _weighted(refs: Sequence[Obj], route: Obj, weights: Mapping[str, int]) -> li
     return out
 
 
-def _route_patch(view: _RouteView, stable: str, candidate: str, weight: int) -> K8sPatch | None:
+def _mirror(rule: dict[str, Any], candidate: str | None) -> None:
+    """Point the rule's RequestMirror filter at `candidate`'s Service, or drop it (None).
+    Other filters stay as they are."""
+    filters = [item for item in rule.get("filters") or () if item.get("type") != MIRROR]
+    if candidate is not None:
+        port = next((ref.get("port") for ref in rule.get("backendRefs") or () if ref.get("port")), None)
+        backend: dict[str, Any] = {"name": SERVICE_PREFIX + candidate, **({"port": port} if port else {})}
+        filters.append({"type": MIRROR, "requestMirror": {"backendRef": backend}})
+    if filters:
+        rule["filters"] = filters
+    else:
+        rule.pop("filters", None)
+
+
+def _route_patch(
+    view: _RouteView, stable: str, candidate: str, weight: int, shadow: bool | None = None
+) -> K8sPatch | None:
+    """The patch that gives the route these roles and weight; `shadow` True mirrors the
+    weighted rule to the candidate, False stops mirroring, None keeps what the route has."""
     route = view.route
     for index in (view.always, view.never):
         view.forced_slot(index)  # exactly one slot Service, or ValueError
@@ -247,6 +280,8 @@ def _route_patch(view: _RouteView, stable: str, candidate: str, weight: int) -> 
     rules[view.never]["backendRefs"] = _retarget(rules[view.never]["backendRefs"], stable)
     weights = {stable: 100 - weight, candidate: weight}
     rules[view.weighted]["backendRefs"] = _weighted(rules[view.weighted].get("backendRefs") or (), route, weights)
+    if shadow is not None:
+        _mirror(rules[view.weighted], candidate if shadow else None)
     if rules == list(route["spec"]["rules"]):
         return None
     name, namespace = _meta(route)
@@ -258,10 +293,12 @@ def _route_patch(view: _RouteView, stable: str, candidate: str, weight: int) -> 
 
 
 def _routing_plan(action: str, summary: str, httproute: Obj, grpcroute: Obj, stable: str, candidate: str,
-                  weight: int) -> K8sPlan:  # fmt: skip
-    views = (_RouteView.of(httproute, "HTTPRoute"), _RouteView.of(grpcroute, "GRPCRoute"))
-    patches = tuple(patch for view in views if (patch := _route_patch(view, stable, candidate, weight)))
-    return K8sPlan(action, summary, patches)
+                  weight: int, shadow: bool | None = False) -> K8sPlan:  # fmt: skip
+    """Both routes to these roles and weight. Mirroring (HTTPRoute only) stops unless
+    `shadow` says otherwise: only a weight change keeps it (None)."""
+    http, grpc = _RouteView.of(httproute, "HTTPRoute"), _RouteView.of(grpcroute, "GRPCRoute")
+    patches = (_route_patch(http, stable, candidate, weight, shadow), _route_patch(grpc, stable, candidate, weight))
+    return K8sPlan(action, summary, tuple(patch for patch in patches if patch))
 
 
 def _current(httproute: Obj) -> tuple[str, str, int]:
@@ -291,7 +328,15 @@ def plan_weight(httproute: Obj, grpcroute: Obj, stable: str, candidate: str, wei
             f"candidate={candidate}; use switch or promote to change roles"
         )
     summary = f"candidate {candidate} {current}% -> {weight}% (stable {stable} {100 - weight}%)"
-    return _routing_plan("weight", summary, httproute, grpcroute, stable, candidate, weight)
+    return _routing_plan("weight", summary, httproute, grpcroute, stable, candidate, weight, shadow=None)
+
+
+def plan_shadow(httproute: Obj, grpcroute: Obj, on: bool) -> K8sPlan:
+    """Mirror unforced REST traffic to the candidate (answers discarded), or stop; roles and
+    weights stay."""
+    stable, candidate, current = _current(httproute)
+    summary = f"mirror stable traffic to candidate {candidate}" if on else "stop mirroring"
+    return _routing_plan("shadow", summary, httproute, grpcroute, stable, candidate, current, shadow=on)
 
 
 def plan_rollback(httproute: Obj, grpcroute: Obj) -> K8sPlan:
@@ -428,5 +473,6 @@ def read_status(deployments: Iterable[Obj], httproute: Obj, grpcroute: Obj) -> d
         "grpc_weight": grpc_shares[candidate],
         # False when someone edited one route by hand: the next weight/rollback heals it.
         "consistent": grpc.roles() == (stable, candidate) and grpc_shares == http_shares,
+        "shadow": http.mirrored_to() == candidate,
         "slots": slots,
     }

@@ -22,6 +22,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deploy import k8s_plan
+from deploy.k8s_history import ClusterHistory
 from deploy.k8s_plan import SLOTS, K8sPatch, K8sPlan
 from models.errors import CanaryError, NotFoundError
 
@@ -42,6 +43,11 @@ class K8sSettings(BaseSettings):
     kubeconfig: str | None = Field(default=None, description="kubeconfig file; default: $KUBECONFIG, ~/.kube/config.")
     request_timeout_s: float = Field(default=15.0, gt=0, description="Timeout of one API request.")
     field_manager: str = Field(default="bento-canary", description="Field manager named on every patch.")
+    history_configmap: str = Field(default="bento-canary-history", description="ConfigMap keeping the audit trail.")
+    history_max_entries: int = Field(default=500, ge=10, le=5000, description="Oldest entries dropped past this.")
+    # Where the gate reaches the slots: the Gateway's listeners, with the routes' x-canary rules.
+    gateway_rest: str | None = Field(default=None, description="The Gateway's REST base URL, e.g. http://10.0.0.7.")
+    gateway_grpc: str | None = Field(default=None, description="The Gateway's gRPC listener, host:port.")
 
 
 class K8sApi(Protocol):
@@ -52,6 +58,9 @@ class K8sApi(Protocol):
 
     def patch(self, patch: K8sPatch) -> dict[str, Any]:
         """Send one planned patch unchanged; returns the patched object. Failures: `CanaryError`."""
+
+    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create an object (the history ConfigMap); `ConflictError` when it already exists."""
 
 
 class ConflictError(CanaryError):
@@ -70,11 +79,21 @@ class Promotion(NamedTuple):
 
 
 class K8sTarget:
-    """The release commands against one namespace of a cluster."""
+    """The release commands against one namespace of a cluster. Every change that was sent
+    is appended to the cluster's history (deploy/k8s_history.py); a history that cannot be
+    written does not undo the change: it lands in `warnings` for the caller to print."""
 
-    def __init__(self, namespace: str, api: K8sApi) -> None:
+    def __init__(self, namespace: str, api: K8sApi, history: ClusterHistory | None = None) -> None:
         self.namespace = namespace
         self.api = api
+        self.history = history or ClusterHistory(api, namespace, K8sSettings.model_fields["history_configmap"].default)
+        self.warnings: list[str] = []
+
+    def record(self, action: str, detail: str, reason: str = "", **extra: Any) -> None:
+        try:
+            self.history.append(action, detail, reason, **extra)
+        except CanaryError as exc:
+            self.warnings.append(f"warning: not recorded in the cluster's history: {exc}")
 
     # -- reading --------------------------------------------------------------------------
     def _routes(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -99,10 +118,11 @@ class K8sTarget:
         return now["stable"], now["candidate"], now["weight"]
 
     # -- applying -------------------------------------------------------------------------
-    def _apply(self, plan: K8sPlan, dry_run: bool, realign: str) -> K8sPlan:
-        """Send the patches in order. A failure after the first patch leaves the routes
-        disagreeing; `realign` is the command that brings the rest in line."""
-        if dry_run:
+    def _apply(self, plan: K8sPlan, dry_run: bool, realign: str, reason: str = "") -> K8sPlan:
+        """Send the patches in order, then record them in the history. A failure after the
+        first patch leaves the routes disagreeing; `realign` is the command that brings the
+        rest in line."""
+        if dry_run or not plan.patches:
             return plan
         for index, patch in enumerate(plan.patches):
             try:
@@ -116,6 +136,7 @@ class K8sTarget:
                     f"{plan.action} stopped half-way: {done} patched, then {patch.kind} {patch.name} failed "
                     f"({reason}); run `{realign}` to bring it in line"
                 ) from exc
+        self.record(plan.action, plan.summary, reason)
         return plan
 
     # -- the commands ---------------------------------------------------------------------
@@ -125,18 +146,24 @@ class K8sTarget:
         status = _planned(k8s_plan.read_status, self._deployments(), http, grpc)
         return {"namespace": self.namespace, **status}
 
-    def weight(self, percent: int, dry_run: bool = False) -> K8sPlan:
+    def weight(self, percent: int, dry_run: bool = False, reason: str = "") -> K8sPlan:
         """The candidate's share of unforced REST and gRPC traffic; roles stay."""
         http, grpc = self._routes()
         stable, candidate, _ = self._roles(http, grpc)
         plan = _planned(k8s_plan.plan_weight, http, grpc, stable, candidate, percent)
-        return self._apply(plan, dry_run, f"canary --target k8s weight {percent}")
+        return self._apply(plan, dry_run, f"canary --target k8s weight {percent}", reason)
 
-    def rollback(self, dry_run: bool = False) -> K8sPlan:
+    def rollback(self, dry_run: bool = False, reason: str = "") -> K8sPlan:
         """The candidate gets 0% at once and keeps running."""
         http, grpc = self._routes()
         plan = _planned(k8s_plan.plan_rollback, http, grpc)
-        return self._apply(plan, dry_run, "canary --target k8s rollback")
+        return self._apply(plan, dry_run, "canary --target k8s rollback", reason)
+
+    def shadow(self, on: bool, dry_run: bool = False) -> K8sPlan:
+        """Mirror unforced REST traffic to the candidate (RequestMirror on the HTTPRoute)."""
+        http, grpc = self._routes()
+        plan = _planned(k8s_plan.plan_shadow, http, grpc, on)
+        return self._apply(plan, dry_run, f"canary --target k8s shadow {'on' if on else 'off'}")
 
     def switch(self, dry_run: bool = False) -> K8sPlan:
         """Blue-green cut-over; the old stable stays warm as the idle candidate."""
@@ -190,7 +217,9 @@ def _planned(function: Any, *args: Any, **kwargs: Any) -> Any:
 def k8s_target(settings: K8sSettings | None = None) -> K8sTarget:
     """The target the CLI uses: settings from CANARY_K8S_*, the real API, nothing contacted yet."""
     settings = settings or K8sSettings()
-    return K8sTarget(settings.namespace, KubernetesApi(settings))
+    api = KubernetesApi(settings)
+    history = ClusterHistory(api, settings.namespace, settings.history_configmap, settings.history_max_entries)
+    return K8sTarget(settings.namespace, api, history)
 
 
 # -- status text ---------------------------------------------------------------------------
@@ -202,6 +231,8 @@ def format_k8s_status(status: dict[str, Any]) -> str:
         f"namespace {status['namespace']}: stable {status['stable']}, candidate {status['candidate']} "
         f"at {status['weight']}% (gRPC {status['grpc_weight']}%)"
     )
+    if status.get("shadow"):
+        head += f", unforced REST mirrored to {status['candidate']}"
     lines = [head]
     lines.append(
         f"{'slot':<6} {'role':<10} {'REST':>5} {'gRPC':>5}  {'version':>7}  {'ready':>5}  {'rollout':<11} image"
@@ -228,6 +259,7 @@ def format_k8s_status(status: dict[str, Any]) -> str:
 # kind -> (API group, version, plural); Deployments go through AppsV1Api, routes through
 # CustomObjectsApi (Gateway API CRDs).
 _RESOURCES = {
+    "ConfigMap": ("", "v1", "configmaps"),
     "Deployment": ("apps", "v1", "deployments"),
     "HTTPRoute": ("gateway.networking.k8s.io", "v1", "httproutes"),
     "GRPCRoute": ("gateway.networking.k8s.io", "v1", "grpcroutes"),
@@ -283,6 +315,8 @@ class KubernetesApi:
         with self._errors("read", kind, namespace, name):
             if kind == "Deployment":
                 response = client.AppsV1Api(self._api_client()).read_namespaced_deployment(name, namespace, **options)
+            elif kind == "ConfigMap":
+                response = client.CoreV1Api(self._api_client()).read_namespaced_config_map(name, namespace, **options)
             else:
                 response = client.CustomObjectsApi(self._api_client()).get_namespaced_custom_object(
                     group, version, namespace, plural, name, **options
@@ -305,10 +339,30 @@ class KubernetesApi:
                 response = client.AppsV1Api(self._api_client()).patch_namespaced_deployment(
                     patch.name, patch.namespace, patch.payload(), **options
                 )
+            elif patch.kind == "ConfigMap":
+                response = client.CoreV1Api(self._api_client()).patch_namespaced_config_map(
+                    patch.name, patch.namespace, patch.payload(), **options
+                )
             else:
                 response = client.CustomObjectsApi(self._api_client()).patch_namespaced_custom_object(
                     group, version, patch.namespace, plural, patch.name, patch.payload(), **options
                 )
+            return _json(response, self._server)
+
+    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes import client
+
+        if kind != "ConfigMap":
+            raise CanaryError(f"canary creates no {kind} objects")
+        name = str((body.get("metadata") or {}).get("name", ""))
+        options: dict[str, Any] = {
+            "field_manager": self.settings.field_manager,
+            "_preload_content": False,
+            "_request_timeout": self.settings.request_timeout_s,
+        }
+        with self._errors("create", kind, namespace, name):
+            api = client.CoreV1Api(self._api_client())
+            response = api.create_namespaced_config_map(namespace, body, **options)  # type: ignore[arg-type]  # a dict is sent as is
             return _json(response, self._server)
 
     @contextlib.contextmanager
@@ -342,8 +396,10 @@ def _from_status(exc: Any, verb: str, kind: str, namespace: str, name: str) -> C
             f"{target} not found ({message}); apply an overlay of deploy/k8s first or set CANARY_K8S_NAMESPACE"
         )
     if status == 409:
-        # The route patches carry the resourceVersion they were planned from.
-        return ConflictError(f"the {kind} {name} changed meanwhile")
+        # The route patches carry the resourceVersion they were planned from; a create of an
+        # object that exists is a 409 too.
+        what = "exists already" if verb == "create" else "changed meanwhile"
+        return ConflictError(f"the {kind} {name} {what}")
     if status in (401, 403):
         return CanaryError(f"not allowed to {verb} {target}: {message}")
     if status in (400, 422):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
 
 from deploy.release import plan_finish_promote, plan_promote, plan_revert_promote, plan_rollback, plan_weight
 from deploy.stack import LocalStack
@@ -30,6 +32,93 @@ class GateOptions:
     duration_s: float = 30.0
     users: int = 16
     spawn_rate: float = 16.0
+    thresholds: Path | None = None  # None: loadtest/thresholds.yaml
+
+
+class Release(Protocol):
+    """What `walk_steps` needs from a target: move the weight, gate, roll back, promote,
+    and leave traffic safe when the walk is interrupted."""
+
+    def set_weight(self, percent: int, reason: str) -> None: ...
+    def gate(self, options: GateOptions, label: str) -> Any: ...
+    def rollback(self, reason: str) -> None: ...
+    def promote(self) -> int: ...
+    def interrupted(self, exc: BaseException) -> str | None: ...
+
+
+def check_steps(steps: Sequence[int]) -> None:
+    if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
+        raise CanaryError("--steps must be increasing percentages in 1-100, e.g. 5,25,50,100")
+
+
+def walk_steps(release: Release, steps: Sequence[int], options: GateOptions, say: Say) -> int:
+    """Weight steps, each gated, then promote; returns the exit code (0 promoted, 1 rolled
+    back on a failed or twice-inconclusive gate, 2 the gate itself could not run). Any
+    target: the local stack, compose, a cluster."""
+    from loadtest.gate import INCONCLUSIVE
+
+    check_steps(steps)
+    try:
+        for step in steps:
+            release.set_weight(step, f"rollout step {step}%")
+            say(f"== rollout: {step}% of traffic on the candidate; gating for {options.duration_s:g}s ==")
+            inconclusive = 0
+            while True:
+                outcome = release.gate(options, f"step{step}")
+                verdict = outcome.verdict.verdict if outcome.verdict else "error"
+                say(f"gate at {step}%: {verdict}: {outcome.verdict.summary if outcome.verdict else outcome.error}")
+                if outcome.exit_code == EXIT_PASS:
+                    break
+                if verdict == INCONCLUSIVE and inconclusive == 0:
+                    inconclusive += 1
+                    say("inconclusive: gating this step once more")
+                    continue
+                reason = f"gate {verdict} at {step}%: " + (
+                    outcome.verdict.summary if outcome.verdict else str(outcome.error)
+                )
+                release.rollback(reason)
+                say(f"rolled back to 0%: {reason}")
+                return EXIT_HARNESS if outcome.exit_code == EXIT_HARNESS else EXIT_FAIL
+        return release.promote()
+    except BaseException as exc:  # Ctrl-C or a crash: leave traffic at a safe, stated weight
+        message = release.interrupted(exc)
+        if message:
+            say(message)
+        raise
+
+
+def recorded_gate(
+    stable: Any, candidate: Any, version: str | None, options: GateOptions, out_dir: Path, home: Any,
+    force_token: str | None = None,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """One gate run, logged to the candidate's MLflow model version; returns the outcome and
+    the record every target keeps as its last verdict."""
+    from loadtest.run_gate import DEFAULT_THRESHOLDS, log_to_mlflow, run_gate
+
+    outcome = run_gate(
+        stable, candidate, options.duration_s, options.users, options.spawn_rate, out_dir,
+        options.thresholds or DEFAULT_THRESHOLDS, force_token=force_token,
+    )  # fmt: skip
+    verdict = outcome.verdict.verdict if outcome.verdict else "error"
+    summary = outcome.verdict.summary if outcome.verdict else (outcome.error or "the gate could not run")
+    mlflow_uri = None
+    if version:
+        try:
+            mlflow_uri = log_to_mlflow(outcome, home.registered_model, version)
+        except Exception as exc:  # noqa: BLE001 - a tracking outage must not hide the verdict
+            summary += f" (not logged to MLflow: {exc})"
+    record = {
+        "verdict": verdict, "summary": summary, "exit_code": outcome.exit_code,
+        "report": str(outcome.report_path) if outcome.report_path else None,
+        "result": str(outcome.result_path) if outcome.result_path else None, "mlflow": mlflow_uri,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    return outcome, record
+
+
+def gate_folder(home: Any, label: str) -> Path:
+    """Where one gate's Locust log, result, report and plots go."""
+    return Path(home.home) / "gates" / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}"
 
 
 def gate_targets(stack: LocalStack):
@@ -50,37 +139,20 @@ def gate_targets(stack: LocalStack):
 def run_gate_on_stack(stack: LocalStack, options: GateOptions, label: str = "manual"):
     """One gate of the current candidate; the verdict is saved in the state, the history
     and on the candidate's MLflow model version."""
-    from loadtest.run_gate import log_to_mlflow, run_gate
-
     state = stack.store.load()
     if state.candidate is None:
         raise CanaryError("gate needs a candidate: run `canary deploy <version>` first")
     version = state.slots[state.candidate].model_version
-    out_dir = stack.home.home / "gates" / f"{time.strftime('%Y%m%dT%H%M%S')}-{label}"
     stable, candidate = gate_targets(stack)
-    outcome = run_gate(
-        stable, candidate, options.duration_s, options.users, options.spawn_rate, out_dir,
-        force_token=stack.force_token(),
-    )  # fmt: skip
-    verdict = outcome.verdict.verdict if outcome.verdict else "error"
-    summary = outcome.verdict.summary if outcome.verdict else (outcome.error or "the gate could not run")
-    mlflow_uri = None
-    if version:
-        try:
-            mlflow_uri = log_to_mlflow(outcome, stack.home.registered_model, version)
-        except Exception as exc:  # noqa: BLE001 - a tracking outage must not hide the verdict
-            summary += f" (not logged to MLflow: {exc})"
-    record = {
-        "verdict": verdict, "summary": summary, "exit_code": outcome.exit_code, "weight": state.weight,
-        "report": str(outcome.report_path) if outcome.report_path else None,
-        "result": str(outcome.result_path) if outcome.result_path else None, "mlflow": mlflow_uri,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
+    outcome, record = recorded_gate(
+        stable, candidate, version, options, gate_folder(stack.home, label), stack.home, stack.force_token()
+    )
+    record["weight"] = state.weight
     with stack.store.locked():
         current = stack.store.load()
         stack.store.save(replace(current, last_gate=record))
     stack.store.history.append(
-        "gate", f"{verdict} at {state.weight}% for {state.slots[state.candidate].bento}", summary
+        "gate", f"{record['verdict']} at {state.weight}% for {state.slots[state.candidate].bento}", record["summary"]
     )
     return outcome
 
@@ -89,46 +161,47 @@ def rollout(
     stack: LocalStack, steps: Sequence[int], options: GateOptions, say: Say, on_champion: Callable[[str], None],
     bake_s: float | None = None,
 ) -> int:  # fmt: skip
-    """Weight steps, each gated, then promote; returns the exit code (0 promoted, 1 rolled
-    back on a failed or twice-inconclusive gate, 2 the gate itself could not run)."""
-    from loadtest.gate import INCONCLUSIVE
-
-    if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
-        raise CanaryError("--steps must be increasing percentages in 1-100, e.g. 5,25,50,100")
+    """`walk_steps` on the local (or compose) stack; the promote at the end bakes `bake_s`."""
+    check_steps(steps)
     if stack.store.load().candidate is None:
         raise CanaryError("rollout needs a candidate: run `canary deploy <version>` first")
-    try:
-        for step in steps:
-            stack.execute(plan_weight(stack.store.load(), step, reason=f"rollout step {step}%"))
-            say(f"== rollout: {step}% of traffic on the candidate; gating for {options.duration_s:g}s ==")
-            inconclusive = 0
-            while True:
-                outcome = run_gate_on_stack(stack, options, label=f"step{step}")
-                verdict = outcome.verdict.verdict if outcome.verdict else "error"
-                say(f"gate at {step}%: {verdict}: {outcome.verdict.summary if outcome.verdict else outcome.error}")
-                if outcome.exit_code == EXIT_PASS:
-                    break
-                if verdict == INCONCLUSIVE and inconclusive == 0:
-                    inconclusive += 1
-                    say("inconclusive: gating this step once more")
-                    continue
-                reason = f"gate {verdict} at {step}%: " + (
-                    outcome.verdict.summary if outcome.verdict else str(outcome.error)
-                )
-                stack.execute(plan_rollback(stack.store.load(), reason=reason))
-                say(f"rolled back to 0%: {reason}")
-                return EXIT_HARNESS if outcome.exit_code == EXIT_HARNESS else EXIT_FAIL
-        return promote(stack, stack.settings.bake_s if bake_s is None else bake_s, say, on_champion)
-    except BaseException as exc:  # Ctrl-C or a crash: leave traffic at a safe, stated weight
-        state = stack.store.load()
+    bake = stack.settings.bake_s if bake_s is None else bake_s
+    return walk_steps(_StackRelease(stack, bake, say, on_champion), steps, options, say)
+
+
+@dataclass
+class _StackRelease:
+    """`Release` on a `LocalStack`: plans from deploy/release.py, executed by the stack."""
+
+    stack: LocalStack
+    bake_s: float
+    say: Say
+    on_champion: Callable[[str], None]
+
+    def set_weight(self, percent: int, reason: str) -> None:
+        self.stack.execute(plan_weight(self.stack.store.load(), percent, reason=reason))
+
+    def gate(self, options: GateOptions, label: str) -> Any:
+        return run_gate_on_stack(self.stack, options, label=label)
+
+    def rollback(self, reason: str) -> None:
+        self.stack.execute(plan_rollback(self.stack.store.load(), reason=reason))
+
+    def promote(self) -> int:
+        return promote(self.stack, self.bake_s, self.say, self.on_champion)
+
+    def interrupted(self, exc: BaseException) -> str | None:
+        state = self.stack.store.load()
         if state.baking:
-            stack.execute(plan_revert_promote(state, f"rollout interrupted during the bake ({type(exc).__name__})"))
-            say("rollout interrupted during the bake: the old stable has all traffic again")
-        elif state.candidate is not None and state.weight > 0:
+            self.stack.execute(
+                plan_revert_promote(state, f"rollout interrupted during the bake ({type(exc).__name__})")
+            )
+            return "rollout interrupted during the bake: the old stable has all traffic again"
+        if state.candidate is not None and state.weight > 0:
             why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"crashed ({type(exc).__name__})"
-            stack.execute(plan_rollback(state, reason=f"rollout {why} at {state.weight}%: traffic held at 0%"))
-            say(f"rollout {why}: candidate traffic set to 0%; `canary status` shows it")
-        raise
+            self.stack.execute(plan_rollback(state, reason=f"rollout {why} at {state.weight}%: traffic held at 0%"))
+            return f"rollout {why}: candidate traffic set to 0%; `canary status` shows it"
+        return None
 
 
 def promote(stack: LocalStack, bake_s: float, say: Say, on_champion: Callable[[str], None] | None) -> int:

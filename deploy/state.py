@@ -117,6 +117,20 @@ class StateStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def history_line(action: str, detail: str, reason: str = "", **extra: Any) -> str:
+    """One audit entry as a JSON line: when, who (`CANARY_ACTOR` or the login), what, why.
+    Every target's history keeps entries of this shape."""
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "who": os.environ.get("CANARY_ACTOR") or getpass.getuser(),
+        "action": action,
+        "detail": detail,
+        "reason": reason,
+        **extra,
+    }
+    return json.dumps(entry, sort_keys=True)
+
+
 class History:
     """Append-only audit trail: one JSON object per line."""
 
@@ -125,16 +139,8 @@ class History:
 
     def append(self, action: str, detail: str, reason: str = "", **extra: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "who": os.environ.get("CANARY_ACTOR") or getpass.getuser(),
-            "action": action,
-            "detail": detail,
-            "reason": reason,
-            **extra,
-        }
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.write(history_line(action, detail, reason, **extra) + "\n")
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():

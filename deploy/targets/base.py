@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from models.errors import CanaryError
@@ -28,6 +29,7 @@ class GateRequest:
     duration_s: float
     users: int
     spawn_rate: float
+    thresholds: Path | None = None  # None: loadtest/thresholds.yaml
 
 
 class Unsupported(CanaryError):

@@ -99,7 +99,8 @@ class StackTarget:
     def gate(self, request: GateRequest, say: Say) -> Applied:
         from deploy.rollout import GateOptions, run_gate_on_stack
 
-        outcome = run_gate_on_stack(self.stack, GateOptions(request.duration_s, request.users, request.spawn_rate))
+        options = GateOptions(request.duration_s, request.users, request.spawn_rate, request.thresholds)
+        outcome = run_gate_on_stack(self.stack, options)
         verdict = outcome.verdict.verdict if outcome.verdict else "error"
         lines = [f"gate {verdict}: {outcome.verdict.summary if outcome.verdict else outcome.error}"]
         lines += [f"  {path}" for path in (outcome.result_path, outcome.report_path, *outcome.plots) if path]
@@ -108,7 +109,7 @@ class StackTarget:
     def rollout(self, steps: list[int], request: GateRequest, bake: str | None, say: Say) -> Applied:
         from deploy.rollout import GateOptions, rollout
 
-        options = GateOptions(request.duration_s, request.users, request.spawn_rate)
+        options = GateOptions(request.duration_s, request.users, request.spawn_rate, request.thresholds)
         code = rollout(self.stack, steps, options, say, self.move_champion, bake_s=self._bake_s(bake))
         return Applied([], code)
 

@@ -4,6 +4,7 @@ with Typer's CliRunner (the end-to-end runs are in tests/deploy/test_stack.py an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,6 +95,11 @@ CASES = [
         ("rollout", ([10, 50], GateRequest(20.0, 16, 16.0), "0")),
         "rollout done",
     ),  # fmt: skip
+    (
+        ["rollout", "--steps", "50", "--thresholds", "loadtest/thresholds.yaml"],
+        ("rollout", ([50], GateRequest(30.0, 16, 16.0, Path("loadtest/thresholds.yaml")), None)),
+        "rollout done",
+    ),  # fmt: skip
 ]
 
 
@@ -118,6 +124,8 @@ def test_a_commands_exit_code_reaches_the_shell(fakes):
         (["gate", "--duration", "soon"], "duration 'soon' must look like 30s or 2m"),
         (["rollout", "--steps", "5,x"], "must be comma-separated percentages"),
         (["shadow", "maybe"], "shadow takes on or off"),
+        (["gate", "--thresholds", "no-such.yaml"], "--thresholds no-such.yaml: "),
+        (["rollout", "--thresholds", "pyproject.toml"], "--thresholds pyproject.toml: "),
         (["--target", "mars", "status"], "--target must be local, compose or k8s"),
     ],
 )

@@ -312,6 +312,7 @@ def test_read_status_reports_slots_images_replicas_and_weights(cluster):
         "weight": 10,
         "grpc_weight": 10,
         "consistent": True,
+        "shadow": False,
         "slots": {
             "blue": {
                 "role": "stable", "weight": 90, "grpc_weight": 90, "deployment": "digits-blue",
@@ -438,6 +439,45 @@ def test_switch_swaps_roles_and_a_second_switch_goes_back(cluster):
         switched, k8s_plan.plan_switch(switched["http"], switched["grpc"], [cluster["blue"], cluster["green"]])
     )
     assert (status(back)["stable"], status(back)["candidate"], status(back)["weight"]) == ("blue", "green", 0)
+
+
+MIRROR_GREEN = {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "digits-green", "port": 3000}}}
+
+
+def test_shadow_mirrors_the_weighted_rest_rule_to_the_candidate_and_off_again(cluster):
+    cluster["http"]["spec"]["rules"][2]["filters"] = [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {}}]
+    plan = k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True)
+    (http,) = plan.patches  # the GRPCRoute is never mirrored
+    assert http.kind == "HTTPRoute" and http.payload()["metadata"] == {"resourceVersion": "48213"}
+    rules = http.payload()["spec"]["rules"]
+    assert rules[2]["filters"] == [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {}}, MIRROR_GREEN]
+    assert all("filters" not in rule for rule in rules[:2])  # forced requests are never mirrored
+    assert [ref["weight"] for ref in rules[2]["backendRefs"]] == [90, 10]  # weights stay
+    mirrored = applied(cluster, plan)
+    assert status(mirrored)["shadow"] is True
+    assert k8s_plan.plan_shadow(mirrored["http"], mirrored["grpc"], True).patches == ()
+    off = applied(mirrored, k8s_plan.plan_shadow(mirrored["http"], mirrored["grpc"], False))
+    assert off["http"]["spec"]["rules"][2]["filters"] == [
+        {"type": "ResponseHeaderModifier", "responseHeaderModifier": {}}
+    ]
+    assert status(off)["shadow"] is False
+
+
+def test_a_weight_change_keeps_the_mirror_and_rollback_or_a_role_change_stops_it(cluster):
+    """As on the local stack: mirroring follows the candidate only until traffic is rolled
+    back or the roles change (after a switch the mirror would copy stable's traffic to itself)."""
+    mirrored = applied(cluster, k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True))
+    weighted = applied(mirrored, k8s_plan.plan_weight(mirrored["http"], mirrored["grpc"], "blue", "green", 40))
+    assert status(weighted)["shadow"] is True and status(weighted)["weight"] == 40
+    deployments = [cluster["blue"], cluster["green"]]
+    for plan in (
+        k8s_plan.plan_rollback(weighted["http"], weighted["grpc"]),
+        k8s_plan.plan_switch(weighted["http"], weighted["grpc"], deployments),
+        k8s_plan.plan_promote(weighted["http"], weighted["grpc"], deployments),
+    ):
+        after = applied(weighted, plan)
+        assert "filters" not in after["http"]["spec"]["rules"][2], plan.action
+        assert status(after)["shadow"] is False
 
 
 def test_switch_and_promote_refuse_a_candidate_without_ready_pods(cluster):

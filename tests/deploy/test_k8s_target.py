@@ -10,81 +10,22 @@ are exercised.
 from __future__ import annotations
 
 import copy
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
 
 import pytest
-import yaml
 
 from deploy import k8s_plan
 from deploy.k8s_plan import MERGE_PATCH, STRATEGIC_MERGE_PATCH, K8sPatch
 from deploy.k8s_target import ConflictError, K8sSettings, K8sTarget, KubernetesApi, format_k8s_status
 from deploy.process import free_port
 from models.errors import CanaryError, NotFoundError
-from tests.support.k8s import merge_patch
+from tests.support.k8s import NS, FakeApi, StubApiServer, merge_patch, recorded, recorded_objects, write_kubeconfig
 
-RECORDED = Path(__file__).resolve().parents[1] / "testdata" / "k8s"
-NS = "bento-canary"
 V3 = "registry.example.com/bento-canary/digits-service:v3"
 V4 = "registry.example.com/bento-canary/digits-service:v4"
 V5 = "registry.example.com/bento-canary/digits-service:v5"
-
-
-def recorded(name: str) -> dict[str, Any]:
-    return json.loads((RECORDED / f"{name}.json").read_text())
-
-
-def recorded_objects() -> dict[tuple[str, str], dict[str, Any]]:
-    """Mid-canary: blue stable on v3, green candidate on v4 at 10%."""
-    return {
-        ("HTTPRoute", "digits"): recorded("httproute"),
-        ("GRPCRoute", "digits"): recorded("grpcroute"),
-        ("Deployment", "digits-blue"): recorded("deployment-blue"),
-        ("Deployment", "digits-green"): recorded("deployment-green"),
-    }
-
-
-class FakeApi:
-    """`K8sApi` over recorded objects: records every patch and applies it, so a sequence of
-    commands sees its own changes. `fail[(kind, name)]` makes that object's patch raise."""
-
-    def __init__(self, objects: dict[tuple[str, str], dict[str, Any]]) -> None:
-        self.objects = objects
-        self.patches: list[K8sPatch] = []
-        self.fail: dict[tuple[str, str], CanaryError] = {}
-
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        assert namespace == NS
-        if (kind, name) not in self.objects:
-            raise NotFoundError(f"{kind} {namespace}/{name} not found")
-        return copy.deepcopy(self.objects[kind, name])
-
-    def patch(self, patch: K8sPatch) -> dict[str, Any]:
-        self.patches.append(patch)
-        key = (patch.kind, patch.name)
-        if key in self.fail:
-            raise self.fail[key]
-        current = self.objects[key]
-        if patch.patch_type == MERGE_PATCH:
-            assert patch.payload()["metadata"]["resourceVersion"] == current["metadata"]["resourceVersion"]
-            updated = merge_patch(current, patch.payload())
-        else:  # the planner's one strategic merge patch: a container's image, by name
-            assert patch.patch_type == STRATEGIC_MERGE_PATCH
-            updated = copy.deepcopy(current)
-            (change,) = patch.payload()["spec"]["template"]["spec"]["containers"]
-            for container in updated["spec"]["template"]["spec"]["containers"]:
-                if container["name"] == change["name"]:
-                    container["image"] = change["image"]
-            updated["metadata"]["generation"] += 1
-        updated["metadata"]["resourceVersion"] = str(int(current["metadata"]["resourceVersion"]) + 100)
-        self.objects[key] = updated
-        return copy.deepcopy(updated)
 
 
 @pytest.fixture
@@ -299,93 +240,6 @@ def test_status_text_shows_roles_weights_versions_and_rollouts(target, api):
 
 
 # -- the real client against a stand-in API server ----------------------------------------
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    content_type: str | None
-    authorization: str | None
-    body: Any
-
-
-class StubApiServer:
-    """The API server's REST paths for the recorded objects: GET returns the object, PATCH
-    returns it too (the executor only needs the status code), `errors[(method, path)]`
-    answers with an error `Status`. Every request is recorded."""
-
-    def __init__(self) -> None:
-        objects = recorded_objects()
-        self.objects = {
-            f"/apis/apps/v1/namespaces/{NS}/deployments/digits-blue": objects["Deployment", "digits-blue"],
-            f"/apis/apps/v1/namespaces/{NS}/deployments/digits-green": objects["Deployment", "digits-green"],
-            f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/httproutes/digits": objects["HTTPRoute", "digits"],
-            f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/grpcroutes/digits": objects["GRPCRoute", "digits"],
-        }
-        self.requests: list[Request] = []
-        self.errors: dict[tuple[str, str], tuple[int, str, str]] = {}
-        self.html = False  # answer everything with a web page, as a wrong URL or a login proxy does
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                url = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                stub.requests.append(Request(
-                    self.command, url.path, parse_qs(url.query), self.headers.get("Content-Type"),
-                    self.headers.get("Authorization"), json.loads(raw) if raw else None,
-                ))  # fmt: skip
-                if (self.command, url.path) in stub.errors:
-                    code, reason, message = stub.errors[self.command, url.path]
-                    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                            "reason": reason, "code": code}  # fmt: skip
-                elif url.path in stub.objects:
-                    code, body = 200, stub.objects[url.path]
-                else:
-                    code, body = 404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
-                                       "message": "the server could not find the requested resource"}  # fmt: skip
-                data, content_type = json.dumps(body).encode(), "application/json"
-                if stub.html:
-                    data, content_type = b"<html><body>Sign in</body></html>", "text/html"
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PATCH = _answer
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-def write_kubeconfig(path: Path, server: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
-        "clusters": [{"name": "stub", "cluster": {"server": server}}],
-        "users": [{"name": "stub", "user": {"token": "stub-token"}}],
-        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
-    }))  # fmt: skip
-    return path
 
 
 @pytest.fixture
