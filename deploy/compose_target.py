@@ -134,7 +134,8 @@ class ComposeStack(LocalStack):
     # -- what compose runs ----------------------------------------------------------------
     def _tags(self, state: ReleaseState) -> dict[str, str]:
         """BLUE_TAG / GREEN_TAG for compose: a slot with nothing deployed reuses the stable's
-        tag (compose needs both to read the file; that slot is not started)."""
+        tag (compose needs both to read the file; that slot is not started). Also the Redis
+        password and cache signing key, from their 0600 files (compose.yaml demands both)."""
         stable = state.slots[state.stable].bento
         tags = {}
         for slot in SLOTS:
@@ -142,11 +143,14 @@ class ComposeStack(LocalStack):
             if bento:
                 tags[f"{slot.upper()}_TAG"] = image_tag(bento)
         s = self.compose_settings
+        password, cache_key = self.cache_secrets()
         return {
             **tags,
             "CANARY_REST_PORT": str(s.nginx_rest_port),
             "CANARY_GRPC_PORT": str(s.nginx_grpc_port),
             "CANARY_ADMIN_PORT": str(s.nginx_admin_port),
+            "CANARY_REDIS_PASSWORD": password,
+            "CANARY_CACHE_HMAC_KEY": cache_key,
         }
 
     def _slot_addresses(self) -> list[SlotAddress]:

@@ -98,6 +98,8 @@ class LocalStack:
         self.routing_file = self.folder / "routing.json"
         self.token_file = self.folder / "admin.token"
         self.force_token_file = self.folder / "force.token"  # lets the gate force a slot (mode 0600)
+        self.redis_password_file = self.folder / "redis.password"  # Redis AUTH (mode 0600)
+        self.cache_key_file = self.folder / "cache.key"  # signs cache entries, shared by the slots (0600)
 
     # -- processes ----------------------------------------------------------------------
     def _pid_file(self, name: str) -> Path:
@@ -155,6 +157,12 @@ class LocalStack:
     def redis_url(self) -> str:
         return f"redis://{self.settings.host}:{self.settings.redis_port}/0"
 
+    def cache_secrets(self) -> tuple[str, str]:
+        """Redis' password and the cache entries' signing key, each generated once (mode 0600)."""
+        from deploy.nginx import ensure_token
+
+        return ensure_token(self.redis_password_file), ensure_token(self.cache_key_file)
+
     def start_redis(self) -> None:
         if self.process("redis").alive:
             return
@@ -162,8 +170,13 @@ class LocalStack:
         data = self.run_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         marker = f"redis-server {self.settings.host}:{port}"
-        argv = ["redis-server", "--port", str(port), "--bind", self.settings.host, "--save", "", "--appendonly", "no",
-                "--dir", str(data)]  # fmt: skip
+        password = self.cache_secrets()[0]
+        config = data / "redis.conf"  # the password goes in a 0600 file, never on the command line (ps)
+        config.touch(mode=0o600)
+        config.chmod(0o600)
+        config.write_text(f"requirepass {password}\n")
+        argv = ["redis-server", str(config), "--port", str(port), "--bind", self.settings.host, "--save", "",
+                "--appendonly", "no", "--dir", str(data)]  # fmt: skip
         child = spawn(argv, self.logs / "redis.log")
         self._record("redis", child.pid, marker)
         import redis
@@ -171,7 +184,7 @@ class LocalStack:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                if redis.Redis(host=self.settings.host, port=port, socket_timeout=1).ping():
+                if redis.Redis(host=self.settings.host, port=port, password=password, socket_timeout=1).ping():
                     return
             except redis.RedisError:
                 time.sleep(0.1)
@@ -193,6 +206,7 @@ class LocalStack:
         self._require_free(rest, f"{slot} REST", f"CANARY_STACK_{upper}_REST_PORT")
         self._require_free(grpc, f"{slot} gRPC", f"CANARY_STACK_{upper}_GRPC_PORT")
         self._require_free(v2, f"{slot} V2 REST", f"CANARY_STACK_{upper}_V2_PORT")
+        redis_password, cache_key = self.cache_secrets()
         env = {
             "BENTOML_HOME": str(serving_home(self.home.bentoml_home, f"{self.name}-slot-{slot}")),
             "CANARY_SERVICE_SLOT": slot,
@@ -201,6 +215,8 @@ class LocalStack:
             "CANARY_SERVICE_REST_PORT": str(v2),
             "CANARY_SERVICE_REST_HOST": self.settings.host,
             "CANARY_SERVICE_CACHE_URL": self.redis_url,
+            "CANARY_SERVICE_CACHE_PASSWORD": redis_password,  # the environment, not argv: private to us
+            "CANARY_SERVICE_CACHE_HMAC_KEY": cache_key,
             # Two slots share this machine: split the cores between them, or idle ONNX Runtime
             # threads spin-wait and the slots starve each other (seen as 2-3x latency swings).
             "CANARY_SERVICE_INTRA_OP_THREADS": os.environ.get(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from service.core.cache import NullCache, RedisCache, ResponseCache
 from service.core.errors import InferenceError, InvalidInput
@@ -70,12 +70,18 @@ class Classified(BaseModel):
     confidences: list[float] = Field(description="Probability of the predicted digit per row.")
 
 
+def secret_text(value: SecretStr | None) -> str | None:
+    """A secret setting's text; None when unset or empty (an empty env var means "not given")."""
+    return (value.get_secret_value() if value else "") or None
+
+
 def build_cache(settings: ServiceSettings, on_event) -> ResponseCache:
     if not settings.cache_url:
         return NullCache()
     timeout = settings.cache_timeout_ms / 1000
     return RedisCache(
         settings.cache_url,
+        password=secret_text(settings.cache_password),
         ttl_seconds=settings.cache_ttl_seconds,
         max_entry_bytes=settings.cache_max_entry_bytes,
         connect_timeout_s=timeout,
@@ -106,6 +112,7 @@ class DigitsService:
             settings.max_rows_per_request,
             batching=BatchingConfig(settings.max_batch_size, settings.max_latency_ms, settings.max_queue_rows),
             cache=build_cache(settings, self.metrics.cache_event),
+            cache_secret=(secret_text(settings.cache_hmac_key) or "").encode() or None,
             observer=self.metrics,
             faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio, settings.fault_after_requests),
         )

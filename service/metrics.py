@@ -45,6 +45,9 @@ class ServiceMetrics(CoreObserver):
         self._queue = prom.Gauge("canary_queue_rows", "Rows waiting for the model.", names, multiprocess_mode="livesum")
         self._rejected = prom.Counter("canary_overload_rejections", "Requests refused: queue full.", names)
         self._cache = prom.Counter("canary_cache_events", "Cache hits, misses, errors, skips.", [*names, "kind"])
+        self._cache_rejected = prom.Counter(
+            "canary_cache_rejected", "Cache entries refused (served as misses), by reason.", [*names, "reason"]
+        )
         self._classes = prom.Counter("canary_predictions", "Predicted class per answered row.", [*names, "class"])
         self._confidence = prom.Histogram(
             "canary_prediction_confidence", "Confidence of the predicted class.", names, buckets=CONFIDENCE_BUCKETS
@@ -81,6 +84,9 @@ class ServiceMetrics(CoreObserver):
 
     def cache_event(self, kind: str, count: int) -> None:
         self._cache.labels(**self._base, kind=kind).inc(count)
+
+    def cache_rejected(self, reason: str, count: int) -> None:
+        self._cache_rejected.labels(**self._base, reason=reason).inc(count)
 
     def predictions(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
         for label, count in Tally(classes).items():

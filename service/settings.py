@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,14 @@ class ServiceSettings(BaseSettings):
     cache_ttl_seconds: int = Field(default=300, ge=1, description="Lifetime of a cached answer.")
     cache_max_entry_bytes: int = Field(default=1 << 20, ge=64, description="Answers larger than this are not cached.")
     cache_timeout_ms: float = Field(default=50.0, gt=0, description="Redis connect and read timeout.")
+    cache_password: SecretStr | None = Field(
+        default=None, description="Redis AUTH password (the local stack generates one; compose and k8s take it "
+        "from a secret). One in cache_url wins.",
+    )  # fmt: skip
+    cache_hmac_key: SecretStr | None = Field(
+        default=None, description="Per-deployment key that signs cache entries (HMAC-SHA256); every slot sharing "
+        "the Redis needs the same one. Unset: a random key per process (entries are not shared).",
+    )  # fmt: skip
     # -- the Bento's own V2 REST listener (the hot path; BentoML's port keeps the native API)
     rest_port: int = Field(
         default=8000, ge=0, le=65535, description="V2 REST port outside BentoML's HTTP stack (Triton's 8000); 0 = off."

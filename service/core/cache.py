@@ -1,13 +1,17 @@
 """The response cache: `ResponseCache` interface, `NullCache`, and the Redis-backed `RedisCache`.
 
-Keys carry model name + model version + a digest of the canonical inputs and the requested
-outputs, so blue and green sharing one Redis never serve each other's answers. `RedisCache`
-fails open behind a circuit breaker: a Redis fault costs misses, never an error or a hang.
+Keys carry model name + model version + the model file's sha256 + a digest of the canonical
+inputs and the requested outputs, so blue and green sharing one Redis (or an fp32 and an int8
+build of one version) never serve each other's answers. Entries are sealed with an HMAC over
+key and value (`seal`/`unseal`): whoever can write to Redis cannot choose the answers, nor move
+a genuine answer to another key. `RedisCache` fails open behind a circuit breaker: a Redis
+fault costs misses, never an error or a hang.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 import struct
@@ -24,11 +28,20 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-KEY_PREFIX = "canary:v1"
+KEY_PREFIX = "canary:v2"  # v2: sealed entries, keys with the model's sha256
 _MAGIC = b"CNRY\x01"  # format tag + framing version
 _COUNT = struct.Struct("<I")
 _DIM = struct.Struct("<Q")
 _UNSUPPORTED_KINDS = "OV"  # object arrays hold pointers, structured dtypes lose fields in .str
+_MAC_SIZE = hashlib.sha256().digest_size
+
+
+class RejectedEntry(ValueError):
+    """A cache entry that must not be served; `reason` is a metrics label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class ResponseCache(Protocol):
@@ -58,18 +71,22 @@ def _checked(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def cache_key(model: str, version: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> str:
-    """Key for one request: model, version, sha256 of the canonical inputs and the output names.
+def cache_key(
+    model: str, version: str, model_sha256: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+) -> str:
+    """Key for one request: model, version, model file sha256, a digest of inputs and outputs.
 
-    Inputs are hashed sorted by name as (name, dtype string, shape, C-order bytes), so the
-    memory layout and dict order do not matter; the requested outputs keep their order.
+    The model's sha256 keeps two builds of one registry version (fp32, int8) apart; its first
+    12 hex digits also show in the key, for whoever inspects Redis. Inputs are hashed sorted
+    by name as (name, dtype string, shape, C-order bytes), so the memory layout and dict order
+    do not matter; the requested outputs keep their order.
     """
     digest = hashlib.sha256()
 
     def field(data: bytes) -> None:  # length-prefixed, so no two field lists hash alike
         digest.update(_DIM.pack(len(data)) + data)
 
-    for text in (model, version):  # also hashed: "a:b"/"c" and "a"/"b:c" must not collide
+    for text in (model, version, model_sha256):  # also hashed: "a:b"/"c" and "a"/"b:c" must not collide
         field(text.encode())
     for name in sorted(inputs):
         array = _checked(inputs[name])
@@ -80,7 +97,26 @@ def cache_key(model: str, version: str, inputs: Mapping[str, np.ndarray], output
     field(str(len(outputs)).encode())
     for name in outputs:
         field(name.encode())
-    return f"{KEY_PREFIX}:{model}:{version}:{digest.hexdigest()}"
+    return f"{KEY_PREFIX}:{model}:{version}:{model_sha256[:12]}:{digest.hexdigest()}"
+
+
+def _mac(secret: bytes, key: str, value: bytes) -> bytes:
+    encoded = key.encode()
+    return hmac.new(secret, _DIM.pack(len(encoded)) + encoded + value, hashlib.sha256).digest()
+
+
+def seal(secret: bytes, key: str, value: bytes) -> bytes:
+    """`value` prefixed with HMAC-SHA256(secret, key + value): only holders of `secret` can
+    write an entry `unseal` accepts, and only under the key it was written for."""
+    return _mac(secret, key, value) + value
+
+
+def unseal(secret: bytes, key: str, blob: bytes) -> bytes:
+    """The value `seal` wrapped for `key`; RejectedEntry("signature") if the MAC does not verify."""
+    mac, value = blob[:_MAC_SIZE], blob[_MAC_SIZE:]
+    if len(mac) != _MAC_SIZE or not hmac.compare_digest(mac, _mac(secret, key, value)):
+        raise RejectedEntry("signature", "cache entry signature does not verify")
+    return value
 
 
 def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
@@ -132,14 +168,17 @@ class RedisCache:
     per breaker opening, and answered as all-misses (get) or dropped (put). After
     `breaker_failures` consecutive failed calls the breaker opens and calls skip Redis; after
     `breaker_reset_s` one call probes it, and success closes the breaker again.
-    `on_event(kind, n)` reports "hit", "miss", "error" and "skip" (oversized, not stored).
-    Construction does not connect; a malformed `url` raises ValueError.
+    `on_event(kind, n)` reports "error" and "skip" (oversized, not stored); hits and misses
+    are the caller's to count, since only it can tell a usable entry from a rejected one.
+    `password` is Redis' AUTH password (one in `url` wins). Construction does not connect; a
+    malformed `url` raises ValueError.
     """
 
     def __init__(
         self,
         url: str,
         *,
+        password: str | None = None,
         ttl_seconds: int = 300,
         max_entry_bytes: int = 1 << 20,
         connect_timeout_s: float = 0.05,
@@ -155,7 +194,11 @@ class RedisCache:
         self._on_event = on_event
         # No client-side retries: the breaker decides when Redis is worth another try.
         self._client = redis.Redis.from_url(
-            url, socket_connect_timeout=connect_timeout_s, socket_timeout=read_timeout_s, retry=Retry(NoBackoff(), 0)
+            url,
+            password=password,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=read_timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         self._lock = threading.Lock()
         self._state, self._failures, self._opened_at = "closed", 0, 0.0
@@ -168,11 +211,7 @@ class RedisCache:
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
-        values = self._call(lambda: self._mget(keys)) or [None] * len(keys)
-        hits = sum(v is not None for v in values)
-        self._emit("hit", hits)
-        self._emit("miss", len(keys) - hits)
-        return values
+        return self._call(lambda: self._mget(keys)) or [None] * len(keys)
 
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
         fitting = [(k, v) for k, v in items if len(v) <= self.max_entry_bytes]

@@ -4,23 +4,39 @@ It validates a request against the `ModelCard`, sends it through the shared adap
 (one per worker, fed by every protocol), looks answers up in and stores them to the response
 cache once per batch, and answers in the same transport-free types. The BentoML, V2 REST
 and V2 gRPC adapters only translate.
+
+A cached answer is served only if its seal verifies (HMAC with the deployment's cache key)
+and it is what this request asks for: one array per requested output, with the card's dtype
+and shape and the request's row count. Anything else is a miss, counted by reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import secrets
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.core.batching import AdaptiveBatcher
-from service.core.cache import NullCache, ResponseCache, cache_key, decode_arrays, encode_arrays
+from service.core.cache import (
+    NullCache,
+    RejectedEntry,
+    ResponseCache,
+    cache_key,
+    decode_arrays,
+    encode_arrays,
+    seal,
+    unseal,
+)
 from service.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Unavailable
 from service.core.faults import FaultPlan
 from service.core.model import ModelCard
 from service.core.observer import CoreObserver
 from service.core.runner import OnnxRunner
-from service.core.tensors import InferRequest, InferResponse, InferTensor, TensorSpec, v2_datatype
+from service.core.tensors import V2_TO_NUMPY, InferRequest, InferResponse, InferTensor, TensorSpec, v2_datatype
 
 log = logging.getLogger("bento_canary.core")
 
@@ -56,6 +72,7 @@ class InferenceCore:
         *,
         batching: BatchingConfig | None = None,
         cache: ResponseCache | None = None,
+        cache_secret: bytes | None = None,
         observer: CoreObserver | None = None,
         faults: FaultPlan | None = None,
     ) -> None:
@@ -65,6 +82,11 @@ class InferenceCore:
         self.cache: ResponseCache = cache or NullCache()
         # With the cache off, skip the sha256 of every request's inputs on the hot path.
         self._caching = not isinstance(self.cache, NullCache)
+        if self._caching and not cache_secret:
+            log.info("no cache signing key configured: this process signs with its own, entries are not shared")
+        # Without a deployment key, a per-process one: entries stay authenticated, just unshared.
+        self._cache_secret = cache_secret or secrets.token_bytes(32)
+        self._warned_uncacheable = False
         self.observer = observer or CoreObserver()
         self.faults = faults or FaultPlan()
         if self.faults.active:
@@ -88,6 +110,18 @@ class InferenceCore:
     async def close(self) -> None:
         self.ready = False
         await self.batcher.close()
+
+    @property
+    def max_input_elements(self) -> int | None:
+        """The most values one input may hold: the row limit times the largest row of the
+        card's inputs. The codecs refuse a bigger shape before converting anything; None
+        when a non-batch dimension is variable."""
+        rows = []
+        for spec in self.card.inputs:
+            if any(d < 0 for d in spec.shape[1:]):
+                return None
+            rows.append(math.prod(spec.shape[1:]))
+        return self.max_rows * max(rows, default=1)
 
     # -- identity ------------------------------------------------------------------------
     def check_model(self, name: str, version: str | None = None) -> None:
@@ -147,18 +181,12 @@ class InferenceCore:
 
     # -- the batch function (runs on the batcher's thread) --------------------------------
     def _run_batch(self, jobs: list[_Job]) -> list[list[np.ndarray] | BaseException]:
+        card = self.card
         keys = [
-            cache_key(self.card.name, self.card.version, job.feed, job.outputs) if job.use_cache else "" for job in jobs
+            cache_key(card.name, card.version, card.sha256, job.feed, job.outputs) if job.use_cache else ""
+            for job in jobs
         ]
-        cached = [i for i, job in enumerate(jobs) if job.use_cache]
-        results: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
-        blobs = self.cache.get_many([keys[i] for i in cached]) if cached else []
-        for index, blob in zip(cached, blobs, strict=True):
-            if blob is not None:
-                try:
-                    results[index] = decode_arrays(blob)
-                except ValueError:  # a corrupt entry is a miss, never an error for the client
-                    log.warning("undecodable cache entry %s treated as a miss", keys[index])
+        results: list[list[np.ndarray] | BaseException | None] = list(self._cached_answers(jobs, keys))
         misses = [i for i, r in enumerate(results) if r is None]
         # Requests asking for the same outputs share one model call.
         groups: dict[tuple[str, ...], list[int]] = {}
@@ -178,8 +206,8 @@ class InferenceCore:
             for position, index in enumerate(members):
                 own = [array[bounds[position] : bounds[position + 1]] for array in arrays]
                 results[index] = own
-                if jobs[index].use_cache:
-                    fresh.append((keys[index], encode_arrays(own)))
+                if jobs[index].use_cache and self._cacheable(own, jobs[index]):
+                    fresh.append((keys[index], seal(self._cache_secret, keys[index], encode_arrays(own))))
         if fresh:
             self.cache.put_many(fresh)
         try:
@@ -187,6 +215,64 @@ class InferenceCore:
         except Exception:  # metrics must never fail a batch
             log.exception("observing the batch's predictions failed")
         return results  # type: ignore[return-value]
+
+    # -- the response cache (batch thread) ------------------------------------------------
+    def _cached_answers(self, jobs: list[_Job], keys: list[str]) -> list[list[np.ndarray] | None]:
+        """Per job, its cached answer if one is there and passes `_accept`, else None.
+        Counts hits, misses and rejections; a rejected entry is a miss, never an error."""
+        cached = [i for i, job in enumerate(jobs) if job.use_cache]
+        answers: list[list[np.ndarray] | None] = [None] * len(jobs)
+        if not cached:
+            return answers
+        rejected: Counter[str] = Counter()
+        for index, blob in zip(cached, self.cache.get_many([keys[i] for i in cached]), strict=True):
+            if blob is None:
+                continue
+            try:
+                answers[index] = self._accept(keys[index], blob, jobs[index])
+            except RejectedEntry as exc:
+                rejected[exc.reason] += 1
+                log.warning("cache entry %s rejected (%s: %s); treated as a miss", keys[index], exc.reason, exc)
+        hits = sum(answer is not None for answer in answers)
+        for kind, count in (("hit", hits), ("miss", len(cached) - hits)):
+            if count:
+                self.observer.cache_event(kind, count)
+        for reason, count in rejected.items():
+            self.observer.cache_rejected(reason, count)
+        return answers
+
+    def _accept(self, key: str, blob: bytes, job: _Job) -> list[np.ndarray]:
+        """The arrays in `blob` if its seal verifies for `key` and they answer `job`; else RejectedEntry."""
+        payload = unseal(self._cache_secret, key, blob)
+        try:
+            arrays = decode_arrays(payload)
+        except ValueError as exc:  # sealed by us yet unreadable: a bug or a leaked key, never served
+            raise RejectedEntry("format", str(exc)) from None
+        if problem := self._answer_problem(arrays, job):
+            raise RejectedEntry("mismatch", problem)
+        return arrays
+
+    def _answer_problem(self, arrays: list[np.ndarray], job: _Job) -> str | None:
+        """Why `arrays` is not an answer to `job` per the card (count, dtype, shape, rows), or None."""
+        if len(arrays) != len(job.outputs):
+            return f"{len(arrays)} arrays for outputs {list(job.outputs)}"
+        for name, array in zip(job.outputs, arrays, strict=True):
+            spec = self.card.output_spec(name)
+            if spec is None or array.dtype != V2_TO_NUMPY.get(spec.datatype):
+                return f"output {name!r} is {array.dtype}, the card says {spec.datatype if spec else 'nothing'}"
+            fixed = all(d == want for d, want in zip(array.shape[1:], spec.shape[1:], strict=False) if want != -1)
+            if array.ndim != len(spec.shape) or array.ndim == 0 or array.shape[0] != job.rows or not fixed:
+                return f"output {name!r} has shape {list(array.shape)}; want {job.rows} rows of {list(spec.shape)}"
+        return None
+
+    def _cacheable(self, arrays: list[np.ndarray], job: _Job) -> bool:
+        """Store only what `_accept` would serve: a model straying from its card must not fill
+        the cache with entries every lookup rejects. Warned once."""
+        problem = self._answer_problem(arrays, job)
+        if problem and not self._warned_uncacheable:
+            self._warned_uncacheable = True
+            log.warning("model answers do not match the card (%s); such answers are not cached", problem)
+        return problem is None
 
     def _on_batch(self, rows: int, items: int, seconds: float) -> None:
         self.observer.batch(rows, items, seconds)

@@ -24,5 +24,9 @@ class CoreObserver:
     def cache_event(self, kind: str, count: int) -> None:
         """Cache outcome counts: kind is hit, miss, error or skip."""
 
+    def cache_rejected(self, reason: str, count: int) -> None:
+        """Cache entries refused (and counted as misses): reason is signature (forged, or
+        sealed with another key), format (undecodable) or mismatch (not this request's answer)."""
+
     def predictions(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
         """Predicted classes and their confidences, per answered row."""

@@ -165,6 +165,25 @@ def test_slot_pods_probe_health_expose_metrics_and_run_locked_down(overlay):
             assert set(container["resources"]) == {"requests", "limits"}
 
 
+def test_redis_and_the_slots_take_the_cache_password_and_key_from_one_secret(overlay):
+    _, docs = overlay
+    deployments = by_kind(docs, "Deployment")
+
+    def secret_env(container: dict[str, Any]) -> dict[str, dict[str, str]]:
+        refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]}
+        return {name: ref for name, ref in refs.items() if ref}
+
+    (redis,) = deployments["redis"]["spec"]["template"]["spec"]["containers"]
+    assert secret_env(redis) == {"REDISCLI_AUTH": {"name": "bento-canary-cache", "key": "redis-password"}}
+    assert "requirepass" in redis["command"][-1] and "$REDISCLI_AUTH" in redis["command"][-1]  # not in argv
+    for slot in ("blue", "green"):
+        (bento,) = deployments[f"digits-{slot}"]["spec"]["template"]["spec"]["containers"]
+        assert secret_env(bento) == {
+            "CANARY_SERVICE_CACHE_PASSWORD": {"name": "bento-canary-cache", "key": "redis-password"},
+            "CANARY_SERVICE_CACHE_HMAC_KEY": {"name": "bento-canary-cache", "key": "hmac-key"},
+        }
+
+
 def test_overlays_size_and_tag_the_slots_differently():
     sizes = {}
     for name in ("dev", "prod"):

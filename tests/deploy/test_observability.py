@@ -288,6 +288,8 @@ def test_compose_services_have_healthchecks_slot_settings_and_existing_mounts():
             "CANARY_SERVICE_REST_HOST": "0.0.0.0",
             "CANARY_SERVICE_REST_PORT": "8000",
             "CANARY_SERVICE_CACHE_URL": "redis://redis:6379/0",
+            "CANARY_SERVICE_CACHE_PASSWORD": "${CANARY_REDIS_PASSWORD:?set CANARY_REDIS_PASSWORD (canary --target compose does)}",
+            "CANARY_SERVICE_CACHE_HMAC_KEY": "${CANARY_CACHE_HMAC_KEY:?set CANARY_CACHE_HMAC_KEY (canary --target compose does)}",
             "BENTOML_HOME": "/var/lib/bentoml",
         }
         assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
@@ -324,10 +326,23 @@ def test_docker_compose_resolves_the_file_and_demands_the_slot_tags():
     docker_compose = require_tool("docker-compose", installs="docker-compose")
     command = [docker_compose, "-p", "bento-canary", "-f", str(COMPOSE_DIR / "compose.yaml"), "config"]
     env = {key: value for key, value in os.environ.items() if not key.endswith("_TAG")}
-    run = subprocess.run(command, capture_output=True, text=True, env={**env, "BLUE_TAG": "v3", "GREEN_TAG": "v4"})
+    env = {key: value for key, value in env.items() if key not in ("CANARY_REDIS_PASSWORD", "CANARY_CACHE_HMAC_KEY")}
+    secrets = {"CANARY_REDIS_PASSWORD": "redis-pass-0123456789", "CANARY_CACHE_HMAC_KEY": "hmac-key-0123456789"}
+    run = subprocess.run(
+        command, capture_output=True, text=True, env={**env, **secrets, "BLUE_TAG": "v3", "GREEN_TAG": "v4"}
+    )
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)["services"]
     assert (resolved["blue"]["image"], resolved["green"]["image"]) == ("digits-service:v3", "digits-service:v4")
     assert resolved["green"]["environment"]["CANARY_SERVICE_SLOT"] == "green"
-    missing = subprocess.run(command, capture_output=True, text=True, env={**env, "GREEN_TAG": "v4"})
+    assert resolved["green"]["environment"]["CANARY_SERVICE_CACHE_PASSWORD"] == secrets["CANARY_REDIS_PASSWORD"]
+    assert resolved["blue"]["environment"]["CANARY_SERVICE_CACHE_HMAC_KEY"] == secrets["CANARY_CACHE_HMAC_KEY"]
+    assert resolved["redis"]["environment"]["REDISCLI_AUTH"] == secrets["CANARY_REDIS_PASSWORD"]
+    assert secrets["CANARY_REDIS_PASSWORD"] not in " ".join(resolved["redis"]["command"])  # not in `ps`
+    missing = subprocess.run(command, capture_output=True, text=True, env={**env, **secrets, "GREEN_TAG": "v4"})
     assert missing.returncode != 0 and "set BLUE_TAG" in missing.stderr
+    tags = {"BLUE_TAG": "v3", "GREEN_TAG": "v4"}
+    for secret in secrets:  # no Redis without a password, no slot without the signing key
+        unset = {key: value for key, value in secrets.items() if key != secret}
+        missing = subprocess.run(command, capture_output=True, text=True, env={**env, **unset, **tags})
+        assert missing.returncode != 0 and f"set {secret}" in missing.stderr

@@ -65,6 +65,24 @@ def rest(stack: LocalStack, headers: dict | None = None) -> httpx.Response:
     return httpx.post(url, json=BODY, headers=headers or {}, timeout=30)
 
 
+def test_slots_use_the_stacks_redis_with_its_password_and_signing_key(stack):
+    """A repeated request is a verified cache hit on the stable slot, with no Redis error."""
+    from tests.support.metrics import scrape, total
+
+    stable = stack.store.load().stable
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [7.0] * 64}]}
+    before = scrape(stack.slot_url(stable))
+    for _ in range(2):
+        httpx.post(f"{stack.slot_v2_url(stable)}/v2/models/digits/infer", json=body, timeout=30).raise_for_status()
+    after = scrape(stack.slot_url(stable))
+    events = "canary_cache_events_total"
+    grown = {
+        kind: total(after, events, kind=kind) - total(before, events, kind=kind) for kind in ("hit", "miss", "error")
+    }
+    assert grown == {"hit": 1, "miss": 1, "error": 0}
+    assert total(after, "canary_cache_rejected_total") == 0
+
+
 def test_deploy_starts_the_candidate_at_zero_percent(stack, candidate_bento):
     after = run(stack, plan_deploy(stack.store.load(), *candidate_bento))
     assert after.candidate == "green" and after.weight == 0

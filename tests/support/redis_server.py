@@ -1,7 +1,8 @@
 """A real `redis-server` for tests, on a free port, in its own temp dir, stopped by its pid.
 
 Use the `redis_server` fixture (`from tests.support.redis_server import redis_server  # noqa: F401`)
-or `RedisProcess` directly as a context manager.
+or `RedisProcess` directly as a context manager; `RedisProcess(password=...)` requires AUTH
+(set in a config file, not on the command line).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def free_port() -> int:
 class RedisProcess:
     """One redis-server child: no persistence, bound to 127.0.0.1, log in its temp dir."""
 
-    def __init__(self, binary: str = REDIS_SERVER, ready_timeout_s: float = 10.0) -> None:
+    def __init__(self, binary: str = REDIS_SERVER, ready_timeout_s: float = 10.0, password: str | None = None) -> None:
         self.binary = binary
+        self.password = password
         self.ready_timeout_s = ready_timeout_s
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,7 +90,9 @@ class RedisProcess:
 
     def client(self) -> redis.Redis:
         """A plain client for assertions (TTL, INFO) made beside the code under test."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2, socket_connect_timeout=2
+        )
 
     def __enter__(self) -> RedisProcess:
         return self.start()
@@ -98,9 +102,11 @@ class RedisProcess:
 
     def _launch(self) -> RedisProcess:
         log_path = self.workdir / "redis.log"
+        config = self.workdir / "redis.conf"
+        config.write_text(f"requirepass {self.password}\n" if self.password else "")
         with log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                [self.binary, str(config), "--port", str(self.port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
                 cwd=self.workdir, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
