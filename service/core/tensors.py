@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidInput, PayloadTooLarge
 
 # V2 datatype -> numpy dtype (little-endian). BYTES is variable length and not used by
 # the digits models, so it is rejected as a datatype mismatch rather than decoded.
@@ -37,6 +38,16 @@ def v2_datatype(array: np.ndarray) -> str:
         return NUMPY_TO_V2[array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype]
     except KeyError:
         raise InvalidInput(f"unsupported tensor dtype {array.dtype}") from None
+
+
+def check_size(shape: tuple[int, ...], max_elements: int | None, where: str) -> int:
+    """The shape's value count, refused (413) past `max_elements` before anything is read."""
+    count = math.prod(shape)  # Python ints: a hostile shape cannot overflow into a small count
+    if max_elements is not None and count > max_elements:
+        raise PayloadTooLarge(
+            f"{where}: shape {list(shape)} holds {count} values; one input may carry at most {max_elements}"
+        )
+    return count
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb2
 
 from service.core.errors import InvalidInput
 from service.core.model import ModelCard
-from service.core.tensors import V2_TO_NUMPY, InferRequest, InferResponse, InferTensor, TensorSpec
+from service.core.tensors import V2_TO_NUMPY, InferRequest, InferResponse, InferTensor, TensorSpec, check_size
 
 # Typed `contents` field per datatype, with the dtype protobuf hands its values in.
 # FP16 (and BF16) have no typed field in the protocol: they travel raw only.
@@ -77,9 +77,12 @@ def _from_typed(contents: pb2.InferTensorContents, datatype: str, shape: tuple[i
     stray = [name for name in _CONTENT_FIELDS if name != field and len(getattr(contents, name))]
     if stray:
         raise InvalidInput(f"{where}: a {datatype} tensor carries its values in {field}, got {stray}")
-    values = np.asarray(getattr(contents, field), dtype=wire_dtype)
-    if values.size != math.prod(shape):
-        raise InvalidInput(f"{where}: {field} holds {values.size} values, shape {list(shape)} needs {math.prod(shape)}")
+    repeated = getattr(contents, field)
+    if len(repeated) != math.prod(shape):  # counted before numpy converts anything
+        raise InvalidInput(
+            f"{where}: {field} holds {len(repeated)} values, shape {list(shape)} needs {math.prod(shape)}"
+        )
+    values = np.asarray(repeated, dtype=wire_dtype)
     target = V2_TO_NUMPY[datatype]
     if target.kind in "iu" and target != wire_dtype and values.size:
         info = np.iinfo(target)
@@ -88,8 +91,9 @@ def _from_typed(contents: pb2.InferTensorContents, datatype: str, shape: tuple[i
     return values.astype(target, copy=False)
 
 
-def from_model_infer_request(request: pb2.ModelInferRequest) -> InferRequest:
-    """`ModelInferRequest` -> `InferRequest`; any malformation raises `InvalidInput`.
+def from_model_infer_request(request: pb2.ModelInferRequest, max_elements: int | None = None) -> InferRequest:
+    """`ModelInferRequest` -> `InferRequest`; any malformation raises `InvalidInput`, an
+    input whose shape holds more than `max_elements` values `PayloadTooLarge`.
 
     Either every input is raw (`raw_input_contents` has exactly one entry per input and
     no input carries typed contents) or none is; a mixture is rejected.
@@ -103,6 +107,7 @@ def from_model_infer_request(request: pb2.ModelInferRequest) -> InferRequest:
     for index, tensor in enumerate(request.inputs):
         where = f"inputs[{index}] ({tensor.name})"
         datatype, shape = _datatype_and_shape(tensor, where)
+        check_size(shape, max_elements, where)
         typed = _has_typed_contents(tensor)
         if raw and typed:
             raise InvalidInput(f"{where}: typed contents and raw_input_contents cannot be mixed")

@@ -13,6 +13,7 @@ Every route translates with `service.v2.codec` and delegates; `InferenceError` b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -36,6 +37,8 @@ log = logging.getLogger("bento_canary.v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 _JSON = b"application/json"
+LARGE_BODY_BYTES = 256 << 10  # decoded off the event loop from this size on
+_LARGE_DECODES = 2
 _OCTETS = b"application/octet-stream"
 
 Scope = dict[str, Any]
@@ -81,6 +84,7 @@ class V2RestApp:
     def __init__(self, max_body_bytes: int = 8 << 20, core: InferenceCore | None = None) -> None:
         self.max_body_bytes = max_body_bytes
         self.core = core
+        self._large_decodes: asyncio.Semaphore | None = None
 
     # -- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,6 +125,17 @@ class V2RestApp:
         except Exception as exc:  # noqa: BLE001 - the boundary maps every error once
             return _error(exc)
 
+    async def _decode(self, body: bytes, length: str | None, name: str, version: str | None, limit: int | None):
+        """Small bodies are decoded in place; a large one (parsing holds the loop for up to a
+        second) on a worker thread, at most `_LARGE_DECODES` at a time, so health probes, gRPC
+        and the batcher keep being served meanwhile."""
+        if len(body) < LARGE_BODY_BYTES:
+            return from_request_body(body, length, name, version, limit)
+        if self._large_decodes is None:
+            self._large_decodes = asyncio.Semaphore(_LARGE_DECODES)
+        async with self._large_decodes:
+            return await asyncio.to_thread(from_request_body, body, length, name, version, limit)
+
     # -- routes ----------------------------------------------------------------------------
     def _core(self) -> InferenceCore:
         if self.core is None:
@@ -159,7 +174,9 @@ class V2RestApp:
         if headers.get(b"content-encoding", b"identity") != b"identity":
             raise InvalidInput("compressed request bodies are not supported; send Content-Encoding: identity")
         length = headers.get(_HEADER_LENGTH_KEY)
-        infer_request = from_request_body(body, None if length is None else length.decode("latin-1"), name, version)
+        infer_request = await self._decode(
+            body, None if length is None else length.decode("latin-1"), name, version, core.max_input_elements
+        )
         response = await core.infer(infer_request)
         content, json_length = to_response_body(response, infer_request.parameters["binary_outputs"])
         answer_headers = {"x-model-version": response.model_version}
