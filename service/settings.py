@@ -58,10 +58,22 @@ class ServiceSettings(BaseSettings):
     rest_host: str = Field(
         default="127.0.0.1", description="Address the V2 REST listener binds (0.0.0.0 in containers)."
     )
+    rest_read_timeout_s: float = Field(
+        default=10.0, gt=0, description="A request's head and body must arrive within this; idle or trickling "
+        "connections are closed.",
+    )  # fmt: skip
+    rest_max_connections: int = Field(
+        default=1024, ge=1, description="Connections plus in-flight requests on the V2 listener; 503 beyond."
+    )
     # -- V2 gRPC server inside the Bento
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="V2 gRPC port; 0 turns gRPC off.")
     grpc_host: str = Field(default="127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in containers).")
-    grpc_max_message_bytes: int = Field(default=64 << 20, ge=1 << 16, description="Largest gRPC message either way.")
+    grpc_max_message_bytes: int = Field(
+        default=8 << 20, ge=1 << 16, description="Largest gRPC message either way (as the REST body limit)."
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        default=1024, ge=1, description="Calls in flight on the gRPC server; RESOURCE_EXHAUSTED beyond."
+    )
 
     # -- fault injection (tests and chaos drills only; settable only here, at start)
     fault_latency_ms: float = Field(default=0.0, ge=0, description="Extra time per model batch (a slower model).")

@@ -150,12 +150,14 @@ def _address(host: str, port: int) -> str:
 
 
 async def start_grpc_server(
-    core_provider: CoreProvider, host: str, port: int, max_message_bytes: int = 64 << 20
-) -> GrpcEndpoint:
+    core_provider: CoreProvider, host: str, port: int, max_message_bytes: int = 8 << 20,
+    max_concurrent_rpcs: int | None = 1024,
+) -> GrpcEndpoint:  # fmt: skip
     """Start the V2 gRPC server in the running event loop and return its endpoint.
 
     `port=0` binds a free port (see `GrpcEndpoint.port`). Messages over `max_message_bytes`
-    either way are refused by gRPC with RESOURCE_EXHAUSTED. Health starts SERVING if the
+    either way are refused by gRPC with RESOURCE_EXHAUSTED, and so are calls beyond
+    `max_concurrent_rpcs` in flight. Health starts SERVING if the
     core is already ready, NOT_SERVING otherwise (call `set_serving(True)` once it is).
     Raises OSError if the address cannot be bound (e.g. the port is taken).
     """
@@ -166,7 +168,7 @@ async def start_grpc_server(
         # would then bind "successfully" and silently share traffic with the first one.
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core_provider), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

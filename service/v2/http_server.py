@@ -8,6 +8,12 @@ measured. httptools parses HTTP when installed (it is a serving requirement), h1
 
 Signals stay BentoML's: this server never installs handlers; the service stops it from its
 shutdown hook (`HttpEndpoint.stop`), letting in-flight requests finish.
+
+Limits against clients that hold resources: at most `max_connections` connections and
+requests at once (uvicorn's `limit_concurrency`: 503 beyond it), and each request's head and
+body must arrive within `read_timeout_s` of its first byte (of the connection, for a fresh
+one); a client that opens a connection and sends nothing, or trickles a request, is
+disconnected. uvicorn has no such timeout of its own: `_TimedHttpToolsProtocol` adds it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,50 @@ from typing import Any
 import uvicorn
 
 log = logging.getLogger("bento_canary.v2.http")
+
+
+def _timed_protocol(read_timeout_s: float) -> type[asyncio.Protocol] | str:
+    """httptools' protocol with a read timeout per request (h11 without one, when httptools
+    is missing: it is a serving requirement, so only a broken install gets there)."""
+    if importlib.util.find_spec("httptools") is None:
+        log.warning("httptools is not installed: the V2 REST listener runs on h11 without a read timeout")
+        return "h11"
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class _TimedHttpToolsProtocol(HttpToolsProtocol):
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()  # a fresh connection must send its request in time too
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_message_complete(self) -> None:
+            self._disarm()  # the request is in: from here the app and keep-alive take over
+            super().on_message_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return _TimedHttpToolsProtocol
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -67,15 +117,17 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
 
 
 async def start_http_server(
-    app: Any, host: str, port: int, *, keep_alive_s: float = 5.0, backlog: int = 2048
-) -> HttpEndpoint:
+    app: Any, host: str, port: int, *, keep_alive_s: float = 5.0, backlog: int = 2048,
+    read_timeout_s: float = 10.0, max_connections: int | None = 1024,
+) -> HttpEndpoint:  # fmt: skip
     """Serve `app` on host:port from the running event loop; returns once it accepts.
 
     Raises OSError if the address cannot be bound (a taken port is never shared)."""
     sock = _bind(host, port, backlog)
     config = uvicorn.Config(
         app,
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=_timed_protocol(read_timeout_s),
+        limit_concurrency=max_connections,
         lifespan="off",
         access_log=False,
         log_config=None,
@@ -91,5 +143,6 @@ async def start_http_server(
             raise OSError(f"the V2 REST listener on {host}:{port} stopped while starting")
         await asyncio.sleep(0.01)
     bound = int(sock.getsockname()[1])
-    log.info("V2 REST listener on %s:%d (%s)", host, bound, config.http)
+    log.info("V2 REST listener on %s:%d (read timeout %gs, at most %s connections)", host, bound, read_timeout_s,
+             max_connections)  # fmt: skip
     return HttpEndpoint(server, task, bound)

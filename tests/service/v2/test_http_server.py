@@ -1,0 +1,121 @@
+"""service/v2/http_server.py: the V2 REST listener's limits against clients that hold it.
+
+The real listener (uvicorn + httptools) on a free port, serving the V2 app over the tiny
+model from an event loop of its own; clients are raw sockets (what an attacker has) and
+httpx (what a user has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from service.v2.http_server import HttpEndpoint, start_http_server
+from service.v2.rest import V2RestApp
+from tests.support.tiny_model import digits_rows, tiny_core
+
+READ_TIMEOUT_S = 1.0
+INFER = "/v2/models/digits/infer"
+
+
+@contextlib.contextmanager
+def listening(app: V2RestApp, **limits) -> Iterator[str]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="v2-rest-test-loop", daemon=True)
+    thread.start()
+    try:
+        start = start_http_server(app, "127.0.0.1", 0, **limits)
+        endpoint: HttpEndpoint = asyncio.run_coroutine_threadsafe(start, loop).result(20)
+        try:
+            yield f"http://127.0.0.1:{endpoint.port}"
+        finally:
+            asyncio.run_coroutine_threadsafe(endpoint.stop(0.5), loop).result(20)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(20)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> V2RestApp:
+    return V2RestApp(8 << 20, tiny_core(tmp_path_factory.mktemp("http-model")))
+
+
+def infer_body() -> dict:
+    row = digits_rows(1)[0].tolist()
+    return {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]}
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed the connection (EOF or reset; anything it sent before is
+    read and skipped), False when the socket's timeout passes with the connection open."""
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_trickling_connections_are_closed_and_real_requests_still_served(app):
+    with listening(app, read_timeout_s=READ_TIMEOUT_S, max_connections=2048) as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        half = []
+        for _ in range(200):  # a request head that promises a body that never comes
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            half.append(sock)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            answer = client.post(INFER, json=infer_body())  # served while 500 sockets sit there
+            assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + READ_TIMEOUT_S + 10
+        for sock in idle + half:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+        still_open = [sock for sock in idle + half if not closed_by_server(sock)]
+        assert still_open == [], f"{len(still_open)} of 500 connections still open after the read timeout"
+        for sock in idle + half:
+            sock.close()
+        with httpx.Client(base_url=url, timeout=10) as client:
+            assert client.post(INFER, json=infer_body()).status_code == 200
+
+
+def test_a_keep_alive_connection_is_timed_out_on_its_second_request_too(app):
+    with listening(app, read_timeout_s=READ_TIMEOUT_S) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(10)
+            assert b" 200 " in sock.recv(4096)
+            sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+            sock.settimeout(READ_TIMEOUT_S + 10)
+            assert closed_by_server(sock)
+
+
+def test_beyond_the_connection_limit_the_listener_answers_503(app):
+    with listening(app, max_connections=4) as url:
+        port = int(url.rsplit(":", 1)[1])
+        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        try:
+            time.sleep(0.2)  # let the server accept them
+            with httpx.Client(base_url=url, timeout=10) as client:
+                assert client.get("/v2/health/live").status_code == 503
+        finally:
+            for sock in holders:
+                sock.close()
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(50):  # the closed holders are released
+                if client.get("/v2/health/live").status_code == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the listener kept refusing after the connections were closed")
