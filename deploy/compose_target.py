@@ -6,7 +6,9 @@ compose services instead of local processes. A deploy starts the slot's containe
 Bento's image (`digits-service:v<N>`, from `canary containerize`), waits for its health check
 and runs a smoke inference inside it before any traffic moves; weights, switches and
 rollbacks go through nginx's admin API (published on the host's loopback, token in
-`deploy/compose/rendered/admin.token`), so they apply within a second without a reload.
+`deploy/compose/rendered/admin.token`, mode 0600), so they apply within a second without a
+reload. nginx's public ports are published on the stack's host (loopback unless
+CANARY_COMPOSE_PUBLIC_HOST says otherwise); Grafana's admin password is generated (0600).
 
 Every `docker compose` call goes through `ComposeCli`, which turns a missing engine or a
 failed command into one line (`CanaryError`).
@@ -26,7 +28,7 @@ import httpx
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from deploy.nginx import NginxController, NginxError, NginxLayout, NginxPorts, SlotAddress
+from deploy.nginx import NginxController, NginxError, NginxLayout, NginxPorts, SlotAddress, ensure_token
 from deploy.stack import LocalStack, StackSettings
 from deploy.state import SLOTS, ReleaseState, SlotState
 from models.errors import CanaryError
@@ -130,12 +132,14 @@ class ComposeStack(LocalStack):
         self.routing_file = self.rendered / "routing.json"
         self.token_file = self.rendered / "admin.token"
         self.force_token_file = self.rendered / "force.token"
+        self.grafana_password_file = self.folder / "grafana.password"  # Grafana's `admin` (0600)
 
     # -- what compose runs ----------------------------------------------------------------
     def _tags(self, state: ReleaseState) -> dict[str, str]:
         """BLUE_TAG / GREEN_TAG for compose: a slot with nothing deployed reuses the stable's
-        tag (compose needs both to read the file; that slot is not started). Also the Redis
-        password and cache signing key, from their 0600 files (compose.yaml demands both)."""
+        tag (compose needs both to read the file; that slot is not started). Also where the
+        public ports are published, and the Redis password, cache signing key and Grafana admin
+        password, each from its 0600 file (compose.yaml demands them)."""
         stable = state.slots[state.stable].bento
         tags = {}
         for slot in SLOTS:
@@ -146,11 +150,13 @@ class ComposeStack(LocalStack):
         password, cache_key = self.cache_secrets()
         return {
             **tags,
+            "CANARY_PUBLIC_HOST": s.nginx_public_host,
             "CANARY_REST_PORT": str(s.nginx_rest_port),
             "CANARY_GRPC_PORT": str(s.nginx_grpc_port),
             "CANARY_ADMIN_PORT": str(s.nginx_admin_port),
             "CANARY_REDIS_PASSWORD": password,
             "CANARY_CACHE_HMAC_KEY": cache_key,
+            "CANARY_GRAFANA_PASSWORD": ensure_token(self.grafana_password_file),
         }
 
     def _slot_addresses(self) -> list[SlotAddress]:
@@ -200,15 +206,18 @@ class ComposeStack(LocalStack):
 
     # -- nginx ----------------------------------------------------------------------------
     def apply_nginx_config(self, state: ReleaseState) -> None:
-        from deploy.nginx import ensure_token, render_config, write_routing_file
+        from deploy.nginx import render_config, write_routing_file
 
         self.rendered.mkdir(parents=True, exist_ok=True)
-        ensure_token(self.token_file)
-        ensure_token(self.force_token_file)
         for token in (self.token_file, self.force_token_file):
-            token.chmod(0o644)  # the container's nginx reads it through a read-only mount
+            ensure_token(token)
+            # 0600 (also for a token an older version left 0644): the container's nginx reads
+            # it in its master process, which runs as root (or, rootless, as this user).
+            token.chmod(0o600)
         write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
-        ports = NginxPorts(8080, 8081, 8079)  # inside the container (compose.yaml maps them)
+        # Inside the container: the public listeners must take every interface there, or the
+        # published ports (bound on the host to CANARY_PUBLIC_HOST, see compose.yaml) reach nothing.
+        ports = NginxPorts(8080, 8081, 8079, public_host="0.0.0.0")
         generation = int(time.time() * 1000) % 2_000_000_000
         config = render_config(
             CONTAINER_PREFIX, ports, self._slot_addresses(), CONTAINER_RENDERED / "routing.json",

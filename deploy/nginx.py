@@ -10,6 +10,7 @@ the config generation nginx reports) and talks to the admin API. It knows no Ben
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -53,18 +54,31 @@ def _check_port(value: object, what: str) -> None:
 
 @dataclass(frozen=True)
 class NginxPorts:
-    """nginx's listeners: public REST (HTTP/1.1), public gRPC (h2c), admin (127.0.0.1 only)."""
+    """nginx's listeners: public REST (HTTP/1.1), public gRPC (h2c), admin (127.0.0.1 only).
+
+    `public_host` is the address the public listeners bind: loopback unless the caller names
+    another (0.0.0.0 serves every interface), so no listener is open to the network by
+    accident. The admin listener's address is the layout's (`NginxLayout.admin_host`)."""
 
     rest: int = 8080
     grpc: int = 8081
     admin: int = 8082
-    public_host: str = "0.0.0.0"  # where the public listeners bind; the admin one never moves
+    public_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         for what in ("rest", "grpc", "admin"):
             _check_port(getattr(self, what), f"nginx {what} port")
         if len({self.rest, self.grpc, self.admin}) != 3:
             raise ValueError(f"nginx ports must differ, got {self.rest}, {self.grpc}, {self.admin}")
+        try:
+            ipaddress.ip_address(self.public_host)
+        except ValueError:
+            raise ValueError(f"nginx public host must be an IP address, got {self.public_host!r}") from None
+
+    @property
+    def public_listen(self) -> str:
+        """`public_host` as nginx's `listen` takes it (an IPv6 address in brackets)."""
+        return f"[{self.public_host}]" if ":" in self.public_host else self.public_host
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,12 @@ def render_config(
     answer before it counts as a timeout (and an unforced request moves to the other slot).
     `X-Canary` forcing is honoured only with the token in `force_token_file` (none: no
     token forces) or from the CIDRs in `force_allow`.
+
+    Exposure: the public listeners bind `ports.public_host` and answer 404 for the admin API
+    and for BentoML's own pages (its `/metrics`, the Swagger UI at `/` and `/docs.json`):
+    Prometheus scrapes the slots and the admin listener's `/metrics` directly. The admin API
+    accepts only the slot hosts named in `slots` (ports may move): a leaked admin token can
+    shift weights but cannot send clients' traffic to a machine of its holder's choosing.
     """
     layout = layout or NginxLayout()
     prefix, routing_file, token_file = Path(prefix).resolve(), Path(routing_file).resolve(), Path(token_file).resolve()
@@ -180,7 +200,7 @@ def render_config(
     init = {
         "config_generation": int(config_generation), "max_fails": max_fails, "fail_timeout": fail_timeout_s,
         "routing_file": str(routing_file), "token_file": str(token_file), "default_stable": slots[0].name,
-        "slots": {s.name: s.to_json() for s in slots},
+        "slots": {s.name: s.to_json() for s in slots}, "slot_hosts": sorted({s.host for s in slots}),
     }  # fmt: skip
     if force_token_file is not None:
         force_path = str(Path(force_token_file).resolve())
@@ -192,7 +212,7 @@ def render_config(
         loader=jinja2.FileSystemLoader(NGINX_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
     )
     return env.get_template("nginx.conf.j2").render(
-        prefix=prefix, ports=ports, public_host=ports.public_host, routing_file=routing_file, token_file=token_file,
+        prefix=prefix, ports=ports, public_host=ports.public_listen, routing_file=routing_file, token_file=token_file,
         config_generation=int(config_generation), modules_dir=layout.modules_dir, lua_dir=layout.lua_dir,
         admin_host=layout.admin_host, admin_allow=layout.admin_allow,
         init_json=json.dumps(init, sort_keys=True), shadow_timeout=_nginx_duration(shadow_timeout_s),

@@ -34,6 +34,10 @@ class StackSettings(BaseSettings):
 
     name: str = Field(default="stack", description="Folder of this stack in the state folder; tests run several.")
     host: str = Field(default="127.0.0.1", description="Address every local process binds.")
+    public_host: str = Field(
+        default="", description="Address nginx's public REST and gRPC listeners bind; empty: `host`. "
+        "0.0.0.0 serves other machines while the slots, Redis and the admin listener stay on `host`.",
+    )  # fmt: skip
     nginx_rest_port: int = Field(default=8080, description="Public REST listener.")
     nginx_grpc_port: int = Field(default=8081, description="Public gRPC (HTTP/2) listener.")
     nginx_admin_port: int = Field(default=8079, description="Loopback-only admin listener (routing).")
@@ -71,6 +75,12 @@ class StackSettings(BaseSettings):
 
     def slot_ports(self, slot: str) -> SlotPorts:
         return SlotPorts(*(getattr(self, f"{slot}_{kind}_port") for kind in ("rest", "grpc", "v2")))
+
+    @property
+    def nginx_public_host(self) -> str:
+        """Where clients reach nginx: `public_host`, else `host` (loopback by default), so
+        nothing listens on every interface unless someone asked for it."""
+        return self.public_host or self.host
 
 
 class SlotPorts(NamedTuple):
@@ -127,11 +137,13 @@ class LocalStack:
             stop_tree(info.pid, lambda: not self.process(name).alive, timeout)
         self._pid_file(name).unlink(missing_ok=True)
 
-    def _require_free(self, port: int, what: str, env: str) -> None:
-        with socket.socket() as sock:
+    def _require_free(self, port: int, what: str, env: str, host: str | None = None) -> None:
+        """`port` on `host` (default: the stack's host) is free, or one line naming the setting."""
+        host = host or self.settings.host
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((self.settings.host, port))
+                sock.bind((host, port))
             except OSError:
                 raise CanaryError(f"port {port} ({what}) is already taken; free it or set {env}") from None
 
@@ -144,13 +156,14 @@ class LocalStack:
             wanted += [(f"slot-{slot}", rest, f"{slot} REST", f"{slot.upper()}_REST_PORT"),
                        (f"slot-{slot}", grpc, f"{slot} gRPC", f"{slot.upper()}_GRPC_PORT"),
                        (f"slot-{slot}", v2, f"{slot} V2 REST", f"{slot.upper()}_V2_PORT")]  # fmt: skip
-        if not self.nginx().running():
-            wanted += [("nginx", s.nginx_rest_port, "nginx REST", "NGINX_REST_PORT"),
-                       ("nginx", s.nginx_grpc_port, "nginx gRPC", "NGINX_GRPC_PORT"),
-                       ("nginx", s.nginx_admin_port, "nginx admin", "NGINX_ADMIN_PORT")]  # fmt: skip
         for process, port, what, env in wanted:
-            if process == "nginx" or not self.process(process).alive:
+            if not self.process(process).alive:
                 self._require_free(port, what, f"CANARY_STACK_{env}")
+        if not self.nginx().running():  # its public listeners bind their own host
+            for port, what, env, host in ((s.nginx_rest_port, "nginx REST", "NGINX_REST_PORT", s.nginx_public_host),
+                                          (s.nginx_grpc_port, "nginx gRPC", "NGINX_GRPC_PORT", s.nginx_public_host),
+                                          (s.nginx_admin_port, "nginx admin", "NGINX_ADMIN_PORT", s.host)):  # fmt: skip
+                self._require_free(port, what, f"CANARY_STACK_{env}", host)
 
     # -- redis ----------------------------------------------------------------------------
     @property
@@ -309,7 +322,8 @@ class LocalStack:
         write_routing_file(self.routing_file, self._routing(state), self._slot_addresses())
         controller = self.nginx()  # its ports were checked free by up() before anything started
         generation = int(time.time() * 1000) % 2_000_000_000
-        ports = NginxPorts(self.settings.nginx_rest_port, self.settings.nginx_grpc_port, self.settings.nginx_admin_port)
+        s = self.settings
+        ports = NginxPorts(s.nginx_rest_port, s.nginx_grpc_port, s.nginx_admin_port, s.nginx_public_host)
         config = render_config(
             controller.prefix,
             ports,

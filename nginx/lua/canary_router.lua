@@ -17,6 +17,9 @@
 --   client as it is: it neither marks the slot down nor moves the request.
 -- * Unforced traffic fails over to the candidate only while the candidate already has a
 --   share of traffic (weight > 0): at 0% it is untested and never a fallback.
+-- * Slots live only on the hosts the rendered config names (`slot_hosts`): the admin API may
+--   move a slot to another port, never to another machine, so whoever holds the admin token
+--   cannot send clients' requests (and their answers) to a server of their own.
 local balancer = require "ngx.balancer"
 local json = require "canary_json"
 
@@ -26,7 +29,7 @@ local dict = ngx.shared.canary
 -- Set by init() in the master and inherited by the workers it forks, so status tells
 -- which rendered config the answering worker runs (a failed reload keeps old workers).
 local cfg = { config_generation = -1, max_fails = 3, fail_timeout = 10, token_digest = nil,
-              force_digest = nil }
+              force_digest = nil, slot_hosts = {}, slot_hosts_text = "" }
 
 local SLOT_NAME = "^%l[%l%d_%-]*$"
 
@@ -59,6 +62,10 @@ local function validate(doc, known)
     if type(a) ~= "table" or type(a.host) ~= "string" or a.host == ""
         or not is_int(a.rest_port, 1, 65535) or not is_int(a.grpc_port, 1, 65535) then
       return nil, "slot " .. name .. " needs host, rest_port and grpc_port (1-65535)"
+    end
+    if not cfg.slot_hosts[a.host] then
+      return nil, "slot " .. name .. ": host " .. a.host .. " is not a slot host of this config ("
+        .. cfg.slot_hosts_text .. ")"
     end
     -- v2_port: the Bento's own V2 REST listener (the /v2/ hot path); rest_port when absent
     if a.v2_port ~= nil and not is_int(a.v2_port, 1, 65535) then
@@ -121,6 +128,9 @@ function M.init(text)
   local conf = json.decode(text)
   cfg.config_generation, cfg.max_fails, cfg.fail_timeout =
     conf.config_generation, conf.max_fails, conf.fail_timeout
+  cfg.slot_hosts = {}
+  for _, host in ipairs(conf.slot_hosts or {}) do cfg.slot_hosts[host] = true end
+  cfg.slot_hosts_text = table.concat(conf.slot_hosts or {}, ", ")
   local token, err = read_file(conf.token_file)
   token = token and token:match("^%s*(.-)%s*$")
   if not token or token == "" then error("token file " .. conf.token_file .. " unreadable or empty: " .. tostring(err), 0) end

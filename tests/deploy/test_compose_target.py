@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deploy.compose_target import ComposeSettings, ComposeStack
 from deploy.process import free_port
+from deploy.state import ReleaseState
+from models.home import CanaryHome
 from tests.support.canary_cli import CANARY, assert_one_line_error
+from tests.support.listeners import listen_addresses
 
 pytestmark = pytest.mark.slow
 FAKE = Path(__file__).resolve().parents[1] / "support" / "fake_docker.py"
@@ -144,10 +149,10 @@ def test_no_container_engine_is_one_clear_line(world, built_pipeline):
     assert_one_line_error(no_daemon, "no container engine is running")
 
 
-def test_the_compose_file_and_the_compose_target_agree_on_addresses_and_ports():
+def test_the_compose_file_and_the_compose_target_agree_on_addresses_and_ports(tmp_path):
     import yaml
 
-    from deploy.compose_target import CONTAINER_LAYOUT, SLOT_GRPC, SLOT_REST, SLOT_V2, ComposeSettings
+    from deploy.compose_target import CONTAINER_LAYOUT, SLOT_GRPC, SLOT_REST, SLOT_V2
 
     compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/compose/compose.yaml").read_text())
     subnet = compose["networks"]["canary"]["ipam"]["config"][0]["subnet"]
@@ -160,3 +165,43 @@ def test_the_compose_file_and_the_compose_target_agree_on_addresses_and_ports():
     nginx = compose["services"]["nginx"]
     assert "./rendered:/etc/bento-canary/rendered:ro" in nginx["volumes"]
     assert any(port.endswith(":8079") and port.startswith("127.0.0.1:") for port in nginx["ports"])
+    # nothing is published on every interface unless CANARY_PUBLIC_HOST (the CLI's setting) says so
+    public = "${CANARY_PUBLIC_HOST:-127.0.0.1}:"
+    published = [port for service in compose["services"].values() for port in service.get("ports", ())]
+    assert all(port.startswith(("127.0.0.1:", public)) for port in published), published
+    rest, grpc = public + "${CANARY_REST_PORT:-8080}:8080", public + "${CANARY_GRPC_PORT:-8081}:8081"
+    assert {port for port in nginx["ports"] if port.startswith(public)} == {rest, grpc}
+    assert ComposeStack(CanaryHome(home=tmp_path), settings)._tags(ReleaseState())["CANARY_PUBLIC_HOST"] == "127.0.0.1"
+
+
+def test_compose_tokens_are_private_grafana_gets_a_password_and_nginx_listens_where_told(tmp_path, monkeypatch):
+    """In-process, no pipeline needed: the tokens nginx reads are 0600 (one an older version
+    left 0644 included), Grafana's admin password is generated (0600), nginx's public ports
+    are published on CANARY_COMPOSE_PUBLIC_HOST (the fake binds them as compose would), and the
+    admin API refuses to move a slot off the compose network's slot addresses."""
+    world = ComposeWorld(tmp_path)
+    for key, value in {**world.env, "CANARY_COMPOSE_PUBLIC_HOST": "127.0.0.2"}.items():
+        monkeypatch.setenv(key, value)
+    world.rendered.mkdir()
+    old_token = world.rendered / "admin.token"
+    old_token.write_text("token-from-an-older-version\n")
+    old_token.chmod(0o644)
+    stack = ComposeStack(CanaryHome(home=tmp_path / "home"), ComposeSettings())
+    try:
+        stack.apply_nginx_config(ReleaseState())
+        for path in (old_token, world.rendered / "force.token"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert stat.S_IMODE(stack.grafana_password_file.stat().st_mode) == 0o600
+        password = stack._tags(ReleaseState())["CANARY_GRAFANA_PASSWORD"]
+        assert len(password) >= 32 and password == stack.grafana_password_file.read_text().strip()
+        assert listen_addresses(world.ports["rest"]) == listen_addresses(world.ports["grpc"]) == {"127.0.0.2"}
+        assert listen_addresses(world.ports["admin"]) == {"127.0.0.1"}
+        body = {"stable": "blue", "candidate": None, "weight": 0, "shadow": False,
+                "slots": {"green": {"host": "10.9.9.9", "rest_port": 3000, "grpc_port": 50051}}}  # fmt: skip
+        answer = httpx.put(f"http://127.0.0.1:{world.ports['admin']}/canary/routing", json=body, timeout=5,
+                           headers={"X-Canary-Token": "token-from-an-older-version"}, trust_env=False)  # fmt: skip
+        refused = "slot green: host 10.9.9.9 is not a slot host of this config (172.28.0.11, 172.28.0.12)"
+        assert (answer.status_code, answer.json()["error"]) == (400, refused)
+    finally:
+        stack.down()
+        world.stop_nginx()

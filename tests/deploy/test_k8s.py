@@ -257,6 +257,85 @@ def test_ingress_nginx_variant_has_main_and_canary_ingresses_and_no_gateway_obje
     assert ingresses["digits-grpc"]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
 
 
+# -- exposure: who reaches the pods, TLS at the edge --------------------------------------
+
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # every namespace carries its own name as a label
+PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+GATEWAYS = {  # the proxy pods of each traffic component, as their usual installs label them
+    "gateway-api": ("envoy-gateway-system", {"app.kubernetes.io/name": "envoy",
+                                             "gateway.envoyproxy.io/owning-gateway-name": "bento-canary"}),
+    "ingress-nginx": ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx",
+                                        "app.kubernetes.io/component": "controller"}),
+}  # fmt: skip
+
+
+def _selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # what the evaluator below understands
+    return _selects(selector.get("matchLabels", {}), labels)
+
+
+def admits(policies: list[dict[str, Any]], pod: tuple[str, dict[str, str]], peer: tuple[str, dict[str, str]],
+           port: str) -> bool:  # fmt: skip
+    """Would NetworkPolicy let `peer` (namespace, labels) connect to `pod` on its named `port`?
+    A pod no policy selects admits everything; selected, only what some rule allows."""
+    (namespace, labels), (peer_namespace, peer_labels) = pod, peer
+    selecting = [p for p in policies if _selector_matches(p["spec"]["podSelector"], labels)]
+    rules = [rule for p in selecting if "Ingress" in p["spec"]["policyTypes"] for rule in p["spec"].get("ingress", [])]
+    for rule in rules:
+        if "ports" in rule and port not in {item["port"] for item in rule["ports"]}:
+            continue
+        for item in rule.get("from", [{"namespaceSelector": {}}]):  # no `from`: every source
+            assert "ipBlock" not in item, item
+            in_namespace = (
+                _selector_matches(item["namespaceSelector"], {NAMESPACE_LABEL: peer_namespace})
+                if "namespaceSelector" in item
+                else peer_namespace == namespace
+            )
+            if in_namespace and _selector_matches(item.get("podSelector", {}), peer_labels):
+                return True
+    return not selecting
+
+
+def test_network_policies_let_only_the_gateway_reach_the_slots_and_only_the_slots_reach_redis(overlay):
+    name, docs = overlay
+    policies = list(by_kind(docs, "NetworkPolicy").values())
+    namespace = by_kind(docs, "Namespace").popitem()[0]
+    deployments = by_kind(docs, "Deployment")
+    pods = {pod: (namespace, deployments[pod]["spec"]["template"]["metadata"]["labels"]) for pod in deployments}
+    component = "ingress-nginx" if name == "ingress-nginx" else "gateway-api"
+    gateway, (other_gateway,) = GATEWAYS[component], [peer for key, peer in GATEWAYS.items() if key != component]
+    stranger_here, stranger_elsewhere = (namespace, {"app": "debug"}), ("default", {"app": "debug"})
+    for pod in deployments:  # every pod is isolated: what no policy allows is refused
+        assert any(_selector_matches(p["spec"]["podSelector"], pods[pod][1]) for p in policies), pod
+    for slot, other_slot in (("digits-blue", "digits-green"), ("digits-green", "digits-blue")):
+        assert admits(policies, pods[slot], gateway, "http") and admits(policies, pods[slot], gateway, "grpc")
+        assert admits(policies, pods[slot], PROMETHEUS, "http"), "metrics stay scrapeable on the slots"
+        assert not admits(policies, pods[slot], PROMETHEUS, "grpc")
+        for peer in (other_gateway, stranger_here, stranger_elsewhere, pods["redis"], pods[other_slot]):
+            assert not any(admits(policies, pods[slot], peer, port) for port in ("http", "v2", "grpc")), (slot, peer)
+        assert admits(policies, pods["redis"], pods[slot], "redis")
+    for peer in (gateway, PROMETHEUS, stranger_here, stranger_elsewhere):
+        assert not admits(policies, pods["redis"], peer, "redis"), peer
+    for policy in policies:  # every named port a policy opens is one the pods it selects have
+        for deployment in deployments.values():
+            template = deployment["spec"]["template"]
+            if _selector_matches(policy["spec"]["podSelector"], template["metadata"]["labels"]):
+                named = {port["name"] for c in template["spec"]["containers"] for port in c["ports"]}
+                opened = {item["port"] for rule in policy["spec"]["ingress"] for item in rule["ports"]}
+                assert opened <= named, (policy["metadata"]["name"], opened - named)
+
+
+def test_the_gateway_terminates_tls_on_every_listener():
+    for name in ("dev", "prod"):
+        (gateway,) = by_kind(render(name), "Gateway").values()
+        for listener in gateway["spec"]["listeners"]:
+            assert listener["protocol"] == "HTTPS", (name, listener["name"])
+            assert listener["tls"] == {
+                "mode": "Terminate",
+                "certificateRefs": [{"kind": "Secret", "name": "bento-canary-tls"}],
+            }
+
+
 def test_the_scrape_configmap_is_a_valid_prometheus_config(tmp_path):
     """promtool checks the job (relabel rules, RE2 regexes...). Debian builds Prometheus
     without Kubernetes service discovery, so its one `kubernetes_sd_configs` stanza is checked

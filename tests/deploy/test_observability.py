@@ -326,8 +326,9 @@ def test_docker_compose_resolves_the_file_and_demands_the_slot_tags():
     docker_compose = require_tool("docker-compose", installs="docker-compose")
     command = [docker_compose, "-p", "bento-canary", "-f", str(COMPOSE_DIR / "compose.yaml"), "config"]
     env = {key: value for key, value in os.environ.items() if not key.endswith("_TAG")}
-    env = {key: value for key, value in env.items() if key not in ("CANARY_REDIS_PASSWORD", "CANARY_CACHE_HMAC_KEY")}
-    secrets = {"CANARY_REDIS_PASSWORD": "redis-pass-0123456789", "CANARY_CACHE_HMAC_KEY": "hmac-key-0123456789"}
+    secrets = {"CANARY_REDIS_PASSWORD": "redis-pass-0123456789", "CANARY_CACHE_HMAC_KEY": "hmac-key-0123456789",
+               "CANARY_GRAFANA_PASSWORD": "grafana-pass-0123456789"}  # fmt: skip
+    env = {key: value for key, value in env.items() if key not in (*secrets, "CANARY_PUBLIC_HOST")}
     run = subprocess.run(
         command, capture_output=True, text=True, env={**env, **secrets, "BLUE_TAG": "v3", "GREEN_TAG": "v4"}
     )
@@ -339,10 +340,19 @@ def test_docker_compose_resolves_the_file_and_demands_the_slot_tags():
     assert resolved["blue"]["environment"]["CANARY_SERVICE_CACHE_HMAC_KEY"] == secrets["CANARY_CACHE_HMAC_KEY"]
     assert resolved["redis"]["environment"]["REDISCLI_AUTH"] == secrets["CANARY_REDIS_PASSWORD"]
     assert secrets["CANARY_REDIS_PASSWORD"] not in " ".join(resolved["redis"]["command"])  # not in `ps`
+    assert resolved["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == secrets["CANARY_GRAFANA_PASSWORD"]
+    # every published port on the host's loopback, nginx's public ones included, unless told otherwise
+    published = [port for service in resolved.values() for port in service.get("ports", ())]
+    assert published and all(str(port).startswith("127.0.0.1:") for port in published), published
+    told = subprocess.run(command, capture_output=True, text=True,
+                          env={**env, **secrets, "BLUE_TAG": "v3", "GREEN_TAG": "v4", "CANARY_PUBLIC_HOST": "0.0.0.0"})  # fmt: skip
+    assert told.returncode == 0, told.stderr
+    nginx_ports = {str(port) for port in yaml.safe_load(told.stdout)["services"]["nginx"]["ports"]}
+    assert nginx_ports == {"0.0.0.0:8080:8080/tcp", "0.0.0.0:8081:8081/tcp", "127.0.0.1:8079:8079/tcp"}
     missing = subprocess.run(command, capture_output=True, text=True, env={**env, **secrets, "GREEN_TAG": "v4"})
     assert missing.returncode != 0 and "set BLUE_TAG" in missing.stderr
     tags = {"BLUE_TAG": "v3", "GREEN_TAG": "v4"}
-    for secret in secrets:  # no Redis without a password, no slot without the signing key
+    for secret in secrets:  # no Redis without a password, no slot without the signing key, no admin/admin
         unset = {key: value for key, value in secrets.items() if key != secret}
         missing = subprocess.run(command, capture_output=True, text=True, env={**env, **unset, **tags})
         assert missing.returncode != 0 and f"set {secret}" in missing.stderr

@@ -26,6 +26,7 @@ from deploy.process import free_port, kill_tree
 from deploy.release import plan_deploy, plan_rollback, plan_shadow, plan_switch, plan_weight
 from deploy.stack import LocalStack, StackSettings
 from models.errors import CanaryError
+from tests.support.listeners import listen_addresses
 
 pytestmark = pytest.mark.slow
 LOCUSTFILE = Path(__file__).parents[2] / "loadtest" / "locustfile.py"
@@ -81,6 +82,33 @@ def test_slots_use_the_stacks_redis_with_its_password_and_signing_key(stack):
     }
     assert grown == {"hit": 1, "miss": 1, "error": 0}
     assert total(after, "canary_cache_rejected_total") == 0
+
+
+def test_nothing_of_the_stack_listens_on_every_interface(stack, stack_settings):
+    """`ss -ltn` after `canary up`: nginx (public listeners included), the serving slot and
+    Redis listen on the stack's host only (127.0.0.1 by default)."""
+    s, stable = stack_settings, stack.store.load().stable
+    ports = [s.nginx_rest_port, s.nginx_grpc_port, s.nginx_admin_port, s.redis_port, *s.slot_ports(stable)]
+    assert {port: listen_addresses(port) for port in ports} == dict.fromkeys(ports, {"127.0.0.1"})
+
+
+@pytest.mark.parametrize(("public_host", "listen"), [("", "127.0.0.1"), ("0.0.0.0", "0.0.0.0"), ("::", "[::]")])
+def test_nginx_public_listeners_bind_the_stacks_host_unless_told(tmp_path, monkeypatch, public_host, listen):
+    """The config `canary up` applies: public listeners on CANARY_STACK_HOST, or on
+    CANARY_STACK_PUBLIC_HOST when set; the admin listener stays on loopback."""
+    from deploy.nginx import NginxController
+    from deploy.state import ReleaseState
+    from models.home import CanaryHome
+
+    applied: list[str] = []
+    monkeypatch.setattr(NginxController, "apply", lambda self, text, generation: applied.append(text))
+    rest, grpc, admin = free_port(), free_port(), free_port()
+    settings = StackSettings(name="listen-test", nginx_rest_port=rest, nginx_grpc_port=grpc, nginx_admin_port=admin,
+                             public_host=public_host)  # fmt: skip
+    LocalStack(CanaryHome(home=tmp_path), settings).apply_nginx_config(ReleaseState())
+    (text,) = applied
+    assert f"listen {listen}:{rest};" in text and f"listen {listen}:{grpc} http2;" in text
+    assert f"listen 127.0.0.1:{admin};" in text
 
 
 def test_deploy_starts_the_candidate_at_zero_percent(stack, candidate_bento):

@@ -40,6 +40,7 @@ from deploy.nginx import (
     write_routing_file,
 )
 from deploy.process import free_port
+from tests.support.listeners import listen_addresses
 from tests.support.upstreams import FakeSlot
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -115,7 +116,7 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.fail(f"needs nginx with Debian's lua module: run `make setup`; missing {', '.join(missing)}",
                     pytrace=False)  # fmt: skip
     prefix = tmp_path_factory.mktemp("nginx")
-    stack = Stack(prefix, NginxPorts(free_port(), free_port(), free_port(), public_host="127.0.0.1"),
+    stack = Stack(prefix, NginxPorts(free_port(), free_port(), free_port()),  # public host: the default
                   NginxController(prefix, NGINX, timeout_s=10.0), ensure_token(prefix / "admin.token"),
                   ensure_token(prefix / "force.token"))  # fmt: skip
     try:
@@ -493,15 +494,71 @@ def test_admin_api_needs_token_and_loopback(stack: Stack) -> None:
     assert listen_addresses(stack.ports.admin) == {"127.0.0.1"}
 
 
-def listen_addresses(port: int) -> set[str]:
-    """The IPv4 addresses a socket listens on at `port`, from /proc/net/tcp."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
-    return found
+# ---- exposure ----
+
+
+def test_public_listeners_bind_loopback_unless_told_otherwise(stack: Stack) -> None:
+    """`ss -ltn`: nothing of this nginx listens on every interface; the fixture names no host."""
+    for port in (stack.ports.rest, stack.ports.grpc, stack.ports.admin):
+        assert listen_addresses(port) == {"127.0.0.1"}, port
+
+
+HIDDEN = ["/metrics", "/metrics/", "/%6Detrics", "//metrics", "/docs", "/docs.json", "/", "/static_content/x.css",
+          "/assets/x.js", "/canary/status", "/canary/routing"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+def test_public_listener_hides_bentomls_metrics_and_docs_and_the_admin_api(stack: Stack, method: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.ports.rest, timeout=10)  # sends paths as written
+    try:
+        for path in HIDDEN:
+            conn.request(method, path, headers={"X-Canary-Token": stack.token, **stack.force("always")})
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 404, path
+            assert answer.getheader("x-canary-slot") is None, path
+    finally:
+        conn.close()
+    with httpx.Client(base_url=stack.rest_url, trust_env=False) as client:
+        assert infer(client) == "blue"  # the API itself still passes, and so does BentoML's schema
+        assert slot_of(client.post("/classify", json={})) == "blue"
+        assert slot_of(client.get("/schema.json")) == "blue"
+    seen = {r["path"] for s in stack.slots.values() for r in s.requests()}
+    assert seen == {"/v2/models/digits/infer", "/classify", "/schema.json"}, seen
+    # Prometheus still reads the router on the admin listener (and the slots on their own ports)
+    assert httpx.get(f"http://127.0.0.1:{stack.ports.admin}/metrics", trust_env=False).status_code == 200
+
+
+def test_admin_api_moves_a_slot_only_within_the_hosts_the_config_names(stack: Stack) -> None:
+    """A leaked admin token must not send clients' requests to a server of its holder's choosing."""
+    green = stack.slots["green"]
+    for host in ("10.9.9.9", "localhost", "127.0.0.2"):
+        body = {"stable": "blue", "candidate": "green", "weight": 100, "shadow": False,
+                "slots": {"green": {"host": host, "rest_port": green.rest_port, "grpc_port": green.grpc_port}}}  # fmt: skip
+        answer = httpx.put(f"http://127.0.0.1:{stack.ports.admin}/canary/routing", json=body,
+                           headers={"X-Canary-Token": stack.token}, trust_env=False)  # fmt: skip
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == f"slot green: host {host} is not a slot host of this config (127.0.0.1)"
+    status = stack.status()
+    assert (status["weight"], status["slots"]["green"]["host"]) == (0, "127.0.0.1")
+    with pytest.raises(NginxError, match="not a slot host"):
+        stack.route(slots=[stack.addresses()[0], SlotAddress("green", "10.9.9.9", 3000, 50051)])
+    stack.route(weight=0)  # the routing file (written before the refused call) back to what runs
+
+
+def test_a_routing_file_naming_another_host_is_refused_at_reload(stack: Stack) -> None:
+    live, routing_file = (stack.prefix / "nginx.conf").read_text(), stack.prefix / "routing.json"
+    good = routing_file.read_text()
+    doc = json.loads(good)
+    doc["slots"]["green"]["host"] = "10.9.9.9"
+    routing_file.write_text(json.dumps(doc))
+    try:
+        with pytest.raises(NginxConfigError, match="init_by_lua error: .*host 10.9.9.9 is not a slot host"):
+            NginxController(stack.prefix, NGINX, timeout_s=6.0).apply(stack.render(2), 2)
+    finally:
+        routing_file.write_text(good)
+    assert (stack.prefix / "nginx.conf").read_text() == live
+    assert stack.status()["config_generation"] == 1
 
 
 @pytest.mark.parametrize(
@@ -633,8 +690,25 @@ def test_render_config_keeps_everything_in_the_prefix(tmp_path: Path) -> None:
     text = render_config(tmp_path, NginxPorts(8080, 8081, 8082), slots, tmp_path / "r.json", tmp_path / "t", 7)
     assert "/var/lib/nginx" not in text and "/etc/nginx" not in text
     assert "listen 127.0.0.1:8082;" in text and "# canary-config-generation: 7" in text
+    # the public listeners bind loopback unless told otherwise
+    assert "listen 127.0.0.1:8080;" in text and "listen 127.0.0.1:8081 http2;" in text
     with pytest.raises(ValueError, match="distinct"):
         render_config(tmp_path, NginxPorts(8080, 8081, 8082), slots * 2, tmp_path / "r.json", tmp_path / "t", 7)
+
+
+@pytest.mark.parametrize(("host", "listen"), [("0.0.0.0", "0.0.0.0"), ("::", "[::]"), ("10.1.2.3", "10.1.2.3")])
+def test_public_listeners_bind_the_host_they_are_given(tmp_path: Path, host: str, listen: str) -> None:
+    slots = [SlotAddress("blue", "127.0.0.1", 3001, 50051)]
+    ports = NginxPorts(8080, 8081, 8082, public_host=host)
+    text = render_config(tmp_path, ports, slots, tmp_path / "r.json", tmp_path / "t", 7)
+    assert f"listen {listen}:8080;" in text and f"listen {listen}:8081 http2;" in text
+    assert "listen 127.0.0.1:8082;" in text  # the admin listener never moves with them
+
+
+@pytest.mark.parametrize("host", ["example.com", "", "127.0.0.1; deny all"])
+def test_the_public_host_must_be_an_ip_address(host: str) -> None:
+    with pytest.raises(ValueError, match="nginx public host must be an IP address"):
+        NginxPorts(8080, 8081, 8082, public_host=host)
 
 
 def test_router_exports_weights_for_prometheus(stack: Stack) -> None:

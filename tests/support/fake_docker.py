@@ -39,18 +39,21 @@ def _save(state: dict) -> None:
 
 def _mapped_config() -> Path:
     """The rendered container config as this machine's nginx runs it: bind mounts become
-    host paths, published ports become loopback listeners, OpenResty's built-in Lua becomes
-    Debian's modules."""
+    host paths, published ports become listeners on the host address compose.yaml publishes
+    them on (the public ones on $CANARY_PUBLIC_HOST, the admin one on loopback), OpenResty's
+    built-in Lua becomes Debian's modules."""
     rendered = Path(os.environ["FAKE_DOCKER_RENDERED"])
     prefix = Path(os.environ["FAKE_DOCKER_PREFIX"])
     text = (rendered / "nginx.conf").read_text()
     text = text.replace("/etc/bento-canary/rendered", str(rendered))
     text = text.replace("/etc/bento-canary/nginx", str(REPO / "nginx"))
     text = text.replace("/run/bento-canary", str(prefix))
-    ports = {"8080": os.environ.get("CANARY_REST_PORT", "8080"), "8081": os.environ.get("CANARY_GRPC_PORT", "8081"),
-             "8079": os.environ.get("CANARY_ADMIN_PORT", "8079")}  # fmt: skip
-    for inside, outside in ports.items():
-        text = text.replace(f"listen 0.0.0.0:{inside}", f"listen 127.0.0.1:{outside}")
+    public = os.environ.get("CANARY_PUBLIC_HOST", "127.0.0.1")
+    ports = {"8080": (public, os.environ.get("CANARY_REST_PORT", "8080")),
+             "8081": (public, os.environ.get("CANARY_GRPC_PORT", "8081")),
+             "8079": ("127.0.0.1", os.environ.get("CANARY_ADMIN_PORT", "8079"))}  # fmt: skip
+    for inside, (host, outside) in ports.items():
+        text = text.replace(f"listen 0.0.0.0:{inside}", f"listen {host}:{outside}")
     text = text.replace("# Lua is built in (OpenResty): no modules to load.\n", MODULES)
     for sub in ("logs", "tmp"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)

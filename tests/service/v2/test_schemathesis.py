@@ -42,7 +42,7 @@ def test_no_generated_request_earns_a_server_error(serving, built_pipeline, cana
         "--max-examples", "150", "--seed", "7", "--phases", "coverage,fuzzing", "--no-color",
         "--request-timeout", "20", "--report", "junit", "--report-dir", str(tmp_path),
     ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its database stays there
     assert done.returncode == 0, done.stdout[-4000:]
     assert " passed" in done.stdout and "generated" in done.stdout
     with log.open("rb") as handle:
