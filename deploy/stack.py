@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import httpx
+import psutil
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -116,20 +117,32 @@ class LocalStack:
         return self.run_dir / f"{name}.pid"
 
     def process(self, name: str) -> ProcessInfo:
-        """Our process `name`, alive only if its pid still runs the command we started."""
+        """Our process `name`, alive only if its pid still runs the very process we started:
+        the start time we recorded (psutil) and the command-line marker (not the exact
+        command line: redis-server rewrites its process title), so a recycled pid is never
+        ours and is never signalled."""
         path = self._pid_file(name)
         if not path.exists():
             return ProcessInfo(name, None, False)
         record = json.loads(path.read_text())
         try:
-            cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            process = psutil.Process(record["pid"])
+            started, cmdline = process.create_time(), process.cmdline()
+        except psutil.Error:
             return ProcessInfo(name, record["pid"], False)
-        return ProcessInfo(name, record["pid"], record["marker"] in cmdline)
+        same_start = "started" not in record or abs(started - record["started"]) < 0.01  # older records: marker only
+        ours = same_start and record["marker"] in " ".join(cmdline)
+        return ProcessInfo(name, record["pid"], ours and process.status() != psutil.STATUS_ZOMBIE)
 
     def _record(self, name: str, pid: int, marker: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._pid_file(name).write_text(json.dumps({"pid": pid, "marker": marker}))
+        entry: dict[str, object] = {"pid": pid, "marker": marker}
+        try:
+            process = psutil.Process(pid)
+            entry["started"] = process.create_time()
+        except psutil.Error:
+            pass  # already gone: the marker alone will say it is not ours
+        self._pid_file(name).write_text(json.dumps(entry))
 
     def _stop(self, name: str, timeout: float = 20.0) -> None:
         info = self.process(name)
