@@ -97,6 +97,13 @@ class ProcessInfo:
     alive: bool
 
 
+def _runs(cmdline: list[str], marker: str) -> bool:
+    """The marker's words appear in the command line as whole words, in order and together:
+    `serve digits-service:v1` is not `serve digits-service:v10`."""
+    words, wanted = " ".join(cmdline).split(), marker.split()
+    return any(words[i : i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1))
+
+
 class LocalStack:
     def __init__(self, home: CanaryHome, settings: StackSettings | None = None) -> None:
         self.home = home
@@ -131,7 +138,7 @@ class LocalStack:
         except psutil.Error:
             return ProcessInfo(name, record["pid"], False)
         same_start = "started" not in record or abs(started - record["started"]) < 0.01  # older records: marker only
-        ours = same_start and record["marker"] in " ".join(cmdline)
+        ours = same_start and _runs(cmdline, record["marker"])
         return ProcessInfo(name, record["pid"], ours and process.status() != psutil.STATUS_ZOMBIE)
 
     def _record(self, name: str, pid: int, marker: str) -> None:

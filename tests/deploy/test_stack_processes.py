@@ -60,3 +60,17 @@ def test_a_pid_running_another_command_is_not_ours(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait(10)
+
+
+def test_a_marker_matches_whole_words_only(tmp_path: Path) -> None:
+    """`serve digits-service:v1` must not claim a process serving `digits-service:v10`."""
+    stack = LocalStack(CanaryHome(home=tmp_path / "home"), StackSettings(name="pids"))
+    child = subprocess.Popen([sys.executable, "-c", MARKER, "serve", "digits-service:v10"])
+    try:
+        stack._record("slot-blue", child.pid, "serve digits-service:v1")
+        assert not stack.process("slot-blue").alive
+        stack._record("slot-blue", child.pid, "serve digits-service:v10")
+        assert stack.process("slot-blue").alive
+    finally:
+        child.kill()
+        child.wait(10)
