@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from service.core.errors import (
     INTERNAL_MESSAGE,
@@ -44,6 +44,7 @@ _OCTETS = b"application/octet-stream"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,6 +64,13 @@ class Reply:
 class MethodNotAllowed(InferenceError):
     http_status = 405
     grpc_code = "UNIMPLEMENTED"
+
+
+class ClientGone(InferenceError):
+    """The client disconnected before its answer (nginx's 499): nobody reads the reply."""
+
+    http_status = 499
+    grpc_code = "CANCELLED"
 
 
 def _error(exc: Exception) -> Reply:
@@ -177,13 +185,42 @@ class V2RestApp:
         infer_request = await self._decode(
             body, None if length is None else length.decode("latin-1"), name, version, core.max_input_elements
         )
-        response = await core.infer(infer_request)
+        response = await _while_connected(core.infer(infer_request), receive)
         content, json_length = to_response_body(response, infer_request.parameters["binary_outputs"])
         answer_headers = {"x-model-version": response.model_version}
         if json_length is None:
             return Reply(200, content, answer_headers)
         answer_headers[HEADER_LENGTH.lower()] = str(json_length)
         return Reply(200, content, answer_headers, _OCTETS)
+
+
+async def _while_connected(work: Awaitable[T], receive: Receive) -> T:
+    """Await `work` unless the client disconnects first: then it is cancelled, so its rows
+    leave the batch queue (the batcher gives their room back) and cost no model time."""
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a server that cannot tell us is no disconnect
+            return
+        gone = True
+        if task is not None:
+            task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone or task is None:
+            raise
+        task.uncancel()
+        raise ClientGone("the client disconnected before its answer") from None
+    finally:
+        watcher.cancel()
 
 
 def model_metadata_body(core: InferenceCore) -> dict[str, Any]:

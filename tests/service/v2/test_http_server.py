@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -17,6 +18,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from service.core.faults import FaultPlan
+from service.core.inference import BatchingConfig
+from service.core.observer import CoreObserver
 from service.v2.http_server import HttpEndpoint, start_http_server
 from service.v2.rest import V2RestApp
 from tests.support.tiny_model import digits_rows, tiny_core
@@ -119,3 +123,32 @@ def test_beyond_the_connection_limit_the_listener_answers_503(app):
                 time.sleep(0.1)
             else:
                 pytest.fail("the listener kept refusing after the connections were closed")
+
+
+class CountingObserver(CoreObserver):
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def batch(self, rows: int, items: int, seconds: float) -> None:
+        self.rows += rows
+
+
+def test_a_client_that_disconnects_frees_its_queued_rows_and_costs_no_model_time(tmp_path):
+    """20 clients send a request to a slow model (200 ms a batch, one request per batch) and
+    hang up at once: their requests leave the queue instead of keeping the model busy for
+    4 s, and the next client is answered."""
+    observer = CountingObserver()
+    core = tiny_core(tmp_path, batching=BatchingConfig(max_batch_size=1, max_latency_ms=0), observer=observer,
+                     faults=FaultPlan(latency_ms=200))  # fmt: skip
+    body = json.dumps(infer_body()).encode()
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with listening(V2RestApp(8 << 20, core)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(head.encode() + body)
+        time.sleep(0.5)  # the server notices the hang-ups
+        assert core.batcher.queue_rows == 0
+        with httpx.Client(base_url=url, timeout=10) as client:
+            assert client.post(INFER, json=infer_body()).status_code == 200
+    assert observer.rows <= 5, f"the model ran {observer.rows} rows for clients that had left"
