@@ -68,7 +68,20 @@ def export_onnx(flavor: str, model: Any, target: Path) -> GraphContract:
         onnx.checker.check_model(str(target), full_check=True)
     except Exception as exc:  # the checker raises several types; all mean "not valid"
         raise IntegrityError(f"the ONNX checker rejected the exported graph: {exc}") from None
+    refuse_external_data(target)
     return contract
+
+
+def refuse_external_data(onnx_file: Path) -> None:
+    """A graph whose weights live in other files is refused: the sha256 the service checks
+    covers this one file only, so every byte the model runs must be in it."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    external = [t.name for t in onnx.external_data_helper._get_all_tensors(model) if uses_external_data(t)]
+    if external:
+        raise IntegrityError(f"{onnx_file.name} keeps {len(external)} tensors in external files ({external[0]}...)")
 
 
 def _export_torch(model: Any, target: Path) -> GraphContract:

@@ -6,16 +6,20 @@ points at a real tracking server instead. All access goes through `Registry`.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.errors import CanaryError, NotFoundError
+from models.errors import CanaryError, IntegrityError, NotFoundError
 from models.home import CanaryHome
 from models.train import TrainedModel
+from service.core.runner import file_sha256
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The copy of each version that loads without running code, and its sha256 (version tags).
+SAFE_FOLDER, SAFE_TAG, SAFE_SHA256_TAG = "safe", "safe_artifact", "safe_artifact_sha256"
 # Requirements written next to each logged model, so MLflow never has to infer them
 # (inference loads the model in a subprocess and takes tens of seconds).
 _PIP_REQUIREMENTS = {
@@ -88,6 +92,7 @@ class Registry:
         version = int(info.registered_model_version)
         self.client.set_model_version_tag(self.name, str(version), "architecture", trained.config.model)
         self.client.set_model_version_tag(self.name, str(version), "flavor", trained.flavor)
+        self._log_safe_copy(trained, version)
         existing = self.client.get_registered_model(self.name).aliases
         alias = CHALLENGER if CHAMPION in existing else CHAMPION
         self.client.set_registered_model_alias(self.name, alias, str(version))
@@ -134,16 +139,46 @@ class Registry:
             versions = []
         return f"known versions: {', '.join(map(str, versions))}" if versions else "no versions registered yet"
 
+    def _log_safe_copy(self, trained: TrainedModel, version: int) -> None:
+        """Next to MLflow's own (pickled) model, in the active run: a copy that loads without
+        running code (the PyTorch state dict, the scikit-learn pipeline as skops), and its
+        sha256 as a model version tag. Export reads only this copy."""
+        with tempfile.TemporaryDirectory() as folder:
+            if trained.flavor == "pytorch":
+                import torch
+
+                path = Path(folder) / "weights.pt"
+                torch.save(trained.model.state_dict(), path)
+            else:
+                import skops.io
+
+                path = Path(folder) / "model.skops"
+                skops.io.dump(trained.model, path)
+            self._mlflow.log_artifact(str(path), artifact_path=SAFE_FOLDER)
+            for key, value in ((SAFE_TAG, f"{SAFE_FOLDER}/{path.name}"), (SAFE_SHA256_TAG, file_sha256(path))):
+                self.client.set_model_version_tag(self.name, str(version), key, value)
+
     def load_source(self, ref: ModelVersionRef) -> tuple[str, Any]:
-        """The source model of a version and its flavor ("pytorch" or "sklearn")."""
-        flavor = ref.tags.get("flavor")
-        if flavor is None:
-            flavors = self._mlflow.models.get_model_info(ref.uri).flavors
-            flavor = "pytorch" if "pytorch" in flavors else "sklearn"
-        model = getattr(self._mlflow, flavor).load_model(ref.uri)
-        if flavor == "pytorch":
-            model.eval()
-        return flavor, model
+        """The source model of a version and its flavor ("pytorch" or "sklearn"), from the safe
+        copy only: its sha256 is checked against the tag, PyTorch weights are loaded with
+        `weights_only=True` into the architecture the tag names, scikit-learn through skops,
+        which refuses any type it does not trust. Nothing is unpickled."""
+        flavor, artifact, digest = (ref.tags.get(key) for key in ("flavor", SAFE_TAG, SAFE_SHA256_TAG))
+        if flavor not in ("pytorch", "sklearn") or not artifact or not digest:
+            raise CanaryError(
+                f"{ref.label} has no weights that load without running code (registered before pickled models "
+                "were refused); retrain it with `canary train`"
+            )
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(self._mlflow.artifacts.download_artifacts(
+                run_id=ref.run_id, artifact_path=artifact, dst_path=folder
+            ))  # fmt: skip
+            actual = file_sha256(local)
+            if actual != digest:
+                raise IntegrityError(
+                    f"{ref.label}: {artifact} has sha256 {actual[:12]}..., the registry says {digest[:12]}..."
+                )
+            return flavor, _load_safe(flavor, ref.tags.get("architecture", ""), local, ref.label)
 
     # -- lineage written back by export -------------------------------------------------
     def record_export(self, ref: ModelVersionRef, onnx_file: Path, figures: dict[str, str]) -> None:
@@ -153,3 +188,31 @@ class Registry:
 
     def set_alias(self, alias: str, version: int) -> None:
         self.client.set_registered_model_alias(self.name, alias, str(version))
+
+
+def _load_safe(flavor: str, architecture: str, path: Path, label: str) -> Any:
+    if flavor == "pytorch":
+        import torch
+
+        from models.nets import TORCH_ARCHITECTURES
+
+        if architecture not in TORCH_ARCHITECTURES:
+            raise CanaryError(f"{label}: unknown architecture {architecture!r} (known: {sorted(TORCH_ARCHITECTURES)})")
+        model = TORCH_ARCHITECTURES[architecture]()
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - weights_only refusals and shape mismatches come as several types
+            raise IntegrityError(
+                f"{label}: refused to load the weights into {architecture}: {_first_line(exc)}"
+            ) from None
+        return model.eval()
+    import skops.io
+
+    try:
+        return skops.io.load(path)  # trusts only the types skops knows to be safe
+    except Exception as exc:  # noqa: BLE001 - untrusted types and broken files alike
+        raise IntegrityError(f"{label}: refused to load the scikit-learn model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -31,7 +31,10 @@ class OnnxRunner:
     ) -> None:
         import onnxruntime as ort
 
-        actual = file_sha256(path)
+        # Read once, hash those bytes and hand the very same bytes to ONNX Runtime: reopening
+        # the file by path would let it change between the check and the load.
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != card.sha256:
             raise ModelIntegrityError(f"{path} has sha256 {actual}, lineage says {card.sha256}")
         options = ort.SessionOptions()
@@ -43,7 +46,7 @@ class OnnxRunner:
         # Spinning threads burn a core between batches: the event loop needs it more.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.card = card
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         return self.session.run(outputs, inputs)

@@ -11,6 +11,7 @@ from bentoml.exceptions import NotFound
 
 from models.data import load_split
 from models.errors import ParityError
+from models.nets import TORCH_ARCHITECTURES
 from models.pipeline import export_version, train_and_register
 from models.registry import Registry
 from models.train import TrainConfig, TrainedModel
@@ -19,17 +20,21 @@ from tests.support.faulty_model import ExportSkewedCNN
 pytestmark = pytest.mark.slow
 
 
-def _register(canary_home, model) -> int:
+def _register(canary_home, model, architecture: str) -> int:
+    """Register `model` as a version of the architecture `architecture` (export rebuilds it
+    from that name, never from a pickle)."""
     registry = Registry(canary_home)
     split = load_split()
     trained = TrainedModel(TrainConfig(model="digits-cnn", epochs=1), "pytorch", model.eval())
     with registry.start_run("export-skewed"):
         ref = registry.log_trained(trained, split.x_test[:5])
+    registry.client.set_model_version_tag(registry.name, str(ref.version), "architecture", architecture)
     return ref.version
 
 
-def test_parity_failure_is_refused_and_leaves_nothing_behind(canary_home):
-    version = _register(canary_home, ExportSkewedCNN())
+def test_parity_failure_is_refused_and_leaves_nothing_behind(canary_home, monkeypatch):
+    monkeypatch.setitem(TORCH_ARCHITECTURES, "digits-export-skewed", ExportSkewedCNN)
+    version = _register(canary_home, ExportSkewedCNN(), "digits-export-skewed")
     with pytest.raises(ParityError, match="parity check failed"):
         export_version(canary_home, version=version)
     with pytest.raises(NotFound):
