@@ -36,7 +36,7 @@ bench: setup
 
 ## chaos: fault drills on a local stack of its own under Locust load, one table (minutes; not part of make test)
 chaos: setup
-	@$(BIN)/python -m deploy.chaos
+	@$(BIN)/python -m deploy.chaos $(if $(ONLY),--only "$(ONLY)")
 
 ## lint: ruff (lint + format check), mypy on the packages, the import contracts, bandit for security smells
 lint: setup

@@ -253,8 +253,13 @@ def _printer(stream, start: float) -> Say:
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if argv:
-        print("usage: python -m deploy.chaos   (make chaos; no options)", file=sys.stderr)
+    argv = list(argv or [])
+    only = None
+    if argv[:1] == ["--only"] and len(argv) == 2:
+        only = argv[1]
+    elif argv:
+        print("usage: python -m deploy.chaos [--only WORDS]   (make chaos [ONLY=WORDS]: the drills whose name "
+              "contains WORDS)", file=sys.stderr)  # fmt: skip
         return 2
     start = time.monotonic()
     say = _printer(sys.stdout, start)
@@ -272,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drills = Drills(home, chaos_settings(), stable, candidate, say)
         try:
             drills.start()
-            drills.run(results)
+            drills.run(results, only)
         finally:
             say("stopping the chaos stack")
             drills.stop()

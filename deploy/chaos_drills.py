@@ -250,12 +250,15 @@ class Drills:
             ("nginx restarted (stop + start)", lambda: restart_nginx(self)),
             ("`canary rollout` SIGKILLed mid-gate", lambda: kill_canary_mid_rollout(self)),
             ("promote of a dead candidate", lambda: promote_dead_candidate(self)),
+            ("stable flooded with 8 MiB bodies ending in NaN", lambda: flood_stable(self)),
         ]
 
-    def run(self, results: list[DrillResult]) -> None:
-        """Each drill in turn, appended to `results` as it ends (a drill that breaks is a
-        NOT OK row; Ctrl-C ends the run)."""
-        drills = self.catalogue()
+    def run(self, results: list[DrillResult], only: str | None = None) -> None:
+        """Each drill (or those whose name contains `only`) in turn, appended to `results` as
+        it ends (a drill that breaks is a NOT OK row; Ctrl-C ends the run)."""
+        drills = [(fault, drill) for fault, drill in self.catalogue() if only is None or only in fault]
+        if not drills:
+            raise CanaryError(f"no drill's name contains {only!r}")
         for number, (fault, drill) in enumerate(drills, 1):
             self.say(f"== drill {number}/{len(drills)}: {fault} ==")
             started = time.monotonic()
@@ -625,3 +628,69 @@ def _champion(home: CanaryHome) -> int | None:
         return Registry(home).resolve(alias=CHAMPION).version
     except CanaryError:
         return None
+
+
+FLOOD_S, FLOOD_CLIENTS, FLOOD_BYTES = 20.0, 4, 8_000_000
+
+
+def flood_stable(d: Drills) -> Finding:
+    """4 clients post 8 MiB JSON bodies ending in a NaN literal to stable's V2 listener in a
+    loop for 20 s (each costs a full parse before it can be refused): every answer is a 4xx,
+    a /v2/health/ready probe every 100 ms answers within 1 s, and the slot's memory (its
+    whole process tree) stays under 3x its idle size."""
+    import threading
+
+    import psutil
+
+    ports = d.settings.slot_ports(d.stable)
+    base = f"http://{d.settings.host}:{ports.v2}"
+    values = b",".join([b"0.5"] * ((FLOOD_BYTES - 100) // 4))
+    body = b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[' + values + b",NaN]}]}"
+    pid = d.slot_pid(d.stable)
+
+    def rss() -> int:
+        total = 0
+        for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+    idle = rss()
+    stop = threading.Event()
+    codes: list[int | str] = []
+
+    def flood() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    codes.append(client.post(f"{base}/v2/models/digits/infer", content=body,
+                                             headers={"content-type": "application/json"}).status_code)  # fmt: skip
+                except httpx.HTTPError as exc:
+                    codes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(FLOOD_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    probes: list[float] = []
+    peak = idle
+    deadline = time.monotonic() + FLOOD_S
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                ok = client.get(f"{base}/v2/health/ready").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            probes.append(time.monotonic() - started if ok else float("inf"))
+            peak = max(peak, rss())
+            time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    refused = sum(1 for code in codes if isinstance(code, int) and 400 <= code < 500)
+    slowest = max(probes, default=float("inf"))
+    ok = refused == len(codes) > 0 and slowest < 1.0 and peak < 3 * idle
+    text = (f"{refused} of {len(codes)} flood bodies refused with a 4xx ({sorted({str(c) for c in codes})}); "
+            f"{len(probes)} health probes, slowest {slowest * 1000:.0f} ms (limit 1000); memory "
+            f"{idle / 2**20:.0f} MiB idle, {peak / 2**20:.0f} MiB peak ({peak / idle:.1f}x, limit 3x)")  # fmt: skip
+    return Finding(len(codes) + len(probes), len(codes) - refused + sum(p == float("inf") for p in probes), text, ok)
