@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,12 +47,14 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(core_provider: Callable[[], Any], port: int = 0) -> Iterator[Served]:
+def serving(
+    core_provider: Callable[[], Any], port: int = 0, max_concurrent_rpcs: int | None = 1024
+) -> Iterator[Served]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
     thread.start()
     try:
-        start = start_grpc_server(core_provider, "127.0.0.1", port, MAX_MESSAGE_BYTES)
+        start = start_grpc_server(core_provider, "127.0.0.1", port, MAX_MESSAGE_BYTES, max_concurrent_rpcs)
         endpoint = asyncio.run_coroutine_threadsafe(start, loop).result(TIMEOUT)
         served = Served(endpoint, loop, f"127.0.0.1:{endpoint.port}")
         try:
@@ -273,6 +276,34 @@ def test_unexpected_error_is_internal_without_details(core):
         with pytest.raises(grpc.RpcError) as info:
             pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(raw_request(digits_rows(1)), timeout=TIMEOUT)
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INTERNAL, "internal error")
+
+
+def test_calls_beyond_the_concurrency_limit_are_refused_at_once(core):
+    """With 2 calls in flight allowed and the model held up, a third concurrent call is
+    refused RESOURCE_EXHAUSTED instead of queueing without bound; the first two are answered."""
+    import threading
+
+    release = threading.Event()
+
+    class HeldCore:
+        card, ready, max_input_elements = core.card, True, core.max_input_elements
+
+        def check_model(self, name, version=None):
+            pass
+
+        async def infer(self, request):
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, TIMEOUT)
+            return await core.infer(request)
+
+    with serving(lambda: HeldCore(), max_concurrent_rpcs=2) as running, grpc.insecure_channel(running.url) as channel:
+        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+        held = [stub.ModelInfer.future(raw_request(digits_rows(1)), timeout=TIMEOUT) for _ in range(2)]
+        time.sleep(0.5)  # both are in flight
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(raw_request(digits_rows(1)), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert all(call.result().model_name == "digits" for call in held)
 
 
 def test_other_rpcs_are_unimplemented(client):
