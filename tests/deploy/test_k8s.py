@@ -239,6 +239,22 @@ def test_gateway_routes_point_at_rendered_services():
         )
 
 
+def test_the_http_route_passes_only_the_api_paths():
+    """/metrics, the docs and BentoML's UI share port 3000 with the API: the Gateway must
+    not reach them. Every rule matches /v2 (prefix) and /classify only; the planner still
+    reads and patches the routes (a weight change keeps the matches)."""
+    for name in ("dev", "prod"):
+        docs = render(name)
+        http, grpc = by_kind(docs, "HTTPRoute")["digits"], by_kind(docs, "GRPCRoute")["digits"]
+        for rule in http["spec"]["rules"]:
+            paths = {(m["path"]["type"], m["path"]["value"]) for m in rule["matches"]}
+            assert paths == {("PathPrefix", "/v2"), ("Exact", "/classify")}, rule
+        (patch, _) = k8s_plan.plan_weight(http, grpc, "blue", "green", 10).patches
+        assert [rule["matches"] for rule in patch.payload()["spec"]["rules"]] == [
+            rule["matches"] for rule in http["spec"]["rules"]
+        ]
+
+
 def test_ingress_nginx_variant_has_main_and_canary_ingresses_and_no_gateway_objects():
     docs = render("ingress-nginx")
     assert not GATEWAY_KINDS & {doc["kind"] for doc in docs}
