@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,10 @@ class ComposeStack(LocalStack):
         return [SlotAddress(slot, getattr(s, f"{slot}_address"), SLOT_REST, SLOT_GRPC, SLOT_V2) for slot in SLOTS]
 
     def nginx(self) -> ComposeNginx:
-        return ComposeNginx(self.folder / "nginx", admin_port=self.compose_settings.nginx_admin_port)
+        return ComposeNginx(
+            self.folder / "nginx", self.compose_settings.nginx_admin_port,
+            stop_service=lambda: self.cli.run("stop", "nginx", env=self._tags(self.store.load())),
+        )  # fmt: skip
 
     # -- slots ----------------------------------------------------------------------------
     def start_slot(self, slot: str, bento: str, model_version: str) -> None:
@@ -308,7 +312,12 @@ class ComposeStack(LocalStack):
 
 
 class ComposeNginx(NginxController):
-    """The compose stack's nginx: asked only through its published admin port."""
+    """The compose stack's nginx: asked through its published admin port, stopped as a
+    compose service (`stop_service`), so it stands in for the local stack's controller."""
+
+    def __init__(self, prefix: Path, admin_port: int, stop_service: Callable[[], object]) -> None:
+        super().__init__(prefix, admin_port=admin_port)
+        self._stop_service = stop_service
 
     def running(self) -> bool:
         try:
@@ -318,7 +327,8 @@ class ComposeNginx(NginxController):
             return False
 
     def stop(self) -> None:
-        raise NginxError("the compose stack's nginx is stopped by `canary --target compose down`")
+        """`docker compose stop nginx`: the container stays, `up` starts it again."""
+        self._stop_service()
 
     def wait_for_generation(self, generation: int, token: str, timeout_s: float = 30.0) -> None:
         """Until every nginx worker reports `generation` (a reload in a container is asynchronous)."""

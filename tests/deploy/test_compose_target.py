@@ -205,3 +205,19 @@ def test_compose_tokens_are_private_grafana_gets_a_password_and_nginx_listens_wh
     finally:
         stack.down()
         world.stop_nginx()
+
+
+def test_the_compose_nginx_stands_in_for_the_local_controller(tmp_path, monkeypatch):
+    """`ComposeStack.nginx()` answers what the local stack asks of its controller: stop()
+    stops the nginx service of the project (it used to raise)."""
+    from deploy.compose_target import ComposeStack
+    from models.home import CanaryHome
+
+    world = ComposeWorld(tmp_path)
+    for key, value in world.env.items():
+        monkeypatch.setenv(key, value)
+    stack = ComposeStack(CanaryHome(home=tmp_path / "home"))
+    controller = stack.nginx()
+    assert not controller.running()  # nothing answers on the admin port
+    controller.stop()
+    assert world.calls()[-1]["argv"][5:] == ["stop", "nginx"]
