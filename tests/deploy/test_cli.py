@@ -161,3 +161,76 @@ def test_status_watch_redraws_the_targets_status(fakes, monkeypatch):
 
     monkeypatch.setattr(fakes["k8s"], "status", unreachable)
     assert "status unavailable: `canary status` is not available" in render(fakes["k8s"])
+
+
+# -- the pipeline commands: each calls one function of models/ or deploy/ --------------------
+
+
+class Recorder:
+    """Stands in for one pipeline function; records its arguments, returns `result`."""
+
+    def __init__(self, result=None) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+        self.result = result
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, {k: v for k, v in kwargs.items() if k != "say"}))
+        return self.result
+
+
+def test_train_calls_train_and_register_with_the_config(monkeypatch):
+    from types import SimpleNamespace
+
+    import models.pipeline
+    from models.train import TrainConfig
+
+    ref = SimpleNamespace(label="digits/7", aliases=("challenger",))
+    fake = Recorder(SimpleNamespace(ref=ref, test_accuracy=0.9512))
+    monkeypatch.setattr(models.pipeline, "train_and_register", fake)
+    result = CliRunner().invoke(app, ["train", "--model", "digits-linear", "--epochs", "4", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    (((_home, config, _say), _),) = fake.calls
+    assert config == TrainConfig(model="digits-linear", epochs=4, seed=2)
+    assert "digits/7 test_accuracy=0.9512 aliases=challenger" in result.output
+
+
+def test_export_build_and_containerize_call_their_one_function(monkeypatch):
+    from types import SimpleNamespace
+
+    import deploy.containerize
+    import models.bento
+    import models.pipeline
+
+    export = Recorder(SimpleNamespace(stored=SimpleNamespace(tag="digits:v3"), sha256="ab" * 32))
+    build = Recorder(SimpleNamespace(tag="digits-service:v3", archive="bentos/x.bento", archive_bytes=10))
+    monkeypatch.setattr(models.pipeline, "export_version", export)
+    monkeypatch.setattr(models.bento, "build_bento", build)
+    monkeypatch.setattr(models.bento, "find_bento", Recorder(("digits-service:v3", "3")))
+    image = Recorder("digits-service:v3 built")
+    monkeypatch.setattr(deploy.containerize, "containerize", image)
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", "--alias", "challenger", "--quantize", "int8"]).exit_code == 0
+    assert export.calls[0][0][1:] == (None, "challenger") and export.calls[0][1] == {"quantize": "int8"}
+    assert runner.invoke(app, ["build", "--version", "3"]).exit_code == 0
+    assert build.calls[0][0][1:] == (3, None)
+    out = runner.invoke(app, ["containerize", "3"])
+    assert out.exit_code == 0 and image.calls == [(("digits-service:v3",), {})] and "built" in out.output
+
+
+def test_demo_and_serve_delegate(monkeypatch):
+    import os
+
+    import deploy.demo
+
+    demo = Recorder()
+    monkeypatch.setattr(deploy.demo, "run_demo", demo)
+    assert CliRunner().invoke(app, ["demo", "--epochs", "2"]).exit_code == 0
+    assert demo.calls[0][0][1] == 2
+    became = Recorder()
+    monkeypatch.setattr(os, "execv", became)
+    monkeypatch.setattr("models.home.CanaryHome.require", lambda self: None)
+    result = CliRunner().invoke(app, ["serve", "digits-service:v1", "--port", "3100", "--rest-port", "0"])
+    assert result.exit_code == 0, result.output
+    (((binary, argv), _),) = became.calls
+    assert argv[1:] == ["serve", "digits-service:v1", "--host", "127.0.0.1", "--port", "3100"]
+    assert os.environ["CANARY_SERVICE_REST_PORT"] == "0"
