@@ -346,6 +346,12 @@ def test_targets_carry_slot_and_version_through_the_command_line_and_the_report(
 # -- the gate against the router's contract (real Locust, fake V2 slots) ---------------------
 
 
+def timeouts_only(slot: dict) -> int:
+    """A slot's failures, all of which must be timeouts (a loaded machine), never a refusal."""
+    assert all("timed out" in reason for reason in slot["failure_reasons"]), slot["failure_reasons"]
+    return int(slot["failures"])
+
+
 def per_protocol_failures(outcome, slot_name: str) -> dict[str, tuple[int, int]]:
     return {p: (f["requests"], f["failures"]) for p, f in outcome.result["per_protocol"][slot_name].items()}
 
@@ -367,9 +373,15 @@ def test_answers_from_the_wrong_slot_or_model_version_fail_the_gate(tmp_path, an
         outcome = fake_gate(stable, candidate, tmp_path / "out")
     assert outcome.exit_code == 1 and outcome.verdict.verdict == FAIL, outcome.verdict.summary
     slots = outcome.result["slots"]
-    assert slots["stable"]["failures"] == 0
+    # Every candidate request failed, as the wrong answerer; on a machine busy enough to
+    # time out a 2 s request to a Python fake (seen once in a 20-run loop with three suites
+    # on two cores), a timeout is a failure too, never an accepted answer.
+    assert timeouts_only(slots["stable"]) <= 0.01 * slots["stable"]["requests"]
     assert slots["candidate"]["failures"] == slots["candidate"]["requests"] > 0
-    assert slots["candidate"]["failure_reasons"] == {message: slots["candidate"]["requests"]}
+    reasons = dict(slots["candidate"]["failure_reasons"])
+    wrong = reasons.pop(message, 0)
+    assert wrong >= 0.99 * slots["candidate"]["requests"], slots["candidate"]["failure_reasons"]
+    assert all("timed out" in reason for reason in reasons), reasons
     failures = per_protocol_failures(outcome, "candidate")
     assert set(failures) == {"rest-json", "rest-binary", "grpc"}  # the gRPC answer is checked too
     assert all(requests == failed_ > 0 for requests, failed_ in failures.values()), failures
