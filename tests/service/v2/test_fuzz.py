@@ -219,7 +219,7 @@ def test_the_fuzzers_reach_the_model_and_every_refusal():
     seen: dict[str, set[str]] = {}
     core = tiny_core(Path(tempfile.mkdtemp()), max_rows=MAX_ROWS)
 
-    @settings(max_examples=600, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=300, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(body=v2_bodies(), request=grpc_requests())
     def sample(body, request):
