@@ -38,7 +38,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 _JSON = b"application/json"
 LARGE_BODY_BYTES = 256 << 10  # decoded off the event loop from this size on
-_LARGE_DECODES = 2
+_LARGE_DECODES = 2  # large bodies decoded at once
+_LARGE_WAITING = 4  # large bodies allowed to wait for a decoder; beyond: 503, as a full queue
 _OCTETS = b"application/octet-stream"
 
 Scope = dict[str, Any]
@@ -93,6 +94,7 @@ class V2RestApp:
         self.max_body_bytes = max_body_bytes
         self.core = core
         self._large_decodes: asyncio.Semaphore | None = None
+        self._large_waiting = 0
 
     # -- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,13 +138,26 @@ class V2RestApp:
     async def _decode(self, body: bytes, length: str | None, name: str, version: str | None, limit: int | None):
         """Small bodies are decoded in place; a large one (parsing holds the loop for up to a
         second) on a worker thread, at most `_LARGE_DECODES` at a time, so health probes, gRPC
-        and the batcher keep being served meanwhile."""
+        and the batcher keep being served meanwhile. At most `_LARGE_WAITING` more wait for a
+        decoder; beyond that the slot sheds with 503 + Retry-After, as its full batch queue
+        does, so overload stays explicit and bounded."""
         if len(body) < LARGE_BODY_BYTES:
             return from_request_body(body, length, name, version, limit)
         if self._large_decodes is None:
             self._large_decodes = asyncio.Semaphore(_LARGE_DECODES)
-        async with self._large_decodes:
+        if self._large_decodes.locked() and self._large_waiting >= _LARGE_WAITING:
+            # Shed, as the batch queue does when full: waiting bodies hold memory, and a
+            # client told to retry can go to another replica.
+            raise Unavailable(f"server is overloaded: {self._large_waiting} large request bodies wait to be decoded")
+        self._large_waiting += 1
+        try:
+            await self._large_decodes.acquire()
+        finally:
+            self._large_waiting -= 1
+        try:
             return await asyncio.to_thread(from_request_body, body, length, name, version, limit)
+        finally:
+            self._large_decodes.release()
 
     # -- routes ----------------------------------------------------------------------------
     def _core(self) -> InferenceCore:
