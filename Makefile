@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench chaos lint fmt clean system-deps
+.PHONY: setup demo test containers bench chaos lint fmt clean system-deps loadtest knee
 
 ## setup: create .venv, install the project and the system services (idempotent)
 setup: $(STAMP) system-deps
@@ -26,9 +26,13 @@ system-deps:
 demo: setup
 	@$(BIN)/canary demo
 
-## test: the whole test suite
+## test: the whole test suite, except the real-engine container tests (`make containers`)
 test: setup
-	@$(BIN)/python -m pytest
+	@$(BIN)/python -m pytest -m "not engine"
+
+## containers: images built and run on the real container engine, the compose target on real containers
+containers: setup
+	@$(BIN)/python -m pytest -m engine
 
 ## bench: the side-by-side serving benchmark (minutes; not part of make test)
 bench: setup
@@ -37,6 +41,18 @@ bench: setup
 ## chaos: fault drills on a local stack of its own under Locust load, one table (minutes; not part of make test)
 chaos: setup
 	@$(BIN)/python -m deploy.chaos $(if $(ONLY),--only "$(ONLY)")
+
+## loadtest: Locust against the running stack (`canary up`): the web UI on 127.0.0.1:8089, or HEADLESS=1 for
+##   reports in .canary/loadtest/<time>/; WORKERS=N (master + N local workers), SLOT=blue|green,
+##   SHAPE=step|spike|soak|knee, USERS, DURATION (headless, e.g. 5m)
+loadtest: setup
+	@$(BIN)/canary loadtest $(if $(WORKERS),--workers $(WORKERS)) $(if $(SLOT),--slot $(SLOT)) \
+		$(if $(SHAPE),--shape $(SHAPE)) $(if $(filter-out 0 no false,$(HEADLESS)),--headless) \
+		$(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
+
+## knee: Locust's knee-finding shape on the path make bench saturates, next to its figure (minutes; after make bench)
+knee: setup
+	@$(BIN)/python -m bench.knee $(if $(MODEL),--model $(MODEL))
 
 ## lint: ruff (lint + format check), mypy on the packages, the import contracts, bandit for security smells
 lint: setup

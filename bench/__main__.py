@@ -12,6 +12,8 @@ from pathlib import Path
 
 from bench.config import ARCHITECTURES, CONTENDER_NAMES, DEFAULT_HOME, BenchConfig
 
+SCORING = "score"  # `--only score`: the batch-scoring section (bench/scoring.py)
+
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(
@@ -26,7 +28,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes per server (default 1)")
     parser.add_argument("--models", nargs="+", choices=ARCHITECTURES, help="models to bench (default: both)")
-    parser.add_argument("--only", nargs="+", choices=CONTENDER_NAMES, help="contenders to run (default: all)")
+    parser.add_argument(
+        "--only", nargs="+", choices=(*CONTENDER_NAMES, SCORING), help=f"contenders to run, and {SCORING!r} for the "
+        "batch-scoring section (default: all); `--only score` runs that section alone",
+    )  # fmt: skip
+    parser.add_argument("--score-rows", type=int, help="rows scored by the batch-scoring section (default 1,000,000)")
     parser.add_argument("--duration", type=float, help="seconds per measured window (default 10, quick 2)")
     parser.add_argument("--connections", type=int, help="connections for saturated runs (default 32, quick 8)")
     parser.add_argument("--rows", type=int, default=1, help="digits per request (default 1)")
@@ -40,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.rows < 1:
         parser.error("--workers and --rows must be at least 1")
+    only = args.only or ()
     overrides = {
         "home": args.home,
         "out": args.out,
@@ -48,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "cache": not args.no_cache,
         "fresh": args.fresh,
         **({"models": tuple(args.models)} if args.models else {}),
-        **({"contenders": tuple(args.only)} if args.only else {}),
+        **({"contenders": tuple(c for c in only if c != SCORING), "scoring": SCORING in only} if only else {}),
+        **({"scoring_rows": args.score_rows} if args.score_rows else {}),
         **({"duration_s": args.duration} if args.duration else {}),
         **({"connections": args.connections} if args.connections else {}),
         **({"quiet_wait_s": args.quiet_wait} if args.quiet_wait is not None else {}),
@@ -58,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    if not config.contenders and config.scoring:  # `--only score`: that section alone
+        from bench.scoring import run_scoring_only
+
+        return run_scoring_only(config, lambda line: print(line, flush=True))
     from bench.runner import run_benchmark
 
     code, _ = run_benchmark(config, lambda line: print(line, flush=True))

@@ -10,7 +10,7 @@ from models.home import REPO_ROOT
 
 DEFAULT_HOME = REPO_ROOT / ".canary" / "bench"
 ARCHITECTURES = ("digits-cnn", "digits-heavy")
-CONTENDER_NAMES = ("bento", "bento-int8", "bento-nginx", "bentoml-plain", "fastapi", "mlflow")
+CONTENDER_NAMES = ("bento", "bento-int8", "bento-nginx", "bento-predlog", "bentoml-plain", "fastapi", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class BenchConfig:
     limit_seconds: float = 1.5  # per (batch, threads) point of the in-process sweep
     quiet_wait_s: float = 60.0  # before each window, wait up to this long for other work to pause
     quiet_budget_s: float = 600.0  # ... and at most this long over the whole run
+    scoring: bool = True  # the batch-scoring section (`canary score` on a big file, bench/scoring.py)
+    scoring_rows: int = 1_000_000  # rows in its input file
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> BenchConfig:
@@ -57,6 +59,7 @@ class BenchConfig:
             limit_threads=(1, 2),
             limit_seconds=0.3,
             quiet_wait_s=0.0,
+            scoring_rows=100_000,
         )
         settings.update(overrides)
         return cls(**settings)

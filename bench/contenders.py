@@ -75,6 +75,18 @@ def _workers_override(service_name: str, workers: int) -> dict[str, str]:
     return {"BENTOML_CONFIG_OVERRIDES": json.dumps({"services": {service_name: {"workers": workers}}})}
 
 
+@contextmanager
+def _log_sink(on: bool) -> Iterator[dict[str, str]]:
+    """With `on`, a throw-away Redis for the Bento's prediction log (its settings); else none."""
+    if not on:
+        yield {}
+        return
+    from bench.processes import redis_server
+
+    with redis_server() as url:
+        yield {"CANARY_SERVICE_PREDICTION_LOG_URL": url}
+
+
 class SkipContender(Exception):
     """This contender does not apply to this model (e.g. no int8 export of it); not a failure."""
 
@@ -83,7 +95,9 @@ class SkipContender(Exception):
 class ProjectBento:
     """This project's Bento via `bentoml serve` (deploy.process.served_bento): V2 REST JSON,
     V2 REST binary and V2 gRPC; service settings left at their defaults. With
-    precision="int8" it serves the model's int8 export (`canary export --quantize int8`)."""
+    precision="int8" it serves the model's int8 export (`canary export --quantize int8`);
+    with prediction_log=True every answer is also logged to a throw-away Redis (the stack's
+    default sink), so its rows against `bento` are the log's cost."""
 
     cache_url: str | None = None
     name: str = "bento"
@@ -91,6 +105,7 @@ class ProjectBento:
     kind: str = "project"
     baseline: str | None = None
     precision: str = "fp32"
+    prediction_log: bool = False
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
@@ -112,7 +127,10 @@ class ProjectBento:
             env["CANARY_SERVICE_CACHE_URL"] = self.cache_url
         log = ctx.logs / f"bench-{self.name}{'-cache' if self.cache_url else ''}-{model.architecture}.log"
         before = own_children()
-        with served_bento(model.bento_tag, free_port(), log, env, timeout=START_TIMEOUT_S):
+        with (
+            _log_sink(self.prediction_log) as sink_env,
+            served_bento(model.bento_tag, free_port(), log, {**env, **sink_env}, timeout=START_TIMEOUT_S),
+        ):
             pid = new_children(before)[0]
             v2 = f"http://127.0.0.1:{rest_port}"  # the Bento's own V2 listener, as nginx uses it
             yield Served(
@@ -126,6 +144,11 @@ class ProjectBento:
                 (
                     "service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
                     "ONNX Runtime threads = cores / workers)",
+                    *(
+                        ("prediction log on: every answer to a local Redis Stream (the stack's default sink)",)
+                        if self.prediction_log
+                        else ()
+                    ),
                 ),
             )
 
@@ -291,6 +314,9 @@ def build_contenders(names: tuple[str, ...]) -> list[Contender]:
         ProjectBento(),
         int8,
         NginxFrontedBento(),
+        ProjectBento(
+            name="bento-predlog", label="bento-canary, prediction log on", baseline="bento", prediction_log=True
+        ),  # fmt: skip
         PlainBentoML(),
         HandWrittenFastAPI(),
         MlflowServe(),

@@ -89,3 +89,63 @@ def redis_hits(url: str) -> tuple[int, int]:
 
     stats = redis.Redis.from_url(url, socket_timeout=2).info("stats")
     return int(stats["keyspace_hits"]), int(stats["keyspace_misses"])
+
+
+@contextmanager
+def postgres_server(timeout_s: float = 60.0) -> Iterator[tuple[str, str]]:
+    """A throw-away PostgreSQL (initdb in a temp dir, password auth, fsync off) on a free
+    port; yields (URL without the password, password). As root it runs as the `postgres`
+    system user (PostgreSQL refuses root). Binaries: Debian's newest /usr/lib/postgresql/*/bin."""
+    import glob
+    import os
+    import pwd
+    import secrets
+    import signal
+
+    import psycopg
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    bindir = Path(found[-1]).parent if found else Path(shutil.which("initdb") or "initdb").parent
+    user = "postgres" if os.geteuid() == 0 else None
+    workdir = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
+    password = secrets.token_urlsafe(16)
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        os.chown(workdir, entry.pw_uid, entry.pw_gid)
+    (workdir / "pw").write_text(password + "\n")
+    if user is not None:
+        os.chown(workdir / "pw", entry.pw_uid, entry.pw_gid)
+    subprocess.run(
+        [str(bindir / "initdb"), "-D", str(workdir / "data"), "-U", "canary", f"--pwfile={workdir / 'pw'}",
+         "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
+        check=True, capture_output=True, timeout=120, user=user, cwd=workdir,
+    )  # fmt: skip
+    port = free_port()
+    argv = [str(bindir / "postgres"), "-D", str(workdir / "data"), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={workdir}", "-c", "fsync=off", "-c", "synchronous_commit=off"]  # fmt: skip
+    with open(workdir / "postgres.log", "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
+                                   user=user)  # fmt: skip
+    url = f"postgresql://canary@127.0.0.1:{port}/postgres"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"postgres exited with {process.returncode}")
+            try:
+                psycopg.connect(url, password=password, connect_timeout=2).close()
+                break
+            except psycopg.Error:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres on port {port} did not accept connections within {timeout_s:.0f}s")
+            time.sleep(0.1)  # readiness poll, bounded by the deadline
+        yield url, password
+    finally:
+        process.send_signal(signal.SIGINT)  # fast shutdown
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        shutil.rmtree(workdir, ignore_errors=True)

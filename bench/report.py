@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.results import CacheResult, Measurement, TableRow, Target
+from bench.results import PREDLOG_CONTENDER, CacheResult, Measurement, TableRow, Target
 
 METHOD_NOTES = (
     "Saturated: closed loop, {connections} connections (gRPC: calls in flight over {grpc_processes} "
@@ -58,7 +58,8 @@ def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> 
         ]
         for r in (r for r in table if r.model == model):
             name = f"**{r.label}**" if r.kind == "project" else r.label
-            extra = f" ({_ratio(r.vs_baseline)} of direct)" if r.vs_baseline is not None else ""
+            of = "log off" if r.contender == PREDLOG_CONTENDER else "direct"
+            extra = f" ({_ratio(r.vs_baseline)} of {of})" if r.vs_baseline is not None else ""
             lines.append(
                 f"| {name}{extra} | {r.protocol} | {_num(r.rps)} | {_num(r.rows_per_s)} | {_num(r.p50_ms, '.1f')} | "
                 f"{_num(r.p99_ms, '.1f')} | {_num(r.fixed_rps)} | {r.errors} | {_ratio(r.vs_best_alternative)} | "

@@ -233,6 +233,22 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     else:
         say("  skipped")
 
+    scoring = None  # issue 18: `canary score` on a big file vs the in-process limit (bench/scoring.py)
+    if config.scoring and "digits-cnn" in prepared and "digits-cnn" in limits:
+        from bench.scoring import measure_scoring
+
+        step(f"+ batch scoring: canary score on {config.scoring_rows:,} rows (digits-cnn, local engine)")
+        run.wait_quiet()
+        try:
+            scoring = measure_scoring(
+                home.home, prepared["digits-cnn"].version, limits["digits-cnn"]["samples_per_s"],
+                config.scoring_rows, run.workdir / "scoring", say,
+            )  # fmt: skip
+            say(f"  {scoring.rows_per_s:,.0f} rows/s, {scoring.vs_limit:.2f}x limit, {scoring.peak_rss_mib:.0f} MiB")
+        except Exception as exc:  # noqa: BLE001 - a failed section is a finding, not a crash
+            run.failures.append(f"batch scoring: {_brief(exc)}")
+            say(f"  batch scoring FAILED: {_brief(exc)}")
+
     limit_rates = {arch: v["samples_per_s"] for arch, v in limits.items()}
     table = build_table(run.measurements, limit_rates)
     cache = cache_results(run.measurements, run.redis_counts)
@@ -254,7 +270,11 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
         config.as_dict(), machine_info, stamp.versions(), stamp.timestamp(), limits,
         run.measurements, table, cache, targets, notes, run.failures,
     )  # fmt: skip
+    if scoring is not None:
+        report["batch_scoring"] = scoring.as_dict()
     markdown = render_markdown(report, table, cache, targets)
+    if scoring is not None:
+        markdown += "\n" + scoring.markdown()
     paths = write_report(config.report_dir, report, markdown, table)
     say("")
     say(markdown)

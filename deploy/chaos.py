@@ -28,6 +28,7 @@ from typing import Any
 
 from deploy.process import free_port
 from deploy.stack import StackSettings
+from loadtest.targets import answering_slot
 from models.errors import CanaryError
 from models.home import CanaryHome
 
@@ -111,7 +112,7 @@ def render_markdown(results: Sequence[DrillResult], meta: Sequence[str] = ()) ->
 @dataclass(frozen=True)
 class LoadStats:
     """What Locust counted: totals, the slowest request, and requests/failures per answering
-    slot (the locustfile names each request "infer <X-Canary-Slot>"; "?" is an answer
+    slot (the locustfile names each request "<protocol> <X-Canary-Slot> v<version>"; "?" is an answer
     without the header: nginx itself did not answer)."""
 
     requests: int
@@ -132,7 +133,7 @@ def read_locust_json(final_json: Path, failures_csv: Path | None = None) -> Load
     by_slot: dict[str, tuple[int, int]] = {}
     for entry in entries:
         name = str(entry["name"])
-        slot = name.split(" ", 1)[1] if name.startswith("infer ") else name
+        slot = answering_slot(name)
         requests, failures = by_slot.get(slot, (0, 0))
         by_slot[slot] = (requests + int(entry["num_requests"]), failures + int(entry["num_failures"]))
     top = top_failure(failures_csv) if failures_csv is not None and failures_csv.exists() else ""

@@ -1,7 +1,7 @@
 """The drills of `make chaos` (see `deploy.chaos`), each on the chaos stack under load.
 
-Load is real Locust (`loadtest/locustfile.py`: distinct digits, cache off, no retries, each
-request named after the slot that answered) in a subprocess of its own session, stopped
+Load is real Locust (`loadtest/locustfile.py`'s V2 REST JSON user: distinct digits, cache
+off, no retries, each request named after the slot that answered) in a subprocess of its own session, stopped
 with SIGTERM. nginx's per-slot counters say where traffic went. Faults hit only processes
 this run started, by the pids the stack recorded: a slot's whole process tree, our Redis,
 our nginx, our `canary` subprocess. Before each drill the stack is reset: every process up,
@@ -80,7 +80,8 @@ class Load:
         argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
                 "-r", str(users), "-t", "900s", "--host", host, "--only-summary", "--stop-timeout", "5",
                 "--csv", str(folder / "run"),  # the failures' reasons
-                "--json-file", str(folder / "final")]  # fmt: skip  # the final counts, written at exit
+                "--json-file", str(folder / "final"),  # the final counts, written at exit
+                "V2RestJsonUser"]  # fmt: skip  # V2 REST JSON only
         # its own session: a Ctrl-C of ours must not reach it (we stop it, with SIGTERM)
         self.process = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True

@@ -128,6 +128,38 @@ def demo(
     run_demo(_home(), epochs, say)
 
 
+_INPUT_HELP = (
+    "A CSV or Parquet file, or a folder of them: columns input_0..input_63, or one list column input of 64 numbers."
+)
+_OUTPUT_HELP = "FILE.parquet or FILE.csv; replaced only once every row is scored."
+
+
+@app.command()
+def score(
+    release: Annotated[str, typer.Argument(help="Model version (3) or alias (@champion).")],
+    input_path: Annotated[str, typer.Option("--input", "-i", help=_INPUT_HELP)],
+    output: Annotated[str, typer.Option("--output", "-o", help=_OUTPUT_HELP)],
+    engine: Annotated[str | None, typer.Option("--engine", help="local (default) or spark.")] = None,
+    logits: Annotated[bool, typer.Option("--logits", help="Also write the graph's raw scores per row.")] = False,
+    chunk_rows: Annotated[int | None, typer.Option("--chunk-rows", help="Rows per chunk (default 65536).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Local engine threads (default: all cores).")] = None,
+    spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master (default local[*]).")] = None,
+) -> None:
+    """Score files with the exact graph a version serves (sha256 checked); output carries the
+    version and sha256, and a run is logged to MLflow (experiment digits-scoring)."""
+    from pathlib import Path
+
+    from deploy.progress_bar import RowProgress
+    from models.score import ScoreSettings, score_files
+
+    settings = ScoreSettings.with_options(
+        engine=engine, logits=logits or None, chunk_rows=chunk_rows, workers=workers, spark_master=spark_master
+    )
+    with RowProgress(say) as progress:
+        result = score_files(_home(), release, Path(input_path), Path(output), settings, say, progress)
+    typer.echo(result.summary())
+
+
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and the routing diff; change nothing.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Bake = Annotated[
@@ -265,6 +297,28 @@ def history(as_json: JsonOut = False) -> None:
         typer.echo(f"{e['time']}  {e['who']:<10} {e['action']:<9} {e['detail']}{reason}")
 
 
+_FROM_HELP = (
+    "Read this store (redis://... or postgresql://...) instead of the local stack's; "
+    "its password goes in the URL or in CANARY_SERVICE_PREDICTION_LOG_PASSWORD."
+)
+
+
+@app.command()
+def predictions(
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write: FILE.parquet or FILE.csv.")],
+    since: Annotated[str, typer.Option("--since", help="Start: 1h, 30m, 2d (ago) or an ISO time (UTC).")] = "1h",
+    until: Annotated[str, typer.Option("--until", help="End (exclusive): now, 10m (ago) or an ISO time.")] = "now",
+    slot: Annotated[str | None, typer.Option("--slot", help="Only this slot's answers (blue, green).")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Only this model version's answers.")] = None,
+    source: Annotated[str | None, typer.Option("--from", help=_FROM_HELP)] = None,
+) -> None:
+    """Export the prediction log of a time range (every answered request; posted labels joined)."""
+    from deploy.predictions import export_from
+
+    result = export_from(_home(), source, output, since, until, slot, version)
+    typer.echo(f"{result.rows} predictions ({result.labelled} labelled) -> {result.path}")
+
+
 def _gate_request(duration: str, users: int, spawn_rate: float, thresholds: str | None = None):
     from pathlib import Path
 
@@ -311,18 +365,98 @@ def rollout(
     _print(_target().rollout(parsed, _gate_request(step_duration, users, spawn_rate, thresholds), bake, say))
 
 
+_SLOT_HELP = (
+    "Load one slot (blue or green), forced through nginx; default: nginx as clients see it, both slots at the "
+    "router's weights."
+)
+
+
+@app.command()
+def loadtest(
+    slot: Annotated[str | None, typer.Option("--slot", help=_SLOT_HELP)] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Locust worker processes (0: users in one process).")] = 0,
+    shape: Annotated[str | None, typer.Option("--shape", help="Load shape: step, spike, soak or knee.")] = None,
+    headless: Annotated[
+        bool, typer.Option("--headless", help="No web UI: run --duration (or the shape), write CSV + HTML reports.")
+    ] = False,
+    users: Annotated[int, typer.Option("--users", help="Locust users (the web UI's starting value).")] = 32,
+    spawn_rate: SpawnRate = 32.0,
+    duration: Annotated[str, typer.Option("--duration", help="Headless run time, e.g. 30s or 5m.")] = "1m",
+    user_rate: Annotated[
+        float | None, typer.Option("--user-rate", help="Requests per second per user (0: flat out; default 200).")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="Protocol mix, e.g. rest-json=3,grpc=1 (default: all four alike).")
+    ] = None,
+    web_port: Annotated[int, typer.Option("--web-port", help="Port of Locust's web UI (on 127.0.0.1).")] = 8089,
+) -> None:
+    """Locust against the running stack (loadtest/locustfile.py): V2 REST JSON and binary, V2
+    gRPC and the native API, each request named by the slot and model version that answered.
+
+    The web UI on 127.0.0.1 until Ctrl-C, or --headless: reports in <state folder>/loadtest/<time>/.
+    Exit code 0 when no request failed."""
+    from deploy.loadtest import LoadOptions, run_loadtest
+    from deploy.targets.base import parse_duration
+
+    options = LoadOptions(
+        slot, workers, shape, headless, users, spawn_rate, parse_duration(duration), user_rate, weights, web_port
+    )
+    options.check()
+    stack = getattr(_target(), "stack", None)
+    if stack is None:
+        raise CanaryError("canary loadtest runs against the local or compose stack; on a cluster see deploy/k8s/locust")
+    code = run_loadtest(stack, options, say)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def containerize(
     release: Annotated[str, typer.Argument(help="Model version, @alias or Bento tag.")],
-    dry_run: DryRun = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the Dockerfile; build nothing.")] = False,
 ) -> None:
-    """Build the serving image (wraps `bentoml containerize`; needs Docker or Podman)."""
+    """Build the serving image digits-service:v<N> offline (Docker or Podman; dockerd is started
+    when none runs): base from `canary base-image` or the official Python image, dependencies
+    from a wheelhouse prepared on this machine. Prints the image, its size and largest layers."""
     from deploy.containerize import containerize as build_image
     from deploy.containerize import rendered_containerfile
+    from deploy.image_settings import ImageSettings
     from models.bento import find_bento
 
-    bento, _ = find_bento(_home(), release)
-    typer.echo(rendered_containerfile(bento) if dry_run else build_image(bento))
+    home = _home()
+    bento, _ = find_bento(home, release)
+    if dry_run:
+        typer.echo(rendered_containerfile(bento))
+        return
+    settings = ImageSettings()
+    for line in build_image(home, bento, settings, say=say).lines(settings.size_target_mb):
+        typer.echo(line)
+
+
+@app.command("base-image")
+def base_image(
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if the images exist.")] = False,
+) -> None:
+    """Build the images canary's containers start from, from Debian packages (no registry):
+    bento-canary-base:bookworm (Python 3.11) and bento-canary-services:bookworm (Redis, nginx
+    with Lua, for the compose stack). Needs root and debootstrap (`make setup`)."""
+    from deploy.base_image import ensure_images
+    from deploy.engine import find_engine
+    from deploy.image_settings import ImageSettings
+
+    home = _home()
+    for line in ensure_images(find_engine(home, say=say), home, ImageSettings(), rebuild, say):
+        typer.echo(line)
+
+
+@app.command()
+def doctor() -> None:
+    """Which container engine and compose canary uses, whether a registry answers, which base
+    images are present. Starts and builds nothing."""
+    from deploy.doctor import doctor_lines
+
+    for line in doctor_lines(_home()):
+        typer.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,38 +10,41 @@ rollbacks go through nginx's admin API (published on the host's loopback, token 
 reload. nginx's public ports are published on the stack's host (loopback unless
 CANARY_COMPOSE_PUBLIC_HOST says otherwise); Grafana's admin password is generated (0600).
 
-Every `docker compose` call goes through `ComposeCli`, which turns a missing engine or a
-failed command into one line (`CanaryError`).
+Every compose call goes through `ComposeCli` (deploy/compose_cli.py): the engine's own
+compose (Debian's docker-compose 1.29 included), health checks waited on by canary itself,
+one line (`CanaryError`) for a missing engine or a failed command. The slots run the images
+of `canary containerize`, Redis and nginx the image `canary base-image` builds from Debian
+packages (the local stack's nginx with its Lua module, and Redis); Prometheus and Grafana run
+when their images are present in the engine (or CANARY_COMPOSE_OBSERVABILITY=true).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+import yaml
 
-from deploy.nginx import NginxController, NginxError, NginxLayout, NginxPorts, SlotAddress, ensure_token
-from deploy.stack import LocalStack, StackSettings
+from deploy.compose_cli import COMPOSE_DIR, ComposeCli, ComposeSettings
+from deploy.image_settings import ImageSettings
+from deploy.nginx import MODULES_DIR, NginxController, NginxError, NginxLayout, NginxPorts, SlotAddress, ensure_token
+from deploy.stack import LocalStack
 from deploy.state import SLOTS, ReleaseState, SlotState
 from models.errors import CanaryError
-from models.home import REPO_ROOT, CanaryHome
+from models.home import CanaryHome
 
-COMPOSE_DIR = REPO_ROOT / "deploy" / "compose"
+__all__ = ["COMPOSE_DIR", "ComposeCli", "ComposeNginx", "ComposeSettings", "ComposeStack"]
+
 # Where the nginx container sees its mounts (deploy/compose/compose.yaml).
 CONTAINER_RENDERED = Path("/etc/bento-canary/rendered")
 CONTAINER_PREFIX = Path("/run/bento-canary")
 CONTAINER_LAYOUT = NginxLayout(
     lua_dir=Path("/etc/bento-canary/nginx/lua"),
-    modules_dir=None,  # OpenResty: Lua is built in
+    modules_dir=MODULES_DIR,  # Debian's nginx-light + libnginx-mod-http-lua, as on the local stack
     admin_host="0.0.0.0",
     # Published-port traffic reaches the container from the network's gateway; Prometheus
     # scrapes /metrics from inside the network. The admin token guards every change.
@@ -52,63 +55,12 @@ SLOT_REST, SLOT_GRPC, SLOT_V2 = 3000, 50051, 8000
 SMOKE_SCRIPT = """
 import json, sys, urllib.request
 rows = json.loads(sys.argv[1])
-body = {"inputs": [{"name": "input", "shape": [len(rows), 64], "datatype": "FP32", "data": rows}]}
+body = {"inputs": [{"name": "input", "shape": [len(rows), 64], "datatype": "FP32", "data": rows}],
+        "parameters": {"cache": False}}
 request = urllib.request.Request("http://127.0.0.1:%d/v2/models/digits/infer" % int(sys.argv[2]),
     data=json.dumps(body).encode(), headers={"content-type": "application/json"})
 print(urllib.request.urlopen(request, timeout=30).read().decode())
 """
-
-
-class ComposeSettings(StackSettings):
-    """Where `canary --target compose` works (env prefix CANARY_COMPOSE_); the nginx ports are
-    the ones compose.yaml publishes on the host."""
-
-    model_config = SettingsConfigDict(env_prefix="CANARY_COMPOSE_", extra="ignore", frozen=True)
-
-    name: str = Field(default="compose", description="Folder of the compose stack's state in the state folder.")
-    project: str = Field(default="bento-canary", description="Compose project name (-p).")
-    compose_file: Path = Field(default=COMPOSE_DIR / "compose.yaml", description="The compose file.")
-    docker: str = Field(
-        default="docker", description="`docker` (runs `docker compose`), `podman`, or a `docker-compose` binary."
-    )
-    blue_address: str = Field(default="172.28.0.11", description="Blue's fixed address on the compose network.")
-    green_address: str = Field(default="172.28.0.12", description="Green's fixed address on the compose network.")
-    rendered_dir: Path = Field(default=COMPOSE_DIR / "rendered", description="nginx.conf, routing and token for nginx.")
-    wait_timeout_s: float = Field(default=300.0, gt=0, description="How long `up --wait` may take.")
-
-
-class ComposeCli:
-    """`docker compose -p <project> -f <file> ...`, one line of error on any failure."""
-
-    def __init__(self, settings: ComposeSettings) -> None:
-        self.settings = settings
-
-    def argv(self, *args: str) -> list[str]:
-        s = self.settings
-        binary = shutil.which(s.docker) or s.docker
-        base = [binary] if Path(s.docker).name == "docker-compose" else [binary, "compose"]
-        return [*base, "-p", s.project, "-f", str(s.compose_file), *args]
-
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 600.0) -> str:
-        argv = self.argv(*args)
-        if shutil.which(argv[0]) is None:
-            raise CanaryError(
-                f"no container engine: {self.settings.docker!r} is not installed (the compose target needs "
-                "Docker with the compose plugin, or set CANARY_COMPOSE_DOCKER); use --target local on this machine"
-            )
-        try:
-            done = subprocess.run(
-                argv, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise CanaryError(f"`{' '.join(argv[1:4])} {' '.join(args[:2])}` took longer than {timeout:.0f}s") from None
-        if done.returncode != 0:
-            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-            last = lines[-1] if lines else f"exit code {done.returncode}"
-            if "Cannot connect to the Docker daemon" in last or "docker daemon" in last.lower():
-                raise CanaryError(f"no container engine is running: {last}")
-            raise CanaryError(f"docker compose {' '.join(args[:2])} failed: {last}")
-        return done.stdout
 
 
 def image_tag(bento: str) -> str:
@@ -126,7 +78,8 @@ class ComposeStack(LocalStack):
         self.compose_settings = settings or ComposeSettings()
         super().__init__(home, self.compose_settings)
         s = self.compose_settings
-        self.cli = ComposeCli(s)
+        self.cli = ComposeCli(s, home)
+        self.images = ImageSettings()
         self._ps: dict[str, dict[str, Any]] | None = None  # one `compose ps` per status call
         # nginx reads these three through its ./rendered mount
         self.rendered = s.rendered_dir
@@ -138,19 +91,22 @@ class ComposeStack(LocalStack):
     # -- what compose runs ----------------------------------------------------------------
     def _tags(self, state: ReleaseState) -> dict[str, str]:
         """BLUE_TAG / GREEN_TAG for compose: a slot with nothing deployed reuses the stable's
-        tag (compose needs both to read the file; that slot is not started). Also where the
-        public ports are published, and the Redis password, cache signing key and Grafana admin
-        password, each from its 0600 file (compose.yaml demands them)."""
+        tag (compose needs both to read the file; that slot is not started), or `none` before
+        anything is deployed (so `down` and `ps` still read the file after a failed `up`).
+        Also where the public ports are published, and the Redis password, cache signing key
+        and Grafana admin password, each from its 0600 file (compose.yaml demands them)."""
         stable = state.slots[state.stable].bento
         tags = {}
         for slot in SLOTS:
             bento = state.slots[slot].bento or stable
-            if bento:
-                tags[f"{slot.upper()}_TAG"] = image_tag(bento)
+            tags[f"{slot.upper()}_TAG"] = image_tag(bento) if bento else "none"
         s = self.compose_settings
         password, cache_key = self.cache_secrets()
         return {
             **tags,
+            "CANARY_IMAGE_REPOSITORY": self.images.repository,
+            "CANARY_SERVICES_IMAGE": self.images.services_image,
+            "CANARY_RENDERED_DIR": str(self.rendered.resolve()),  # nginx's bind mount
             "CANARY_PUBLIC_HOST": s.nginx_public_host,
             "CANARY_REST_PORT": str(s.nginx_rest_port),
             "CANARY_GRPC_PORT": str(s.nginx_grpc_port),
@@ -174,12 +130,13 @@ class ComposeStack(LocalStack):
     def start_slot(self, slot: str, bento: str, model_version: str) -> None:
         state = self.store.load()
         pending = state.with_changes(slots={**state.slots, slot: SlotState(bento, model_version)})
-        timeout = str(int(self.compose_settings.wait_timeout_s))
-        self.cli.run(
-            "up", "-d", "--no-deps", "--wait", "--wait-timeout", timeout, slot,
-            env=self._tags(pending), timeout=self.compose_settings.wait_timeout_s + 30,
-        )  # fmt: skip
+        env = self._tags(pending)
+        image = f"{self.images.repository}:{image_tag(bento)}"
+        if not self.cli.image_present(image):  # else compose tries a registry and fails on its error
+            raise CanaryError(f"image {image} is not built: run `canary containerize {image_tag(bento)[1:]}` first")
+        self.cli.run("up", "-d", "--no-deps", slot, env=env, timeout=self.compose_settings.wait_timeout_s + 30)
         try:
+            self.cli.wait_healthy([slot], env, self.compose_settings.wait_timeout_s)
             self.smoke_test(slot, model_version, pending)
         except CanaryError:
             self.cli.run("stop", slot, env=self._tags(pending))
@@ -229,15 +186,22 @@ class ComposeStack(LocalStack):
             force_token_file=CONTAINER_RENDERED / "force.token",
         )  # fmt: skip
         (self.rendered / "nginx.conf").write_text(config)
-        services = ["redis", "nginx", "prometheus", "grafana"]
+        services = ["redis", "nginx", *(("prometheus", "grafana") if self._observability() else ())]
         running = self.nginx().running()
-        self.cli.run(
-            "up", "-d", "--no-deps", "--wait", "--wait-timeout", str(int(self.compose_settings.wait_timeout_s)),
-            *services, env=self._tags(state), timeout=self.compose_settings.wait_timeout_s + 30,
-        )  # fmt: skip
+        env = self._tags(state)
+        self.cli.run("up", "-d", "--no-deps", *services, env=env, timeout=self.compose_settings.wait_timeout_s + 30)
+        self.cli.wait_healthy(services, env, self.compose_settings.wait_timeout_s)
         if running:  # a changed config on a running nginx: reload it (HUP), as locally
             self.cli.run("kill", "-s", "HUP", "nginx", env=self._tags(state))
         self.nginx().wait_for_generation(generation, self.token_file.read_text().strip())
+
+    def _observability(self) -> bool:
+        """Prometheus and Grafana: as set, else when both their images are in the engine
+        (no registry is needed to run the rest of the stack)."""
+        if self.compose_settings.observability is not None:
+            return self.compose_settings.observability
+        services = yaml.safe_load(self.compose_settings.compose_file.read_text())["services"]
+        return all(self.cli.image_present(services[name]["image"]) for name in ("prometheus", "grafana"))
 
     # -- the commands (`up`, `execute`, gate and rollout are LocalStack's) -------------------
     def _start_shared_services(self) -> None:
@@ -248,19 +212,19 @@ class ComposeStack(LocalStack):
 
     def down(self) -> list[str]:
         with self.store.locked():
-            self.cli.run("down", env=self._tags(self.store.load()))
+            self.cli.run("down", "--remove-orphans", env=self._tags(self.store.load()))
         return ["compose project " + self.compose_settings.project]
 
     # -- status (LocalStack.status, with one `compose ps` for the containers) ---------------
     def status(self) -> dict:
-        self._ps = self._services(self.store.load())
+        self._ps = self.cli.states(self._tags(self.store.load()))
         try:
             return super().status()
         finally:
             self._ps = None
 
     def _service(self, name: str) -> dict[str, Any]:
-        ps = self._ps if self._ps is not None else self._services(self.store.load())
+        ps = self._ps if self._ps is not None else self.cli.states(self._tags(self.store.load()))
         return ps.get(name, {})
 
     def slot_metrics(self, slot: str) -> str:
@@ -277,7 +241,7 @@ class ComposeStack(LocalStack):
 
     def slot_problem(self, slot: str) -> str | None:
         """Why `slot`'s container cannot serve now (compose's state and health check), or None."""
-        service = self._services(self.store.load()).get(slot, {})
+        service = self.cli.states(self._tags(self.store.load())).get(slot, {})
         if service.get("State") != "running":
             return f"slot {slot}'s container is {service.get('State') or 'gone'}"
         health = service.get("Health")
@@ -294,21 +258,8 @@ class ComposeStack(LocalStack):
         return self._service("redis").get("State") == "running"
 
     def _status_extra(self, state: ReleaseState) -> dict:
-        return {"generation": state.generation, "target": f"compose project {self.compose_settings.project}"}
-
-    def _services(self, state: ReleaseState) -> dict[str, dict[str, Any]]:
-        """`docker compose ps` by service; empty when compose cannot answer."""
-        try:
-            out = self.cli.run("ps", "--all", "--format", "json", env=self._tags(state))
-        except CanaryError:
-            return {}
-        text = out.strip()
-        rows: list[dict[str, Any]] = []
-        if text.startswith("["):  # compose < 2.21 prints one array, later one object per line
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
-        return {row.get("Service", ""): row for row in rows}
+        return {"generation": state.generation, "target": f"compose project {self.compose_settings.project}",
+                "engine": self.cli.describe()}  # fmt: skip
 
 
 class ComposeNginx(NginxController):

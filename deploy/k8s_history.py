@@ -16,7 +16,7 @@ from typing import Any
 
 from deploy.k8s_plan import MERGE_PATCH, K8sPatch
 from deploy.state import history_line
-from models.errors import CanaryError, NotFoundError
+from models.errors import CanaryError, ConflictError, NotFoundError
 
 KEY = "history.jsonl"
 ATTEMPTS = 5  # appends racing on one ConfigMap; each retry reads the winner's copy
@@ -35,8 +35,6 @@ class ClusterHistory:
         return _parse((config_map.get("data") or {}).get(KEY, ""))
 
     def append(self, action: str, detail: str, reason: str = "", **extra: Any) -> None:
-        from deploy.k8s_target import ConflictError
-
         line = history_line(action, detail, reason, **extra)
         for _ in range(ATTEMPTS):
             try:

@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from deploy import k8s_plan
 from deploy.k8s_history import ClusterHistory
 from deploy.k8s_plan import SLOTS, K8sPatch, K8sPlan
-from models.errors import CanaryError, NotFoundError
+from models.errors import CanaryError, ConflictError, NotFoundError
 
 # The planner's object names (deploy/k8s/base and components/gateway-api): both routes are
 # `digits`; a slot's Deployment shares its Service's name, digits-blue / digits-green.
@@ -61,14 +61,6 @@ class K8sApi(Protocol):
 
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create an object (the history ConfigMap); `ConflictError` when it already exists."""
-
-
-class ConflictError(CanaryError):
-    """An object changed between read and patch (HTTP 409); `what` says which."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"{what}; run the command again")
-        self.what = what
 
 
 class Promotion(NamedTuple):

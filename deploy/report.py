@@ -10,6 +10,8 @@ def format_status(data: dict) -> str:
     lines.append(
         f"nginx {state}: REST :{nginx['rest']}  gRPC :{nginx['grpc']}    redis {'up' if data['redis'] else 'DOWN'}"
     )
+    if data.get("engine"):  # the compose target's container engine
+        lines.append(f"engine: {data['engine']}")
     router_slots = (nginx.get("router") or {}).get("slots", {})
     counts = {name: info.get("requests", 0) for name, info in router_slots.items()}
     down = {name for name, info in router_slots.items() if info.get("down")}
@@ -31,8 +33,20 @@ def format_status(data: dict) -> str:
         )
     if data.get("shadow"):
         lines.append("shadow: stable traffic is mirrored to the candidate")
+    if "online_accuracy" in data:
+        lines.append(format_online_accuracy(data["online_accuracy"]))
     gate = data.get("last_gate")
     lines.append(f"last gate: {gate['verdict']} ({gate.get('summary', '')})" if gate else "last gate: -")
     if data.get("note"):
         lines.append(f"note: {data['note']}")
     return "\n".join(lines)
+
+
+def format_online_accuracy(tallies: dict) -> str:
+    """One line: per model version, the share of labelled rows predicted right (feedback)."""
+    if "error" in tallies:
+        return f"online accuracy: unavailable ({tallies['error']})"
+    if not tallies:
+        return "online accuracy: no labels yet (POST /v2/models/<model>/feedback)"
+    parts = [f"version {version} {t['accuracy']:.1%} of {t['labels']} labels" for version, t in tallies.items()]
+    return "online accuracy: " + "; ".join(parts)

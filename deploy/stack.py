@@ -250,6 +250,7 @@ class LocalStack:
             "CANARY_SERVICE_CACHE_URL": self.redis_url,
             "CANARY_SERVICE_CACHE_PASSWORD": redis_password,  # the environment, not argv: private to us
             "CANARY_SERVICE_CACHE_HMAC_KEY": cache_key,
+            **self._prediction_log_env(redis_password),
             # Two slots share this machine: split the cores between them, or idle ONNX Runtime
             # threads spin-wait and the slots starve each other (seen as 2-3x latency swings).
             "CANARY_SERVICE_INTRA_OP_THREADS": os.environ.get(
@@ -266,6 +267,27 @@ class LocalStack:
             self._stop(f"slot-{slot}")
             raise
 
+    def _prediction_log_env(self, redis_password: str) -> dict[str, str]:
+        """The slots log every answer to the stack's Redis, unless the environment already
+        names a store (CANARY_SERVICE_PREDICTION_LOG_URL, e.g. a production PostgreSQL)."""
+        if os.environ.get("CANARY_SERVICE_PREDICTION_LOG_URL"):
+            return {}
+        return {"CANARY_SERVICE_PREDICTION_LOG_URL": self.redis_url,
+                "CANARY_SERVICE_PREDICTION_LOG_PASSWORD": redis_password}  # fmt: skip
+
+    def prediction_store(self):
+        """The store the slots log to (`service.sinks`): the stack's Redis, or the one the
+        environment names. Nothing connects until it is used."""
+        from service.sinks import open_store
+
+        url = os.environ.get("CANARY_SERVICE_PREDICTION_LOG_URL")
+        if url:
+            return open_store(url, password=os.environ.get("CANARY_SERVICE_PREDICTION_LOG_PASSWORD") or None,
+                              timeout_s=5.0)  # fmt: skip
+        if not self.redis_password_file.exists():
+            raise CanaryError("this stack has never run, so it has no prediction log: `canary up` first")
+        return open_store(self.redis_url, password=self.cache_secrets()[0], timeout_s=5.0)
+
     def smoke_test(self, slot: str, model_version: str, state: ReleaseState | None = None) -> None:
         from models.data import load_split
 
@@ -275,7 +297,8 @@ class LocalStack:
                 "parameters": {"cache": False}}  # fmt: skip  # the model must answer, not the cache
         # through the V2 listener: the path nginx sends clients' /v2/ traffic to
         try:
-            answer = httpx.post(f"{self.slot_v2_url(slot)}/v2/models/digits/infer", json=body, timeout=15.0)
+            answer = httpx.post(f"{self.slot_v2_url(slot)}/v2/models/digits/infer", json=body, timeout=15.0,
+                                headers={"X-Request-Id": f"smoke-{slot}-{os.urandom(6).hex()}"})  # fmt: skip
         except httpx.HTTPError as exc:
             raise CanaryError(f"smoke inference on slot {slot} failed: {type(exc).__name__} {exc}") from None
         got = answer.json().get("model_version") if answer.status_code == 200 else None
@@ -484,4 +507,22 @@ class LocalStack:
         return self.process("redis").alive
 
     def _status_extra(self, state: ReleaseState) -> dict:
-        return {}
+        return {"online_accuracy": self.online_accuracy()}
+
+    def online_accuracy(self) -> dict:
+        """Per model version: labels posted through feedback and the share predicted right;
+        {"error": ...} when the log's store cannot be read (status must always answer)."""
+        from deploy.predictions import online_accuracy
+
+        if not self._redis_running() and not os.environ.get("CANARY_SERVICE_PREDICTION_LOG_URL"):
+            return {"error": "the stack's Redis is not running"}
+        try:
+            store = self.prediction_store()
+        except (CanaryError, ValueError) as exc:
+            return {"error": str(exc)}
+        try:
+            return online_accuracy(store, self.home.registered_model)
+        except Exception as exc:  # noqa: BLE001 - status must always answer
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            store.close()

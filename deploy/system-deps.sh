@@ -5,8 +5,10 @@
 # the one place that says what a machine needs.
 set -euo pipefail
 # prometheus ships promtool (alert rules are checked with it); docker-compose validates the
-# compose file offline (no engine is needed for `docker-compose config`).
-pkgs=(nginx-light redis-server libnginx-mod-http-lua lua-resty-core prometheus docker-compose wrk)
+# compose file offline (no engine is needed for `docker-compose config`) and runs the compose
+# target. docker.io is the container engine (canary starts dockerd when none runs) and
+# debootstrap builds the base images from Debian packages (`canary base-image`).
+pkgs=(nginx-light redis-server libnginx-mod-http-lua lua-resty-core prometheus docker-compose wrk docker.io debootstrap)
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -15,6 +17,18 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the load generator of `make bench`
+# The prediction log's production sink: tests start a throwaway server (initdb + postgres, as
+# the postgres user when run as root); Debian keeps the binaries in /usr/lib/postgresql/<major>/bin.
+pkgs+=(postgresql)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+# `canary score --engine spark`: pyspark 4 runs on a Java 17+ JVM.
+pkgs+=(openjdk-17-jre-headless)
+java -version 2>&1 | grep 'version "\(1[7-9]\|[2-9][0-9]\)' >/dev/null || missing+=(openjdk-17-jre-headless)  # not -q (pipefail)
+# The engine: any installed dockerd will do (Docker's own docker-ce conflicts with docker.io).
+# Debian's client (20.10) builds with BuildKit by itself; a newer `docker` without the buildx
+# plugin cannot, and canary then uses /usr/bin/docker (deploy/engine.py).
+command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || missing+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 # tests/deploy/test_k8s.py renders deploy/k8s with a real kustomize: kubectl's built-in one or the
 # standalone binary. The overlays use `components:` (kustomize >= 3.7, kubectl >= 1.21), so
 # Debian's own kubectl (`kubernetes-client`, 1.20 in bookworm) cannot render them and bookworm

@@ -300,6 +300,9 @@ def on_init(environment, **_kwargs) -> None:
         run = set_up(environment)
         bind(environment, run.context)
         environment.canary_gate_run = run
+        # The set-up (the digits, the probes) blocked gevent's loop, whose clock stood still
+        # meanwhile: Locust's --run-time timer, set next, would fire early by as long as it took.
+        gevent.get_hub().loop.update_now()
     except Exception as exc:  # noqa: BLE001 - whatever stops the set-up is a harness error
         reason = str(exc) if isinstance(exc, GateSetupError) else f"{type(exc).__name__}: {exc}"
         path = write_error(out_dir, reason)

@@ -93,6 +93,19 @@ class Target:
         }  # fmt: skip
 
 
+def request_name(protocol: str, slot: str | None, model_version: str | None) -> str:
+    """How the load-test locustfile names a request in Locust's tables, CSV and charts: the
+    protocol, then the router slot and model version that answered ("rest-json blue v3");
+    "?" for what the answer did not say (no `X-Canary-Slot`: nginx itself did not answer)."""
+    return f"{protocol} {slot or '?'} v{model_version or '?'}"
+
+
+def answering_slot(name: str) -> str:
+    """The slot in a `request_name` ("?" when the answer named none)."""
+    words = name.split()
+    return words[1] if len(words) == 3 else "?"
+
+
 def parse_header(text: str) -> tuple[str, str]:
     """`"X-Canary: always"` -> ("X-Canary", "always")."""
     key, sep, value = text.partition(":")

@@ -17,7 +17,6 @@ This module patches gRPC for gevent on import: import it only inside a Locust pr
 from __future__ import annotations
 
 import http.client
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -25,29 +24,23 @@ from typing import Any
 
 import gevent
 import grpc
-import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from locust import User, constant, task
 from locust.contrib.fasthttp import FastHttpSession
 from locust.exception import StopUser
 from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
+from loadtest.protocols import (
+    V2_PATH,
+    binary_request,
+    call_grpc,
+    json_request,
+    post_infer,
+)
+from loadtest.protocols import grpc_infer as checked_grpc_infer
 from loadtest.samples import DigitFeed, SampleBook
 from loadtest.targets import FORCE_TOKEN_HEADER, ROLES, SLOT_HEADER, Target
-from loadtest.v2codec import (
-    HEADER_LENGTH,
-    Prediction,
-    WrongAnswer,
-    from_grpc_answer,
-    from_rest_answer,
-    to_binary_body,
-    to_grpc_request,
-    to_json_body,
-)
-
-# grpcio's C core must yield to gevent, or one blocked call would stall every user.
-# Must run after gevent's monkey-patching (done by importing locust) and before any channel.
-grpc_gevent.init_gevent()
+from loadtest.v2codec import Prediction, WrongAnswer, from_rest_answer, to_grpc_request, to_json_body
 
 # The users reach the targets directly (FastHttp ignores proxy variables): so do the probes.
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -127,7 +120,7 @@ class PairedUser(User):
 
 class RestUser(PairedUser):
     abstract = True
-    path = "/v2/models/{model}/infer"
+    path = V2_PATH
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
@@ -145,29 +138,10 @@ class RestUser(PairedUser):
     def send(self, slot: str, pair: int, row: np.ndarray, label: int) -> None:
         body, headers = self.encode(row)
         context = {"slot": slot, "protocol": self.protocol, "pair": pair, "label": label}
-        url = self.path.format(model=self.gate.model)
-        headers = {**self.gate.headers(slot), **headers}
-        name = f"{slot} {self.protocol}"
-        session = self.sessions[slot]
-        payload: Any = body  # typed str by Locust; geventhttpclient sends bytes as they are
-        request = session.post(url, data=payload, headers=headers, name=name, context=context, catch_response=True)
-        with request as resp:
-            if resp.status_code != 200:
-                error = getattr(resp, "error", None)
-                resp.failure(f"HTTP {resp.status_code}" + (f": {error!r}" if error else ""))
-                return
-            try:
-                prediction = from_rest_answer(resp.content or b"")
-            except WrongAnswer as exc:
-                resp.failure(f"wrong answer: {exc}")
-                return
-            answered_by = resp.headers.get(SLOT_HEADER) if resp.headers else None
-            if wrong := self.gate.target(slot).wrong_answerer(answered_by, prediction.model_version):
-                resp.failure(wrong)
-                return
-            # Locust copied our context into the request's metadata: the prediction goes there.
-            resp.request_meta["context"].update(predicted=prediction.predicted, confidence=prediction.confidence)
-            resp.success()
+        post_infer(
+            self.sessions[slot], self.path.format(model=self.gate.model), body, {**self.gate.headers(slot), **headers},
+            target=self.gate.target(slot), name=f"{slot} {self.protocol}", context=context,
+        )  # fmt: skip
 
 
 class RestJsonUser(RestUser):
@@ -176,7 +150,7 @@ class RestJsonUser(RestUser):
     protocol = "rest-json"
 
     def encode(self, row: np.ndarray) -> tuple[bytes, dict[str, str]]:
-        return to_json_body(row), {"Content-Type": "application/json"}
+        return json_request(row)
 
 
 class RestBinaryUser(RestUser):
@@ -185,12 +159,7 @@ class RestBinaryUser(RestUser):
     protocol = "rest-binary"
 
     def encode(self, row: np.ndarray) -> tuple[bytes, dict[str, str]]:
-        body, header_length = to_binary_body(row)
-        return body, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
-
-
-class GrpcFailure(Exception):
-    """A failed gRPC call, reported by status code (Locust groups failures by message)."""
+        return binary_request(row)
 
 
 class GrpcUser(PairedUser):
@@ -210,37 +179,17 @@ class GrpcUser(PairedUser):
 
     def send(self, slot: str, pair: int, row: np.ndarray, label: int) -> None:
         context = {"slot": slot, "protocol": self.protocol, "pair": pair, "label": label}
-        request = to_grpc_request(row, self.gate.model)
-        exception: Exception | None = None
-        length = 0
-        started = time.perf_counter()
-        try:
-            prediction, length = grpc_infer(self.stubs[slot], request, self.gate, slot)
-            context.update(predicted=prediction.predicted, confidence=prediction.confidence)
-        except grpc.RpcError as exc:
-            exception = GrpcFailure(f"{exc.code().name}: {exc.details()}")
-        except WrongAnswer as exc:
-            exception = GrpcFailure(str(exc))
-        elapsed = time.perf_counter() - started
-        self.environment.events.request.fire(
-            request_type="grpc", name=f"{slot} {self.protocol}", response_time=elapsed * 1000,
-            response_length=length, exception=exception, context=context,
+        call_grpc(
+            self.environment, self.stubs[slot], to_grpc_request(row, self.gate.model), self.gate.metadata(slot),
+            timeout_s=self.gate.timeout_s, target=self.gate.target(slot), name=f"{slot} {self.protocol}",
+            context=context,
         )  # fmt: skip
 
 
 def grpc_infer(stub: Any, request: Any, gate: GateContext, slot: str) -> tuple[Prediction, int]:
     """One ModelInfer call: (its prediction, the answer's size). Raises grpc.RpcError, or
     WrongAnswer for a malformed answer or one from another slot or model version."""
-    response, call = stub.ModelInfer.with_call(request, metadata=gate.metadata(slot), timeout=gate.timeout_s)
-    try:
-        prediction = from_grpc_answer(response)
-    except WrongAnswer as exc:
-        raise WrongAnswer(f"wrong answer: {exc}") from None
-    # The router sends its slot as initial metadata (the answer's HTTP/2 headers).
-    answered_by = dict(call.initial_metadata() or ()).get(SLOT_HEADER.lower())
-    if wrong := gate.target(slot).wrong_answerer(answered_by, prediction.model_version):
-        raise WrongAnswer(wrong)
-    return prediction, response.ByteSize()
+    return checked_grpc_infer(stub, request, gate.metadata(slot), gate.timeout_s, gate.target(slot))
 
 
 def rest_infer(gate: GateContext, slot: str, row: np.ndarray) -> None:

@@ -23,3 +23,11 @@ class IntegrityError(CanaryError):
 
 class QuantizationRefused(CanaryError):
     """A quantised graph lost more test accuracy than allowed; nothing was written."""
+
+
+class ConflictError(CanaryError):
+    """An object changed between read and write (a Kubernetes 409); `what` says which."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}; run the command again")
+        self.what = what

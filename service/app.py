@@ -13,6 +13,8 @@ CPU was not saturated (measured when this project was planned).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -28,11 +30,16 @@ from pydantic import BaseModel, Field, SecretStr
 from service.core.cache import NullCache, RedisCache, ResponseCache
 from service.core.errors import InferenceError, InvalidInput
 from service.core.faults import FaultPlan
+from service.core.feedback import FeedbackDesk
 from service.core.inference import BatchingConfig, InferenceCore
 from service.core.model import ModelCard
+from service.core.observer import CoreObserver
+from service.core.predlog import LogIdentity, PredictionLog, RequestTrace
+from service.core.request_id import request_id_from
 from service.core.runner import OnnxRunner
 from service.logs import install_json_logs
 from service.settings import ServiceSettings
+from service.sinks import PredictionLogStore, open_store
 from service.v2.rest import build_v2_app
 
 if TYPE_CHECKING:
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bento_canary.service")
 ONNX_FILE = "model.onnx"
+TALLY_REFRESH_S = 5.0  # how often each slot re-reads the online accuracy from the log's store
 # One worker per Bento process: batching needs one queue per process to form batches and the
 # gRPC server binds one port per process; scale out with slots/replicas, not workers.
 WORKERS = 1
@@ -90,6 +98,26 @@ def build_cache(settings: ServiceSettings, on_event) -> ResponseCache:
     )
 
 
+def build_prediction_log(
+    settings: ServiceSettings, card: ModelCard, observer: CoreObserver
+) -> tuple[PredictionLog | None, PredictionLogStore | None]:
+    """The prediction log and its store, or (None, None) without `prediction_log_url`."""
+    if not settings.prediction_log_url:
+        return None, None
+    store = open_store(
+        settings.prediction_log_url, password=secret_text(settings.prediction_log_password),
+        max_len=settings.prediction_log_cap, label_window_s=settings.prediction_log_label_window_s,
+        timeout_s=settings.prediction_log_timeout_ms / 1000, key_prefix=settings.prediction_log_key,
+    )  # fmt: skip
+    predlog = PredictionLog(
+        store, LogIdentity(settings.slot, card.name, card.version), max_records=settings.prediction_log_buffer,
+        max_bytes=settings.prediction_log_buffer_bytes, batch_size=settings.prediction_log_batch,
+        flush_interval_s=settings.prediction_log_flush_interval_s, keep_inputs=settings.prediction_log_inputs,
+        observer=observer,
+    )  # fmt: skip
+    return predlog, store
+
+
 @bentoml.asgi_app(v2_app, path="/")
 @bentoml.service(name="digits-service", workers=WORKERS, traffic={"timeout": 30})
 class DigitsService:
@@ -107,6 +135,7 @@ class DigitsService:
         if settings.json_logs:
             install_json_logs(settings.slot, card.name, card.version)
         self.metrics = ServiceMetrics(card, settings.slot)
+        self.predlog, store = build_prediction_log(settings, card, self.metrics)
         self.core = InferenceCore(
             runner,
             settings.max_rows_per_request,
@@ -115,11 +144,15 @@ class DigitsService:
             cache_secret=(secret_text(settings.cache_hmac_key) or "").encode() or None,
             observer=self.metrics,
             faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio, settings.fault_after_requests),
+            predlog=self.predlog,
         )
+        self.feedback = FeedbackDesk(store, card.name, self.metrics) if store is not None else None
         self.core.start()
         self.grpc: GrpcEndpoint | None = None
         self.rest: HttpEndpoint | None = None
+        self._tally_task: asyncio.Task[None] | None = None
         v2_app.core = self.core
+        v2_app.feedback = self.feedback
         log.info(
             "serving %s version %s (sha256 %s) in slot %s", card.name, card.version, card.sha256[:12], settings.slot
         )
@@ -132,6 +165,12 @@ class DigitsService:
         from service.v2.http_server import start_http_server
 
         s = _SETTINGS
+        if self.predlog is not None:
+            self.predlog.start()
+            log.info("prediction log on: %s (inputs %s)", _redacted(s.prediction_log_url or ""),
+                     "logged" if s.prediction_log_inputs else "not logged")  # fmt: skip
+        if self.feedback is not None:
+            self._tally_task = asyncio.get_running_loop().create_task(_refresh_tallies(self.feedback))
         if s.grpc_port:
             self.grpc = await start_grpc_server(
                 lambda: self.core, s.grpc_host, s.grpc_port, s.grpc_max_message_bytes, s.grpc_max_concurrent_rpcs
@@ -154,23 +193,49 @@ class DigitsService:
         if self.grpc is not None:
             await self.grpc.stop(2.0)
         await self.core.close()
+        if self._tally_task is not None:
+            self._tally_task.cancel()
+        if self.predlog is not None:
+            await asyncio.to_thread(self.predlog.close, 2.0)
 
     def __is_ready__(self) -> bool:
         return self.core.ready
 
     @bentoml.api
-    async def classify(self, pixels: list[list[float]]) -> Classified:
+    async def classify(self, pixels: list[list[float]], ctx: bentoml.Context) -> Classified:
         """Classify rows of 64 raw pixel values (0-16, row-major 8x8 images)."""
         started, status = time.perf_counter(), "200"
+        headers = ctx.request.headers
+        trace = RequestTrace(request_id_from(headers.get("x-request-id")), "bentoml", started,
+                             headers.get("x-canary-shadow") == "1")  # fmt: skip
+        ctx.response.headers["x-request-id"] = trace.request_id
         try:
             try:
                 array = np.asarray(pixels, dtype=np.float32)
             except ValueError:
                 raise InvalidInput("pixels must be rows of 64 numbers") from None
-            result = await self.core.classify(array)
+            result = await self.core.classify(array, trace)
         except InferenceError as exc:
             status = str(exc.http_status)
             raise to_bentoml_error(exc) from None
         finally:
             self.metrics.request("bentoml", status, time.perf_counter() - started)
         return Classified(model_version=self.core.card.version, classes=result.classes, confidences=result.confidences)
+
+
+def _redacted(url: str) -> str:
+    """`url` without a password, for the log."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+async def _refresh_tallies(desk: FeedbackDesk) -> None:
+    """Keep this slot's online-accuracy gauges current with labels any slot stored."""
+    while True:
+        with contextlib.suppress(Exception):  # the store may be down: the next round tries again
+            await asyncio.to_thread(desk.refresh)
+        await asyncio.sleep(TALLY_REFRESH_S)

@@ -53,6 +53,33 @@ class ServiceMetrics(CoreObserver):
             "canary_prediction_confidence", "Confidence of the predicted class.", names, buckets=CONFIDENCE_BUCKETS
         )
         self._confidence_child = self._confidence.labels(**base)
+        # -- the prediction log and label feedback
+        self._log_written = prom.Counter(
+            "canary_prediction_log_written", "Prediction log rows the sink accepted.", names
+        ).labels(**base)
+        dropped = prom.Counter(
+            "canary_prediction_log_dropped", "Prediction log records dropped instead of slowing requests: buffer_full "
+            "(the writer is behind) or sink (a write failed).", [*names, "reason"],
+        )  # fmt: skip
+        self._log_dropped = {reason: dropped.labels(**base, reason=reason) for reason in ("buffer_full", "sink")}
+        self._log_buffered = prom.Gauge(
+            "canary_prediction_log_buffered", "Records waiting for the prediction log writer.", names,
+            multiprocess_mode="livesum",
+        ).labels(**base)  # fmt: skip
+        self._feedback = prom.Counter(
+            "canary_feedback_labels", "New labels this slot stored, by the model version that made the prediction.",
+            [*names, "predicted_version"],
+        )  # fmt: skip
+        # Stack-wide figures read from the log's store: every slot publishes the same values
+        # (take max by version); `version` is the version that made the labelled predictions.
+        self._online_accuracy = prom.Gauge(
+            "canary_online_accuracy", "Share of labelled rows this version predicted right (feedback).",
+            ["model", "version"], multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self._online_labels = prom.Gauge(
+            "canary_online_labels", "Labelled rows of this version's predictions (feedback).", ["model", "version"],
+            multiprocess_mode="mostrecent",
+        )  # fmt: skip
         info = prom.Gauge(
             "canary_model_info", "The served model (value 1).", [*names, "sha256", "architecture"],
             multiprocess_mode="max",
@@ -94,3 +121,21 @@ class ServiceMetrics(CoreObserver):
         histogram = self._confidence_child
         for value in confidences:
             histogram.observe(value)
+
+    def prediction_log(self, written: int, dropped: dict[str, int], buffered: int) -> None:
+        if written:
+            self._log_written.inc(written)
+        for reason, count in dropped.items():
+            child = self._log_dropped.get(reason)
+            if child is not None:
+                child.inc(count)
+        self._log_buffered.set(buffered)
+
+    def feedback(self, version: str, labels: int) -> None:
+        self._feedback.labels(**self._base, predicted_version=version).inc(labels)
+
+    def online_accuracy(self, version: str, labels: int, correct: int) -> None:
+        model = self._base["model"]
+        self._online_labels.labels(model=model, version=version).set(labels)
+        if labels:
+            self._online_accuracy.labels(model=model, version=version).set(correct / labels)

@@ -51,6 +51,43 @@ class ServiceSettings(BaseSettings):
         default=None, description="Per-deployment key that signs cache entries (HMAC-SHA256); every slot sharing "
         "the Redis needs the same one. Unset: a random key per process (entries are not shared).",
     )  # fmt: skip
+    # -- prediction log (every answered inference, off the hot path) and label feedback
+    prediction_log_url: str | None = Field(
+        default=None, description="Where the prediction log goes: redis://host:port/db (a capped Stream; the local "
+        "stack points it at its Redis) or postgresql://user@host:port/db. Empty: no log, and no feedback.",
+    )  # fmt: skip
+    prediction_log_password: SecretStr | None = Field(
+        default=None, description="Password of the log's Redis or PostgreSQL; one in prediction_log_url wins."
+    )
+    prediction_log_key: str = Field(
+        default="canary:predlog", pattern=r"^[A-Za-z0-9:_.-]{1,64}$", description="Redis key prefix of the log."
+    )
+    prediction_log_cap: int = Field(
+        default=100_000, ge=1, description="Entries the Redis Stream keeps (XADD MAXLEN ~); PostgreSQL keeps all."
+    )
+    prediction_log_buffer: int = Field(
+        default=10_000, ge=1, description="Records waiting for the writer; beyond this they are dropped and counted."
+    )
+    prediction_log_buffer_bytes: int = Field(
+        default=64 << 20, ge=1 << 16, description="Input bytes waiting for the writer; beyond, dropped and counted."
+    )
+    prediction_log_batch: int = Field(default=500, ge=1, description="Most records in one write to the sink.")
+    prediction_log_flush_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often the writer sends what is buffered (sooner when a batch is full).",
+    )
+    prediction_log_timeout_ms: float = Field(
+        default=1000.0, gt=0, description="Connect and call timeout of the sink (the writer's and the feedback's)."
+    )
+    prediction_log_inputs: bool = Field(
+        default=False, description="Also log each request's input (base64 of its little-endian bytes, plus shape "
+        "and datatype). Off by default: inputs may be personal data.",
+    )  # fmt: skip
+    prediction_log_label_window_s: int = Field(
+        default=86_400, ge=1, description="How long after its answer a prediction can be labelled through feedback."
+    )
     # -- the Bento's own V2 REST listener (the hot path; BentoML's port keeps the native API)
     rest_port: int = Field(
         default=8000, ge=0, le=65535, description="V2 REST port outside BentoML's HTTP stack (Triton's 8000); 0 = off."

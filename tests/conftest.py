@@ -25,4 +25,5 @@ def canary_home() -> CanaryHome:
     return home
 
 
+from tests.support.containers import container_engine, served_image  # noqa: E402,F401
 from tests.support.pipeline import built_pipeline, second_version, served, serving, session_redis  # noqa: E402,F401

@@ -226,8 +226,24 @@ local function reply(status, body)
   ngx.say(json.encode(body))
 end
 
+-- The request id every slot sees (REST header and gRPC metadata `x-request-id`): the
+-- client's when it is sane (1-128 of A-Z a-z 0-9 . _ : -, the rule of
+-- service/core/request_id.py), else nginx's own 32 hex digits. The slot echoes it and keys
+-- its prediction log with it; a mirrored (shadow) copy carries the same id.
+local MAX_REQUEST_ID = 128
+local function request_id()
+  local given = ngx.var.http_x_request_id
+  if type(given) == "string" and #given <= MAX_REQUEST_ID and given:match("^[%w%._:%-]+$") then
+    return given
+  end
+  return ngx.var.request_id
+end
+
 -- access_by_lua on both public listeners.
 function M.route()
+  local rid = request_id()
+  ngx.req.set_header("X-Request-Id", rid)
+  ngx.ctx.request_id = rid
   local s = state()
   local slot, forced = choose(s)
   if not slot then
@@ -305,6 +321,13 @@ end
 function M.header_filter()
   local slot = ngx.ctx.slot or ngx.var.canary_slot
   if slot and slot ~= "" and slot ~= "-" then ngx.header["X-Canary-Slot"] = slot end
+  -- the slot echoes the id itself (gRPC: in trailing metadata); nginx's own answers get it here
+  -- (ngx.ctx is gone after the error_page redirect of @canary_unavailable; the header
+  -- route() set is not)
+  local rid = ngx.ctx.request_id or (slot and slot ~= "" and slot ~= "-" and ngx.var.http_x_request_id)
+  if rid and not ngx.header["X-Request-Id"] and ngx.header.content_type ~= "application/grpc" then
+    ngx.header["X-Request-Id"] = rid
+  end
 end
 
 -- log_by_lua: count the request, and every transport failure against the slot it hit.

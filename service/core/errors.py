@@ -35,6 +35,20 @@ class ModelNotFound(InferenceError):
     grpc_code = "NOT_FOUND"
 
 
+class UnknownPrediction(InferenceError):
+    """Feedback names a request id the prediction log does not hold (never logged, or expired)."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class LabelConflict(InferenceError):
+    """Feedback gives a different label for a prediction that already has one."""
+
+    http_status = 409
+    grpc_code = "ALREADY_EXISTS"
+
+
 class Unavailable(InferenceError):
     """Not ready yet, or overloaded: retry, possibly elsewhere."""
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from service.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Un
 from service.core.faults import FaultPlan
 from service.core.model import ModelCard
 from service.core.observer import CoreObserver
+from service.core.predlog import Prediction, PredictionLog, RequestTrace
 from service.core.runner import OnnxRunner
 from service.core.tensors import V2_TO_NUMPY, InferRequest, InferResponse, InferTensor, TensorSpec, v2_datatype
 
@@ -62,6 +64,9 @@ class _Job:
     outputs: tuple[str, ...]
     rows: int
     use_cache: bool = True
+    # per row, set on the batch thread for the prediction log (empty without one)
+    classes: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
 
 
 class InferenceCore:
@@ -75,6 +80,7 @@ class InferenceCore:
         cache_secret: bytes | None = None,
         observer: CoreObserver | None = None,
         faults: FaultPlan | None = None,
+        predlog: PredictionLog | None = None,
     ) -> None:
         self.runner = runner
         self.card: ModelCard = runner.card
@@ -89,6 +95,7 @@ class InferenceCore:
         self._warned_uncacheable = False
         self.observer = observer or CoreObserver()
         self.faults = faults or FaultPlan()
+        self.predlog = predlog  # None: no prediction log
         if self.faults.active:
             log.warning("FAULT INJECTION ACTIVE: %s", self.faults)
         config = batching or BatchingConfig()
@@ -279,7 +286,9 @@ class InferenceCore:
         self.observer.queue_depth(self.batcher.queue_rows)
 
     # -- inference -----------------------------------------------------------------------
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, trace: RequestTrace | None = None) -> InferResponse:
+        """Answer `request`; with a `trace` (the adapters give one) the answer is also offered
+        to the prediction log, keyed by the trace's request id."""
         job = self.validate(request)
         self.faults.maybe_fail()
         arrays = await self.batcher.submit(job, job.rows)
@@ -287,7 +296,18 @@ class InferenceCore:
             InferTensor(name, v2_datatype(array), tuple(array.shape), array)
             for name, array in zip(job.outputs, arrays, strict=True)
         ]
+        if trace is not None and self.predlog is not None:
+            self._log(job, trace)
         return InferResponse(self.card.name, self.card.version, request.id, tensors)
+
+    def _log(self, job: _Job, trace: RequestTrace) -> None:
+        """Hand the answer to the prediction log: no hashing or copying here (the writer does it)."""
+        spec = self.card.inputs[0]
+        prediction = Prediction(
+            trace.request_id, time.time(), trace.protocol, trace.shadow, time.perf_counter() - trace.started,
+            job.feed[spec.name], spec.datatype, job.classes, job.confidences,
+        )  # fmt: skip
+        self.predlog.offer(prediction)  # type: ignore[union-attr]
 
     def _observe_predictions(self, jobs: list[_Job], results: list) -> None:
         """Class mix and confidence of every answered row (cached ones too), once per batch:
@@ -301,12 +321,22 @@ class InferenceCore:
         if not scores:
             return
         probabilities = self.probabilities(np.concatenate(scores) if len(scores) > 1 else scores[0])
-        self.observer.predictions(probabilities.argmax(1).tolist(), probabilities.max(1).tolist())
+        classes, confidences = probabilities.argmax(1).tolist(), probabilities.max(1).tolist()
+        self.observer.predictions(classes, confidences)
+        if self.predlog is not None:  # each job's own rows, for its log record
+            start = 0
+            for job, result in zip(jobs, results, strict=True):
+                if name in job.outputs and not isinstance(result, BaseException):
+                    job.classes, job.confidences = (
+                        classes[start : start + job.rows],
+                        confidences[start : start + job.rows],
+                    )
+                    start += job.rows
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         return softmax(scores) if self.card.scores_kind == "logits" else scores
 
-    async def classify(self, pixels: np.ndarray) -> Classification:
+    async def classify(self, pixels: np.ndarray, trace: RequestTrace | None = None) -> Classification:
         """Class and confidence per row: the convenience the native API offers."""
         spec = self.card.inputs[0]
         if pixels.ndim != 2:
@@ -316,7 +346,7 @@ class InferenceCore:
             [InferTensor(spec.name, "FP32", tuple(pixels.shape), pixels.astype(np.float32, copy=False).reshape(-1))],
             [self.card.scores_output],
         )  # fmt: skip
-        probabilities = self.probabilities((await self.infer(request)).outputs[0].data)
+        probabilities = self.probabilities((await self.infer(request, trace)).outputs[0].data)
         return Classification(probabilities.argmax(1).astype(int).tolist(), probabilities.max(1).astype(float).tolist())
 
 

@@ -30,3 +30,13 @@ class CoreObserver:
 
     def predictions(self, classes: Sequence[int], confidences: Sequence[float]) -> None:
         """Predicted classes and their confidences, per answered row."""
+
+    def prediction_log(self, written: int, dropped: dict[str, int], buffered: int) -> None:
+        """One prediction-log writer cycle: rows written, records dropped by reason
+        (buffer_full, sink), records still buffered."""
+
+    def feedback(self, version: str, labels: int) -> None:
+        """`labels` new labels were stored for predictions of model `version`."""
+
+    def online_accuracy(self, version: str, labels: int, correct: int) -> None:
+        """The store's tally for model `version`: labelled rows and correct ones."""

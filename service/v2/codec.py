@@ -23,7 +23,7 @@ _BYTE_COUNT = re.compile(r"[0-9]{1,15}")
 _NON_FINITE = re.compile(rb"(?<![A-Za-z\"])-?(?:NaN|Infinity)(?![A-Za-z\"])")
 
 
-def _parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
     """orjson only (5-10x the standard library on V2 bodies). It refuses the NaN/Infinity
     literals some clients send: those get a message of their own, found only once parsing
     failed, so a valid body pays nothing for it."""
@@ -147,7 +147,7 @@ def from_json_request(
     body: bytes, model_name: str, model_version: str | None, binary: memoryview | None = None,
     max_elements: int | None = None,
 ) -> InferRequest:  # fmt: skip
-    payload = _parse_json(body)
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidInput("the body must be a JSON object")
     inputs = payload.get("inputs")

@@ -22,6 +22,9 @@ from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
 from service.core.errors import INTERNAL_MESSAGE, InferenceError, Unavailable
 from service.core.model import ModelCard
+from service.core.predlog import RequestTrace
+from service.core.request_id import HEADER as REQUEST_ID_KEY
+from service.core.request_id import request_id_from
 from service.core.tensors import InferRequest, InferResponse
 from service.v2 import SERVER_NAME, SERVER_VERSION
 from service.v2.grpc_codec import from_model_infer_request, to_model_infer_response, to_model_metadata_response
@@ -41,7 +44,7 @@ class Core(Protocol):
     def max_input_elements(self) -> int | None: ...
 
     def check_model(self, name: str, version: str | None = None) -> None: ...
-    async def infer(self, request: InferRequest) -> InferResponse: ...
+    async def infer(self, request: InferRequest, trace: RequestTrace | None = None) -> InferResponse: ...
 
 
 CoreProvider = Callable[[], "Core | None"]
@@ -116,13 +119,26 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
     @_mapped
     async def ModelInfer(self, request: pb2.ModelInferRequest, context: Any) -> pb2.ModelInferResponse:
+        trace = RequestTrace(_request_id(context), "grpc", time.perf_counter())
+        # Trailing metadata: it travels with the status, in the same batch of operations (an
+        # error's status too). Initial metadata is a separate operation per call and cost ~30%
+        # of gRPC throughput (measured: 2,100-2,170 vs 1,300-1,840 calls/s on digits-cnn).
+        context.set_trailing_metadata(((REQUEST_ID_KEY, trace.request_id),))
         core = self._core()
-        response = await core.infer(from_model_infer_request(request, core.max_input_elements))
-        # Trailing metadata: it travels with the status, in the same batch of operations.
-        # Initial metadata is a separate operation per call and cost ~30% of gRPC throughput
-        # (measured: 2,100-2,170 vs 1,300-1,840 calls/s on digits-cnn, one worker).
-        context.set_trailing_metadata(((MODEL_VERSION_KEY, response.model_version),))
+        infer_request = from_model_infer_request(request, core.max_input_elements)
+        if not infer_request.id:  # V2: the answer's id is the request's, else the request id
+            infer_request.id = trace.request_id
+        response = await core.infer(infer_request, trace)
+        context.set_trailing_metadata(((MODEL_VERSION_KEY, response.model_version), (REQUEST_ID_KEY, trace.request_id)))
         return to_model_infer_response(response)
+
+
+def _request_id(context: Any) -> str:
+    """The call's `x-request-id` metadata (nginx stamps one) when sane, else a new id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return request_id_from(value)
+    return request_id_from(None)
 
 
 class GrpcEndpoint:

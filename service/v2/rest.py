@@ -9,6 +9,9 @@ stack (see the README's benchmark).
 
 Every route translates with `service.v2.codec` and delegates; `InferenceError` becomes
 `{"error": ...}` with its mapped status, anything else a 500 that hides internals.
+Inference and feedback answers carry `X-Request-Id` (`service.core.request_id`); an answer's
+V2 `id` is the request's own or that request id. `POST .../feedback` (not V2) hands labels to
+the `FeedbackDesk` (`service.core.feedback`) on a worker thread: it waits on the log's store.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from service.core.errors import (
     PayloadTooLarge,
     Unavailable,
 )
+from service.core.feedback import MAX_BODY_BYTES as FEEDBACK_MAX_BYTES
+from service.core.feedback import FeedbackDesk, labels_from
 from service.core.inference import InferenceCore
+from service.core.predlog import RequestTrace
+from service.core.request_id import request_id_from
 from service.v2 import SERVER_EXTENSIONS, SERVER_NAME, SERVER_VERSION
-from service.v2.codec import dump_json, from_request_body, to_response_body
+from service.v2.codec import dump_json, from_request_body, parse_json, to_response_body
 
 log = logging.getLogger("bento_canary.v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -41,6 +48,9 @@ LARGE_BODY_BYTES = 256 << 10  # decoded off the event loop from this size on
 _LARGE_DECODES = 2  # large bodies decoded at once
 _LARGE_WAITING = 4  # large bodies allowed to wait for a decoder; beyond: 503, as a full queue
 _OCTETS = b"application/octet-stream"
+_REQUEST_ID = b"x-request-id"
+_SHADOW = b"x-canary-shadow"
+_FEEDBACK_IN_FLIGHT = 8  # feedback posts waiting on the store at once; beyond: 503
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -83,18 +93,26 @@ def _error(exc: Exception) -> Reply:
     return Reply.json({"error": INTERNAL_MESSAGE}, 500)
 
 
-# /v2/models/{model}[/versions/{version}][/ready|/infer]
-_MODEL_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
+# /v2/models/{model}[/versions/{version}][/ready|/infer|/feedback]
+_MODEL_PATH = re.compile(
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer|/feedback)?$"
+)
 
 
 class V2RestApp:
-    """The V2 REST routes as one ASGI app; bind the core with `app.core = core`."""
+    """The V2 REST routes as one ASGI app; bind the core with `app.core = core` and, with a
+    prediction log, the label desk with `app.feedback = desk`."""
 
-    def __init__(self, max_body_bytes: int = 8 << 20, core: InferenceCore | None = None) -> None:
+    def __init__(
+        self, max_body_bytes: int = 8 << 20, core: InferenceCore | None = None,
+        feedback: FeedbackDesk | None = None,
+    ) -> None:  # fmt: skip
         self.max_body_bytes = max_body_bytes
         self.core = core
+        self.feedback = feedback
         self._large_decodes: asyncio.Semaphore | None = None
         self._large_waiting = 0
+        self._feedback_in_flight = 0
 
     # -- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,6 +144,9 @@ class V2RestApp:
             if action == "/infer":
                 _only(method, "POST")
                 return await self._infer(scope, receive, name, version)
+            if action == "/feedback":
+                _only(method, "POST")
+                return await self._feedback(scope, receive, name, version)
             _only(method, "GET")
             core = self._core()
             core.check_model(name, version)
@@ -177,17 +198,22 @@ class V2RestApp:
 
     async def _infer(self, scope: Scope, receive: Receive, name: str, version: str | None) -> Reply:
         started = time.perf_counter()
+        headers = _headers(scope)
+        # nginx's id (or the client's, when sane); a new one for a direct call without one
+        trace = RequestTrace(request_id_from(headers.get(_REQUEST_ID)), "rest", started, headers.get(_SHADOW) == b"1")
         try:
-            reply = await self._infer_reply(scope, receive, name, version)
+            reply = await self._infer_reply(headers, receive, name, version, trace)
         except Exception as exc:  # noqa: BLE001
             reply = _error(exc)
+        reply.headers["x-request-id"] = trace.request_id
         if self.core is not None:
             self.core.observer.request("rest", str(reply.status_code), time.perf_counter() - started)
         return reply
 
-    async def _infer_reply(self, scope: Scope, receive: Receive, name: str, version: str | None) -> Reply:
+    async def _infer_reply(
+        self, headers: dict[bytes, bytes], receive: Receive, name: str, version: str | None, trace: RequestTrace
+    ) -> Reply:
         core = self._core()
-        headers = _headers(scope)
         declared = headers.get(b"content-length")
         limit = self.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -200,13 +226,50 @@ class V2RestApp:
         infer_request = await self._decode(
             body, None if length is None else length.decode("latin-1"), name, version, core.max_input_elements
         )
-        response = await _while_connected(core.infer(infer_request), receive)
+        if not infer_request.id:  # V2: the answer's id is the request's, else the request id
+            infer_request.id = trace.request_id
+        response = await _while_connected(core.infer(infer_request, trace), receive)
         content, json_length = to_response_body(response, infer_request.parameters["binary_outputs"])
         answer_headers = {"x-model-version": response.model_version}
         if json_length is None:
             return Reply(200, content, answer_headers)
         answer_headers[HEADER_LENGTH.lower()] = str(json_length)
         return Reply(200, content, answer_headers, _OCTETS)
+
+    async def _feedback(self, scope: Scope, receive: Receive, name: str, version: str | None) -> Reply:
+        """POST .../feedback: labels for logged predictions (`service.core.feedback`)."""
+        headers = _headers(scope)
+        request_id = request_id_from(headers.get(_REQUEST_ID))
+        try:
+            reply = await self._feedback_reply(headers, receive, name, version)
+        except Exception as exc:  # noqa: BLE001
+            reply = _error(exc)
+        reply.headers["x-request-id"] = request_id
+        return reply
+
+    async def _feedback_reply(self, headers: dict[bytes, bytes], receive: Receive, name: str,
+                              version: str | None) -> Reply:  # fmt: skip
+        core = self._core()
+        limit = FEEDBACK_MAX_BYTES
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"feedback body of {declared.decode()} bytes exceeds the {limit}-byte limit")
+        body = await _read_body(receive, limit)
+        core.check_model(name, version)
+        desk = self.feedback
+        if desk is None:
+            raise ModelNotFound("this server keeps no prediction log, so it cannot join labels (feedback is off)")
+        scores = core.card.output_spec(core.card.scores_output)
+        classes = scores.shape[-1] if scores is not None and scores.shape and scores.shape[-1] > 0 else None
+        labels = labels_from(parse_json(body), classes)
+        if self._feedback_in_flight >= _FEEDBACK_IN_FLIGHT:
+            raise Unavailable(f"server is busy: {self._feedback_in_flight} feedback posts wait on the log store")
+        self._feedback_in_flight += 1
+        try:
+            result = await asyncio.to_thread(desk.submit, labels)
+        finally:
+            self._feedback_in_flight -= 1
+        return Reply.json(result.to_json())
 
 
 async def _while_connected(work: Awaitable[T], receive: Receive) -> T:

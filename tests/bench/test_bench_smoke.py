@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from bench.report import markdown_table
 from bench.results import (
     CACHE_HIT,
     FIXED,
@@ -227,3 +228,13 @@ def test_fastapi_contender_answers_a_real_digit(tmp_path):
     expected = ort.InferenceSession(str(model)).run(None, {"input": rows})[0]
     np.testing.assert_allclose(np.asarray(output["data"]).reshape(2, 10), expected, rtol=1e-5)
     assert not math.isnan(sum(output["data"]))
+
+
+def test_the_prediction_log_row_is_judged_against_log_off_and_is_no_nginx_front():
+    logged = _m("digits-cnn", "bento-predlog", "project", "rest-json", SATURATED, 6_900, baseline="bento")
+    table = build_table([*RECORDED, logged], LIMITS)
+    verdicts = {t.name: t for t in judge_targets(table, [])}
+    target = verdicts["prediction log on: share of log-off throughput (digits-cnn V2 REST JSON)"]
+    assert target.value == pytest.approx(690 / 732) and target.passed is True
+    assert verdicts["nginx in front: share of direct throughput"].value == pytest.approx(600 / 732)
+    assert "(0.94x of log off)" in markdown_table(table, {})

@@ -96,13 +96,17 @@ def entry(name: str, requests: int, failures: int, max_ms: float) -> dict:
 def test_locust_final_json_is_summed_and_split_by_the_answering_slot(tmp_path):
     final = write_final_json(
         tmp_path / "final.json",
-        [entry("infer blue", 700, 0, 120.5), entry("infer green", 300, 2, 10_050.0), entry("infer ?", 5, 5, 3.0)],
+        [
+            entry("rest-json blue v1", 700, 0, 120.5),
+            entry("rest-json green v2", 300, 2, 10_050.0),
+            entry("rest-json ? v?", 5, 5, 3.0),
+        ],
     )
     failures = tmp_path / "run_failures.csv"
     failures.write_text(
         "Method,Name,Error,Occurrences,First Seen,Last Seen\n"
-        "POST,infer ?,\"ConnectionRefusedError(111, 'Connection refused')\",5,a,b\n"
-        "POST,infer green,CatchResponseError('HTTP 500'),2,a,b\n"
+        "POST,rest-json ? v?,\"ConnectionRefusedError(111, 'Connection refused')\",5,a,b\n"
+        "POST,rest-json green v2,CatchResponseError('HTTP 500'),2,a,b\n"
     )
     stats = read_locust_json(final, failures)
     assert (stats.requests, stats.failures, stats.max_ms) == (1005, 7, 10_050.0)

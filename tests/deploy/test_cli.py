@@ -206,7 +206,8 @@ def test_export_build_and_containerize_call_their_one_function(monkeypatch):
     monkeypatch.setattr(models.pipeline, "export_version", export)
     monkeypatch.setattr(models.bento, "build_bento", build)
     monkeypatch.setattr(models.bento, "find_bento", Recorder(("digits-service:v3", "3")))
-    image = Recorder("digits-service:v3 built")
+    built = deploy.containerize.ImageReport("digits-service:v3", "bento-canary-base:bookworm", 312.0, ())
+    image = Recorder(built)
     monkeypatch.setattr(deploy.containerize, "containerize", image)
     runner = CliRunner()
     assert runner.invoke(app, ["export", "--alias", "challenger", "--quantize", "int8"]).exit_code == 0
@@ -214,7 +215,8 @@ def test_export_build_and_containerize_call_their_one_function(monkeypatch):
     assert runner.invoke(app, ["build", "--version", "3"]).exit_code == 0
     assert build.calls[0][0][1:] == (3, None)
     out = runner.invoke(app, ["containerize", "3"])
-    assert out.exit_code == 0 and image.calls == [(("digits-service:v3",), {})] and "built" in out.output
+    assert out.exit_code == 0 and image.calls[0][0][1] == "digits-service:v3"
+    assert "digits-service:v3: 312 MB (within the 400 MB target), base bento-canary-base:bookworm" in out.output
 
 
 def test_demo_and_serve_delegate(monkeypatch):

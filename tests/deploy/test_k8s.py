@@ -684,3 +684,68 @@ def test_plans_are_immutable_and_print_their_exact_requests(cluster):
 def test_recorded_objects_pass_the_official_schemas():
     for name in ("deployment-blue", "deployment-green"):
         validate(recorded(name), KUBERNETES_VERSIONS[-1])
+
+
+# -- the manifests against the image `canary containerize` really built --------------------
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_the_slot_deployment_fits_the_built_image(container_engine, served_image):
+    """Ports, uid, health endpoints and writable paths of the slot pods, taken from the
+    rendered manifest and checked against the image: its `docker image inspect` facts, then
+    the image run as the pod would run it (the pod's user and env, a read-only root with
+    tmpfs exactly at the pod's volume mounts), answering the pod's probes."""
+    import os
+    import time
+
+    import grpc
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.support.containers import inspect
+
+    pod = by_kind(render("dev"), "Deployment")["digits-blue"]["spec"]["template"]["spec"]
+    (bento,) = pod["containers"]
+    image = inspect(container_engine, served_image.image)["Config"]
+    ports = {p["name"]: p["containerPort"] for p in bento["ports"]}
+    assert {f"{port}/tcp" for port in ports.values()} == set(image["ExposedPorts"])
+    assert image["User"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert bento["readinessProbe"]["httpGet"]["path"] in " ".join(image["Healthcheck"]["Test"])
+    env = {item["name"]: item["value"] for item in bento["env"] if "value" in item}
+    image_env = dict(item.split("=", 1) for item in image["Env"])
+    assert env["BENTOML_HOME"] == image_env["BENTOML_HOME"]  # BentoML writes only there (and /tmp)
+
+    name = f"canary-k8s-{os.getpid()}"
+    # an emptyDir is writable by the pod's user (fsGroup); a tmpfs is made so with uid/gid
+    owner = f"uid={pod['securityContext']['runAsUser']},gid={pod['securityContext']['fsGroup']}"
+    mounts = [arg for mount in bento["volumeMounts"] for arg in ("--tmpfs", f"{mount['mountPath']}:{owner}")]
+    envs = [arg for key, value in {**env, "CANARY_SERVICE_SLOT": "blue", "CANARY_SERVICE_CACHE_URL": ""}.items()
+            for arg in ("--env", f"{key}={value}")]  # fmt: skip
+    publish = [arg for port in ports.values() for arg in ("--publish", f"127.0.0.1::{port}")]
+    user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    container_engine.run("run", "--detach", "--name", name, "--read-only", "--user", user, "--cap-drop", "ALL",
+                         "--security-opt", "no-new-privileges", *mounts, *envs, *publish, served_image.image)  # fmt: skip
+    try:
+        bound = inspect(container_engine, name)["NetworkSettings"]["Ports"]
+        address = {key: f"127.0.0.1:{bound[f'{port}/tcp'][0]['HostPort']}" for key, port in ports.items()}
+        base = f"http://{address['http']}"
+        readiness, liveness = bento["readinessProbe"]["httpGet"]["path"], bento["livenessProbe"]["httpGet"]["path"]
+        deadline, ready = time.monotonic() + 240, None
+        while time.monotonic() < deadline and ready != 200:
+            state = inspect(container_engine, name)["State"]
+            assert state["Status"] == "running", container_engine.run("logs", "--tail", "30", name)
+            try:
+                ready = httpx.get(base + readiness, timeout=2).status_code
+            except httpx.HTTPError:
+                ready = None
+            if ready != 200:
+                time.sleep(1)
+        assert ready == 200, container_engine.run("logs", "--tail", "30", name)
+        assert httpx.get(base + liveness, timeout=5).status_code == 200
+        assert bento["startupProbe"]["grpc"]["port"] == ports["grpc"]
+        with grpc.insecure_channel(address["grpc"]) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        container_engine.run("rm", "--force", name)

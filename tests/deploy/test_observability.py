@@ -280,7 +280,7 @@ def test_compose_services_have_healthchecks_slot_settings_and_existing_mounts():
         assert service["healthcheck"]["test"][0] in {"CMD", "CMD-SHELL"}, name
     for slot in ("blue", "green"):
         service = services[slot]
-        assert service["image"].startswith(f"digits-service:${{{slot.upper()}_TAG:?")
+        assert service["image"].startswith(f"${{CANARY_IMAGE_REPOSITORY:-digits-service}}:${{{slot.upper()}_TAG:?")
         assert service["environment"] == {
             "CANARY_SERVICE_SLOT": slot,
             "CANARY_SERVICE_GRPC_HOST": "0.0.0.0",
@@ -295,11 +295,11 @@ def test_compose_services_have_healthchecks_slot_settings_and_existing_mounts():
         assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
         assert service["read_only"] is True and service["user"] == "1034:1034"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
-    generated = {"./rendered"}  # written by `canary --target compose up`
+    generated = "${CANARY_RENDERED_DIR:-./rendered}:"  # written by `canary --target compose up`
     for name, service in services.items():
         for volume in service.get("volumes", ()):
             source = volume.split(":")[0]
-            if source in generated:
+            if volume.startswith(generated):
                 continue
             assert (COMPOSE_DIR / source).exists(), f"{name} mounts missing {source}"
     assert "rendered/" in (COMPOSE_DIR / ".gitignore").read_text().split()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as triton_grpc
 
@@ -25,8 +26,11 @@ from deploy.chaos import read_locust_json
 from deploy.process import free_port, kill_tree
 from deploy.release import plan_deploy, plan_rollback, plan_shadow, plan_switch, plan_weight
 from deploy.stack import LocalStack, StackSettings
+from loadtest.load_options import PROTOCOLS
+from loadtest.targets import request_name
 from models.errors import CanaryError
 from tests.support.listeners import listen_addresses
+from tests.support.locust_runs import canary_loadtests, locust_cli
 
 pytestmark = pytest.mark.slow
 LOCUSTFILE = Path(__file__).parents[2] / "loadtest" / "locustfile.py"
@@ -82,6 +86,70 @@ def test_slots_use_the_stacks_redis_with_its_password_and_signing_key(stack):
     }
     assert grown == {"hit": 1, "miss": 1, "error": 0}
     assert total(after, "canary_cache_rejected_total") == 0
+
+
+def test_answers_through_nginx_are_logged_under_their_request_id_labelled_and_exported(
+    stack, stack_settings, built_pipeline, tmp_path
+):
+    """REST and gRPC through nginx: the id is echoed (header, trailers, V2 id) and keys the
+    stack's log; labels posted through nginx show in `canary status`; `canary predictions`
+    exports the window with its labels."""
+    import grpc
+    import pyarrow.parquet as pq
+    from tritonclient.grpc import service_pb2 as pb2
+    from tritonclient.grpc import service_pb2_grpc as pb2_grpc
+
+    version, s = str(built_pipeline.version), stack_settings
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
+    x = np.random.default_rng(3).integers(0, 17, (6, 64)).astype(np.float32)
+    ids, predicted = [], []
+    for i, row in enumerate(x[:4]):
+        headers = {"X-Request-Id": f"stack-rest-{i}"} if i % 2 else {}
+        body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}]}
+        answer = httpx.post(f"http://127.0.0.1:{s.nginx_rest_port}/v2/models/digits/infer", json=body,
+                            headers=headers, timeout=30)  # fmt: skip
+        assert answer.headers["x-request-id"] == answer.json()["id"] == headers.get("X-Request-Id", answer.json()["id"])
+        ids.append(answer.json()["id"])
+        predicted.append(int(np.argmax(answer.json()["outputs"][0]["data"])))
+    with grpc.insecure_channel(f"127.0.0.1:{s.nginx_grpc_port}") as channel:
+        for i, row in enumerate(x[4:]):
+            request = pb2.ModelInferRequest(model_name="digits")
+            request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+            request.raw_input_contents.append(row.astype("<f4").tobytes())
+            metadata = (("x-request-id", f"stack-grpc-{i}"),) if i else ()
+            response, call = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(
+                request, metadata=metadata, timeout=30
+            )
+            trailer = dict(call.trailing_metadata())["x-request-id"]
+            assert response.id == trailer and (not i or trailer == "stack-grpc-1")
+            ids.append(trailer)
+            predicted.append(int(np.frombuffer(response.raw_output_contents[0], "<f4").argmax()))
+    store = stack.prediction_store()
+    deadline = time.monotonic() + 30
+    while len(store.lookup("digits", ids)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {rid: p.classes for rid, p in store.lookup("digits", ids).items()} == {
+        rid: (c,) for rid, c in zip(ids, predicted, strict=True)}  # fmt: skip
+
+    before = stack.online_accuracy().get(version, {"labels": 0})["labels"]
+    labels = [
+        {"id": rid, "label": c if i else (c + 1) % 10} for i, (rid, c) in enumerate(zip(ids, predicted, strict=True))
+    ]
+    posted = httpx.post(f"http://127.0.0.1:{s.nginx_rest_port}/v2/models/digits/feedback", json=labels, timeout=30)
+    assert posted.status_code == 200 and posted.json() == {"accepted": 6, "duplicates": 0}
+    status = canary_cli(stack_settings, "status")
+    accuracy_line = next(line for line in status.stdout.splitlines() if line.startswith("online accuracy"))
+    after = stack.online_accuracy()[version]
+    assert after["labels"] == before + 6 and f"version {version} " in accuracy_line
+    assert f"of {after['labels']} labels" in accuracy_line, accuracy_line
+
+    out = tmp_path / "window.parquet"
+    exported = canary_cli(stack_settings, "predictions", "--since", since, "--output", str(out))
+    assert exported.returncode == 0, exported.stderr
+    table = {row["request_id"]: row for row in pq.read_table(out).to_pylist()}
+    assert set(ids) <= set(table) and all(table[rid]["model_version"] == version for rid in ids)
+    assert [table[rid]["labels"] for rid in ids] == [[label["label"]] for label in labels]
+    assert {table[rid]["protocol"] for rid in ids} == {"rest", "grpc"}
 
 
 def test_nothing_of_the_stack_listens_on_every_interface(stack, stack_settings):
@@ -213,7 +281,7 @@ class Load:
         self.locust = subprocess.Popen(
             [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "8", "-r", "8", "-t", "300s",
              "--host", host, "--csv", str(out / "run"), "--json-file", str(out / "final"), "--only-summary",
-             "--stop-timeout", "5"],
+             "--stop-timeout", "5", "V2RestJsonUser"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.grpc_failures: list[str] = []
@@ -335,6 +403,44 @@ def test_shadow_copies_reach_the_candidate_and_clients_get_stable(stack):
         time.sleep(0.1)
     assert stack.nginx().status(token)["slots"]["green"]["shadow_requests"] >= before + 20
     run(stack, plan_shadow(stack.store.load(), False))
+
+
+def test_the_locustfile_loads_every_protocol_of_both_slots_without_a_failure(stack, candidate_bento, tmp_path):
+    """The issue's command through Locust's own CLI (`locust -f loadtest/locustfile.py
+    --headless -u 32 -r 32 -t 8s --host <nginx>`, gRPC on the stack's nginx gRPC port) with
+    the candidate at 50%: every protocol is answered by both slots, each request named by the
+    slot and model version that answered, and not one fails."""
+    state = run(stack, plan_weight(stack.store.load(), 50))
+    try:
+        done, rows = locust_cli(stack, tmp_path, "--headless", "-u", "32", "-r", "32", "-t", "8s")
+    finally:
+        run(stack, plan_weight(stack.store.load(), 0))
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {request_name(protocol, slot, state.slots[slot].model_version)
+                for protocol in PROTOCOLS for slot in ("blue", "green")}  # fmt: skip
+    assert set(rows) - {"Aggregated"} == expected, rows.keys()
+    assert all(int(rows[name]["Request Count"]) > 0 for name in expected)
+    assert rows["Aggregated"]["Failure Count"] == "0", (tmp_path / "run_failures.csv").read_text()
+    assert (tmp_path / "run_accuracy.csv").read_text().count(" v") == len(expected)  # every name's accuracy
+
+
+def test_a_master_and_two_workers_deliver_the_load_of_one_process(stack):
+    """`canary loadtest --headless` in one Locust process and, at the same time (both share
+    whatever else the machine does), as Locust's master with 2 local workers: 16 users paced
+    at 4 requests/s each for 8 s, a pace a single process keeps, so both runs are set by the
+    pacing, not by the machine's CPU. The distributed run delivers requests at the same rate
+    (within 20%) while it runs, without a failure, and its workers are gone afterwards."""
+    paced = ("--users", "16", "--spawn-rate", "16", "--duration", "8s", "--user-rate", "4")
+    single, distributed = canary_loadtests(stack, paced, (*paced, "--workers", "2"))
+    for result in (single, distributed):
+        assert result.done.returncode == 0, result.done.stderr[-3000:]
+        assert result.total["Failure Count"] == "0" and (result.report_dir / "report.html").is_file()
+    assert "to 2 ready workers" in distributed.done.stderr
+    one, two = single.rate(), distributed.rate()
+    assert two >= 0.8 * one, (one, two)
+    (line,) = [line for line in distributed.done.stderr.splitlines() if line.startswith("Locust master + 2 workers")]
+    pids = [int(pid) for pid in line.split("(pids ", 1)[1].split(";", 1)[0].split(", ")]
+    assert len(pids) == 2 and not any(psutil.pid_exists(pid) for pid in pids)
 
 
 def test_state_survives_a_restart_of_the_stack(stack, candidate_bento):

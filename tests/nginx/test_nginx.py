@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -456,6 +457,58 @@ def test_shadow_copies_reach_candidate_only_when_on(stack: Stack) -> None:
         # request's mirror finished, so once this answer is back no copy is still on its way
         client.get("/v2/health/ready")
     assert green.requests() == []
+
+
+# ---- request ids and feedback ----
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def test_every_request_gets_a_sane_request_id_that_the_slot_sees_and_the_client_gets_back(stack: Stack) -> None:
+    hostile = ["has space", "x" * 129, "a,b", "<script>"]
+    with httpx.Client(base_url=stack.rest_url) as client:
+        made = client.post("/v2/models/digits/infer", json={})
+        kept = client.post("/v2/models/digits/infer", json={}, headers={"X-Request-Id": "order-17.a:b_c"})
+        replaced = [client.post("/v2/models/digits/infer", json={}, headers={"X-Request-Id": bad}) for bad in hostile]
+        native = client.post("/classify", json={})  # BentoML's port gets one too
+    rest_seen = [r["headers"].get("x-request-id") for r in stack.slots["blue"].requests()]
+    answers = [made, kept, *replaced, native]
+    assert rest_seen == [a.headers["x-request-id"] for a in answers]  # what the slot saw, the client got
+    assert rest_seen[1] == "order-17.a:b_c"
+    assert all(HEX32.fullmatch(rid) for rid in rest_seen[:1] + rest_seen[2:]), rest_seen
+    assert len(set(rest_seen)) == len(rest_seen)
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for metadata in ((("x-request-id", "grpc-order-1"),), (("x-request-id", "bad id"),), ()):
+            stub.ModelInfer(request, metadata=metadata, timeout=10)
+    grpc_seen = [r["headers"].get("x-request-id") for r in stack.slots["blue"].requests() if r["protocol"] == "grpc"]
+    assert grpc_seen[0] == "grpc-order-1" and all(HEX32.fullmatch(rid or "") for rid in grpc_seen[1:]), grpc_seen
+    # nginx's own answer (a forced request whose slot is dead) carries the id too
+    stack.slots["green"].kill()
+    failed = httpx.post(stack.rest_url + "/v2/models/digits/infer", json={},
+                        headers={**stack.force("always"), "X-Request-Id": "forced-1"}, timeout=10)  # fmt: skip
+    assert failed.status_code == 503 and failed.headers["x-request-id"] == "forced-1"
+
+
+def test_feedback_is_public_capped_at_1_mib_and_never_mirrored(stack: Stack) -> None:
+    stack.route(weight=0, shadow=True)
+    blue, green = stack.slots["blue"], stack.slots["green"]
+    label = {"id": "some-request", "label": 3}
+    with httpx.Client(base_url=stack.rest_url, timeout=10) as client:
+        posted = client.post("/v2/models/digits/feedback", json=label, headers={"X-Request-Id": "fb-1"})
+        assert posted.status_code == 200 and posted.headers["x-canary-slot"] == "blue"
+        assert posted.headers["x-request-id"] == "fb-1"
+        too_big = client.post("/v2/models/digits/feedback", content=b"[" + b" " * (1 << 20) + b"]")
+        assert too_big.status_code == 413
+        client.post("/v2/models/digits/infer", json={}, headers={"X-Request-Id": "shadowed-1"})  # mirrored
+        client.get("/v2/health/ready")  # the mirror of the previous request has finished
+    assert [r["path"] for r in blue.requests()] == [
+        "/v2/models/digits/feedback", "/v2/models/digits/infer", "/v2/health/ready"]  # fmt: skip
+    copies = green.requests()
+    assert [(c["path"], c["headers"].get("x-request-id")) for c in copies] == [
+        ("/v2/models/digits/infer", "shadowed-1")
+    ]
 
 
 def test_slow_shadow_candidate_does_not_slow_clients(stack: Stack) -> None:

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""A stand-in for the Docker engine (none runs on the development machines), as `docker`.
+"""A stand-in for the Docker engine, as `docker`, for what a real engine cannot show quickly:
+the exact compose calls of each command, a smoke inference that fails on demand, an engine
+that is not there. tests/deploy/test_compose_engine.py runs the same flow on the real one.
 
 It understands the `docker compose -p P -f F <command>` calls `deploy.compose_target` makes,
 records each one (argv and the slot tags) as a JSON line in $FAKE_DOCKER_LOG, and keeps the
-services' states in $FAKE_DOCKER_STATE. The slot containers are pretend (a smoke `exec`
-answers the model version of the slot's image tag); nginx is REAL: `up ... nginx` runs this
-machine's nginx on the config the CLI rendered for the container, with the paths, ports and
-modules mapped the way the compose file's bind mounts and published ports map them.
+services' states in $FAKE_DOCKER_STATE; `docker inspect` answers those states the way the
+engine does, `docker image inspect` finds the serving images only. The slot containers are
+pretend (a smoke `exec` answers the model version of the slot's image tag); nginx is REAL:
+`up ... nginx` runs this machine's nginx on the config the CLI rendered for the container,
+with the paths, ports and modules mapped the way the compose file's bind mounts and
+published ports map them.
 
 Env: FAKE_DOCKER_LOG, FAKE_DOCKER_STATE (files), FAKE_DOCKER_RENDERED (the rendered dir),
 FAKE_DOCKER_PREFIX (nginx prefix for the real nginx), FAKE_DOCKER_FAIL_SMOKE (a slot name
@@ -92,7 +96,31 @@ def _tag(slot: str) -> str:
     return os.environ.get(f"{slot.upper()}_TAG", "")
 
 
+def _inspect(ids: list[str]) -> int:
+    """`docker inspect <id>...`: the fields `ComposeCli.states` reads, for the pretend containers."""
+    services = _state()["services"]
+    items = []
+    for container in ids:
+        name = container.removeprefix("fake-")
+        info = services.get(name, {})
+        running = info.get("state") == "running"
+        items.append({"Id": container, "Name": f"/bento-canary-{name}-1", "RestartCount": 0,
+                      "State": {"Status": info.get("state"), "ExitCode": 0,
+                                **({"Health": {"Status": "healthy"}} if running else {})},
+                      "Config": {"Labels": {"com.docker.compose.service": name}}})  # fmt: skip
+    print(json.dumps(items))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["inspect"]:
+        return _inspect(argv[1:])
+    if argv[:2] == ["image", "inspect"]:  # the serving images are there, nothing else is
+        if argv[-1].startswith("digits-service:"):
+            print("[{}]")
+            return 0
+        print(f"Error: No such image: {argv[-1]}", file=sys.stderr)
+        return 1
     with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
         log.write(json.dumps({"argv": argv, "tags": {s: _tag(s) for s in SLOTS}}) + "\n")
     if os.environ.get("FAKE_DOCKER_NO_DAEMON"):
@@ -126,11 +154,9 @@ def main(argv: list[str]) -> int:
             return 1
         version = services[slot]["image"].rsplit(":v", 1)[-1]
         print(json.dumps({"model_name": "digits", "model_version": version, "outputs": []}))
-    elif command == "ps":
-        for name, info in services.items():
-            running = info.get("state") == "running"
-            print(json.dumps({"Service": name, "Name": f"bento-canary-{name}-1", "State": info.get("state"),
-                              "Health": "healthy" if running else ""}))  # fmt: skip
+    elif command == "ps":  # ps -a -q: one container id per service
+        for name in services:
+            print(f"fake-{name}")
     elif command == "down":
         pid = state.get("nginx_pid")
         if pid and _alive(pid):

@@ -97,7 +97,7 @@ class FakeApi:
         return copy.deepcopy(self.objects[kind, name])
 
     def patch(self, patch: K8sPatch) -> dict[str, Any]:
-        from deploy.k8s_target import ConflictError
+        from models.errors import ConflictError
 
         if patch.kind != "ConfigMap":
             self.patches.append(patch)
@@ -113,7 +113,7 @@ class FakeApi:
         return copy.deepcopy(self.objects[key])
 
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        from deploy.k8s_target import ConflictError
+        from models.errors import ConflictError
 
         key = (kind, body["metadata"]["name"])
         if key in self.objects:

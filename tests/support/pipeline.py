@@ -78,6 +78,9 @@ def serving(
         "CANARY_SERVICE_REST_PORT": str(rest_port),
         "CANARY_SERVICE_CACHE_URL": session_redis.url,
         "CANARY_SERVICE_SLOT": "test",
+        # the prediction log (and feedback) on, as in the stack: every test's traffic is logged
+        "CANARY_SERVICE_PREDICTION_LOG_URL": session_redis.url,
+        "CANARY_SERVICE_PREDICTION_LOG_FLUSH_INTERVAL_S": "0.1",
     }
     with served_bento(built_pipeline.bento_tag, free_port(), canary_home.logs / "test-serve.log", env) as base:
         yield ServedBento(base, f"127.0.0.1:{grpc_port}", session_redis, f"http://127.0.0.1:{rest_port}")

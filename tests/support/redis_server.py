@@ -28,6 +28,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def on_a_free_port(server, attempts: int = 3):
+    """`server._launch()` on a fresh free port, a few tries in case another process grabs the
+    port first; the server keeps the port in `server.port`."""
+    for attempt in range(attempts):
+        server.port = free_port()
+        try:
+            return server._launch()
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class RedisProcess:
     """One redis-server child: no persistence, bound to 127.0.0.1, log in its temp dir."""
 
@@ -53,14 +66,7 @@ class RedisProcess:
 
     def start(self) -> RedisProcess:
         """Start on a free port (a few tries, in case another process grabs the port first)."""
-        for attempt in range(3):
-            self.port = free_port()
-            try:
-                return self._launch()
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return on_a_free_port(self)
 
     def restart(self) -> RedisProcess:
         """Stop, then start again on the same port (empty: nothing is persisted)."""

@@ -7,7 +7,15 @@ import json
 import grpc
 import pytest
 
-from service.core.errors import InferenceError, InvalidInput, ModelNotFound, PayloadTooLarge, Unavailable
+from service.core.errors import (
+    InferenceError,
+    InvalidInput,
+    LabelConflict,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unavailable,
+    UnknownPrediction,
+)
 from service.core.faults import InjectedFault
 from service.v2.rest import _error
 
@@ -15,6 +23,8 @@ ROWS = [
     (InvalidInput, 400, grpc.StatusCode.INVALID_ARGUMENT),
     (PayloadTooLarge, 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotFound, 404, grpc.StatusCode.NOT_FOUND),
+    (UnknownPrediction, 404, grpc.StatusCode.NOT_FOUND),
+    (LabelConflict, 409, grpc.StatusCode.ALREADY_EXISTS),
     (Unavailable, 503, grpc.StatusCode.UNAVAILABLE),
     (InjectedFault, 500, grpc.StatusCode.INTERNAL),
     (InferenceError, 500, grpc.StatusCode.INTERNAL),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import socket
 import threading
 import time
@@ -170,6 +171,29 @@ def test_model_version_is_visible(client, stub):
     assert ("x-model-version", "1") in tuple(call.trailing_metadata())
 
 
+def test_the_request_id_is_kept_when_sane_made_when_missing_and_sent_back_in_trailers(stub):
+    def call(metadata=(), **fields):
+        request = raw_request(digits_rows(1))
+        for key, value in fields.items():
+            setattr(request, key, value)
+        response, done = stub.ModelInfer.with_call(request, metadata=metadata, timeout=TIMEOUT)
+        return response, dict(done.trailing_metadata())
+
+    made, trailers = call()
+    assert re.fullmatch(r"[0-9a-f]{32}", trailers["x-request-id"]) and made.id == trailers["x-request-id"]
+    kept, trailers = call((("x-request-id", "order-17"),))
+    assert kept.id == trailers["x-request-id"] == "order-17"
+    replaced, trailers = call((("x-request-id", "no spaces allowed"),))
+    assert re.fullmatch(r"[0-9a-f]{32}", trailers["x-request-id"])
+    own, trailers = call((("x-request-id", "rid-9"),), id="clients-own-id")
+    assert own.id == "clients-own-id" and trailers["x-request-id"] == "rid-9"
+    with pytest.raises(grpc.RpcError) as refused:  # an error's status carries it too
+        stub.ModelInfer(pb2.ModelInferRequest(model_name="digits"), metadata=(("x-request-id", "rid-10"),),
+                        timeout=TIMEOUT)  # fmt: skip
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-request-id", "rid-10") in tuple(refused.value.trailing_metadata())
+
+
 def test_requested_outputs_come_back_alone_and_in_order(tmp_path):
     import onnx
     from onnx import TensorProto, helper
@@ -269,7 +293,7 @@ def test_unexpected_error_is_internal_without_details(core):
         def check_model(self, name, version=None):
             pass
 
-        async def infer(self, request):
+        async def infer(self, request, trace=None):
             raise RuntimeError("secret /etc/model-path")
 
     with serving(lambda: BrokenCore()) as running, grpc.insecure_channel(running.url) as channel:
@@ -291,9 +315,9 @@ def test_calls_beyond_the_concurrency_limit_are_refused_at_once(core):
         def check_model(self, name, version=None):
             pass
 
-        async def infer(self, request):
+        async def infer(self, request, trace=None):
             await asyncio.get_running_loop().run_in_executor(None, release.wait, TIMEOUT)
-            return await core.infer(request)
+            return await core.infer(request, trace)
 
     with serving(lambda: HeldCore(), max_concurrent_rpcs=2) as running, grpc.insecure_channel(running.url) as channel:
         stub = pb2_grpc.GRPCInferenceServiceStub(channel)

@@ -7,13 +7,9 @@ httpx (what a user has).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,30 +17,12 @@ import pytest
 from service.core.faults import FaultPlan
 from service.core.inference import BatchingConfig
 from service.core.observer import CoreObserver
-from service.v2.http_server import HttpEndpoint, start_http_server
 from service.v2.rest import V2RestApp
 from tests.support.tiny_model import digits_rows, tiny_core
+from tests.support.v2_listener import listening
 
 READ_TIMEOUT_S = 1.0
 INFER = "/v2/models/digits/infer"
-
-
-@contextlib.contextmanager
-def listening(app: V2RestApp, **limits) -> Iterator[str]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="v2-rest-test-loop", daemon=True)
-    thread.start()
-    try:
-        start = start_http_server(app, "127.0.0.1", 0, **limits)
-        endpoint: HttpEndpoint = asyncio.run_coroutine_threadsafe(start, loop).result(20)
-        try:
-            yield f"http://127.0.0.1:{endpoint.port}"
-        finally:
-            asyncio.run_coroutine_threadsafe(endpoint.stop(0.5), loop).result(20)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(20)
-        loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -377,7 +377,7 @@ async def test_an_unexpected_error_is_a_500_that_hides_its_internals(core):
         def check_model(self, name, version=None):
             pass
 
-        async def infer(self, request):
+        async def infer(self, request, trace=None):
             raise RuntimeError("secret /etc/model-path")
 
     async with v2_client(V2RestApp(MAX_BODY, BrokenCore())) as client:  # type: ignore[arg-type]
