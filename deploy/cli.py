@@ -137,19 +137,43 @@ _OUTPUT_HELP = "FILE.parquet or FILE.csv; replaced only once every row is scored
 @app.command()
 def score(
     release: Annotated[str, typer.Argument(help="Model version (3) or alias (@champion).")],
-    input_path: Annotated[str, typer.Option("--input", "-i", help=_INPUT_HELP)],
-    output: Annotated[str, typer.Option("--output", "-o", help=_OUTPUT_HELP)],
+    input_path: Annotated[str | None, typer.Option("--input", "-i", help=_INPUT_HELP)] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help=_OUTPUT_HELP)] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="local (default) or spark.")] = None,
     logits: Annotated[bool, typer.Option("--logits", help="Also write the graph's raw scores per row.")] = False,
     chunk_rows: Annotated[int | None, typer.Option("--chunk-rows", help="Rows per chunk (default 65536).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Local engine threads (default: all cores).")] = None,
     spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master (default local[*]).")] = None,
+    replay: Annotated[
+        bool,
+        typer.Option(
+            "--replay",
+            help="Score the prediction log's real inputs instead of files, judged against "
+            "the live answers with the gate's thresholds (exit 1 if the candidate fails).",
+        ),
+    ] = False,  # fmt: skip
+    since: Annotated[str, typer.Option("--since", help="--replay: start, 1h, 30m, 2d (ago) or an ISO time.")] = "1h",
+    until: Annotated[str, typer.Option("--until", help="--replay: end (exclusive), now or 10m (ago).")] = "now",
+    source: Annotated[str | None, typer.Option("--from", help=_FROM_HELP)] = None,
+    thresholds: Annotated[
+        str | None, typer.Option("--thresholds", help="--replay: the gate's limits (default loadtest/thresholds.yaml).")
+    ] = None,
 ) -> None:
     """Score files with the exact graph a version serves (sha256 checked); output carries the
-    version and sha256, and a run is logged to MLflow (experiment digits-scoring)."""
+    version and sha256, and a run is logged to MLflow (experiment digits-scoring). With
+    --replay, score the inputs the prediction log kept and judge the version against what
+    was answered live."""
     from pathlib import Path
 
     from deploy.progress_bar import RowProgress
+
+    if replay:
+        if input_path or output:
+            raise CanaryError("--replay reads the prediction log: leave out --input and --output")
+        _replay(release, since, until, source, _thresholds(thresholds))
+        return
+    if not input_path or not output:
+        raise CanaryError("score needs --input and --output (or --replay to score the prediction log's inputs)")
     from models.score import ScoreSettings, score_files
 
     settings = ScoreSettings.with_options(
@@ -158,6 +182,37 @@ def score(
     with RowProgress(say) as progress:
         result = score_files(_home(), release, Path(input_path), Path(output), settings, say, progress)
     typer.echo(result.summary())
+
+
+def _replay(release: str, since: str, until: str, source: str | None, limits) -> None:
+    from deploy.predictions import open_log_store, parse_window, reading_log
+    from deploy.progress_bar import RowProgress
+    from deploy.replay import replay_candidate
+
+    start, end = parse_window(since, until)
+    home = _home()
+    store, where = open_log_store(home, source)
+    try:
+        with reading_log(where), RowProgress(say, "replaying") as progress:
+            report = replay_candidate(home, release, store, start, end, limits, say, progress)
+    finally:
+        store.close()
+    for line in report.lines():
+        typer.echo(line)
+    if not report.verdict.passed:
+        raise typer.Exit(1)
+
+
+def _thresholds(path: str | None):
+    """The gate's thresholds file, checked (default loadtest/thresholds.yaml); one line if bad."""
+    import yaml
+
+    from loadtest.gate import DEFAULT_THRESHOLDS, GateThresholds
+
+    try:
+        return GateThresholds.from_yaml(path or DEFAULT_THRESHOLDS)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+        raise CanaryError(f"--thresholds {path}: {' '.join(str(exc).split())}") from None
 
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and the routing diff; change nothing.")]
@@ -326,15 +381,8 @@ def _gate_request(duration: str, users: int, spawn_rate: float, thresholds: str 
 
     limits = None
     if thresholds is not None:
-        import yaml
-
-        from loadtest.gate import GateThresholds
-
+        _thresholds(thresholds)  # refuse a bad file before any traffic moves
         limits = Path(thresholds)
-        try:
-            GateThresholds.from_yaml(limits)  # refuse a bad file before any traffic moves
-        except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
-            raise CanaryError(f"--thresholds {thresholds}: {' '.join(str(exc).split())}") from None
     return GateRequest(parse_duration(duration), users, spawn_rate, limits)
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,15 @@ def parse_when(text: str, now: float) -> float:
     except ValueError:
         raise CanaryError(f"time {text!r} must be like 1h, 30m, 2d (ago), now, or 2026-01-31T12:00:00") from None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def parse_window(since: str, until: str) -> tuple[float, float]:
+    """`--since`/`--until` -> Unix seconds [start, end); CanaryError for an empty window."""
+    now = time.time()
+    start, end = parse_when(since, now), parse_when(until, now)
+    if end <= start:
+        raise CanaryError("the window is empty: --until must come after --since")
+    return start, end
 
 
 @dataclass(frozen=True)
@@ -147,33 +157,45 @@ def online_accuracy(store: Any, model: str = "digits") -> dict[str, dict[str, An
     return {version: {"labels": t.labels, "accuracy": t.accuracy} for version, t in store.tallies(model).items()}
 
 
+def open_log_store(home: Any, source: str | None) -> tuple[Any, str]:
+    """The prediction log's store: `source` (a redis:// or postgresql:// URL) or the local
+    stack's Redis; with the words that name it in an error (never a password)."""
+    from service.sinks import open_store
+
+    if not source:
+        from deploy.stack import LocalStack
+
+        return LocalStack(home).prediction_store(), "the local stack's Redis (is it up? `canary up`)"
+    try:
+        store = open_store(source, password=os.environ.get("CANARY_SERVICE_PREDICTION_LOG_PASSWORD") or None,
+                           timeout_s=5.0)  # fmt: skip
+    except ValueError as exc:
+        raise CanaryError(f"--from: {exc}") from None
+    return store, "--from " + source.split("@")[-1]
+
+
+@contextmanager
+def reading_log(where: str) -> Iterator[None]:
+    """The store's own errors (unreachable, refused) as one CanaryError line."""
+    import psycopg
+    import redis
+
+    try:
+        yield
+    except (redis.RedisError, psycopg.Error) as exc:
+        raise CanaryError(f"cannot read the prediction log from {where}: {' '.join(str(exc).split())[:300]}") from None
+
+
 def export_from(
     home: Any, source: str | None, output: str, since: str, until: str, slot: str | None, version: str | None
 ) -> ExportResult:
     """`canary predictions`: parse the window, open the store (`source`, else the local
     stack's), export. Every failure is one CanaryError line."""
-    import psycopg
-    import redis
-
-    from service.sinks import open_store
-
-    now = time.time()
-    start, end = parse_when(since, now), parse_when(until, now)
-    if source:
-        try:
-            store = open_store(source, password=os.environ.get("CANARY_SERVICE_PREDICTION_LOG_PASSWORD") or None,
-                               timeout_s=5.0)  # fmt: skip
-        except ValueError as exc:
-            raise CanaryError(f"--from: {exc}") from None
-        where = "--from " + source.split("@")[-1]  # never echo a password
-    else:
-        from deploy.stack import LocalStack
-
-        store, where = LocalStack(home).prediction_store(), "the local stack's Redis (is it up? `canary up`)"
+    start, end = parse_window(since, until)
+    store, where = open_log_store(home, source)
     try:
-        return export_predictions(store, Path(output), start, end, slot=slot, version=version)
-    except (redis.RedisError, psycopg.Error) as exc:
-        raise CanaryError(f"cannot read the prediction log from {where}: {' '.join(str(exc).split())[:300]}") from None
+        with reading_log(where):
+            return export_predictions(store, Path(output), start, end, slot=slot, version=version)
     except OSError as exc:
         raise CanaryError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:

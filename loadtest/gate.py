@@ -287,3 +287,77 @@ def _failure(check: Check) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class ReplayStats:
+    """A candidate's answers on logged real inputs, row for row with what was answered live
+    (`canary score --replay`). labels: the posted ground truth per row, -1 where none was."""
+
+    live_classes: np.ndarray
+    live_confidences: np.ndarray
+    classes: np.ndarray
+    confidences: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.classes)
+
+    @property
+    def agreement(self) -> float | None:
+        return float(np.mean(self.classes == self.live_classes)) if self.rows else None
+
+    @property
+    def confidence_shift(self) -> float | None:
+        """Mean top-class confidence, candidate minus live (negative: the candidate is less sure)."""
+        return float(np.mean(self.confidences) - np.mean(self.live_confidences)) if self.rows else None
+
+    def class_mix(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Share of rows per predicted class: (live, candidate)."""
+        if not self.rows:
+            return np.zeros(classes), np.zeros(classes)
+        live = np.bincount(self.live_classes, minlength=classes)[:classes] / self.rows
+        return live, np.bincount(self.classes, minlength=classes)[:classes] / self.rows
+
+    def accuracies(self) -> tuple[float, float, int] | None:
+        """(live accuracy, candidate accuracy, labelled rows), None without labels."""
+        labelled = self.labels >= 0
+        count = int(labelled.sum())
+        if not count:
+            return None
+        truth = self.labels[labelled]
+        live = float(np.mean(self.live_classes[labelled] == truth))
+        return live, float(np.mean(self.classes[labelled] == truth)), count
+
+
+def decide_replay(stats: ReplayStats, thresholds: GateThresholds) -> GateVerdict:
+    """Judge a candidate on logged inputs with the gate's limits: enough rows
+    (min_samples_per_slot), agreement with the live answers (min_agreement), the KS shift of
+    top-class confidence (max_confidence_ks) and, where labels were posted, the accuracy drop
+    (max_accuracy_drop_pp). Too few rows is "inconclusive", never "pass"; latency and errors
+    are the live gate's job (a replay runs the graph here, not the serving stack)."""
+    t = thresholds
+    enough = _at_least("samples_replayed", float(stats.rows), t.min_samples_per_slot, "logged rows with inputs")
+    ks = None
+    if stats.rows:
+        ks = float(ks_2samp(stats.live_confidences, stats.confidences).statistic)
+    checks = [
+        enough,
+        _at_least("agreement", stats.agreement, t.min_agreement, f"{stats.rows} logged rows"),
+        _at_most("confidence_ks", ks, t.max_confidence_ks, "KS statistic of top-class confidence"),
+    ]
+    if (accuracies := stats.accuracies()) is not None:
+        live, candidate, count = accuracies
+        drop = 100.0 * (live - candidate)
+        checks.append(_at_most("accuracy_drop_pp", drop, t.max_accuracy_drop_pp, f"{count} labelled rows"))
+    failed = [c for c in checks if not c.passed]
+    if not enough.passed:
+        verdict = INCONCLUSIVE
+        reason = f"too few logged rows with inputs: {stats.rows} < {t.min_samples_per_slot:.0f}"
+    elif failed:
+        verdict, reason = FAIL, "; ".join(_failure(c) for c in failed)
+    else:
+        verdict = PASS
+        reason = f"{len(checks)} checks passed; agreement {_fmt(stats.agreement)} on {stats.rows} logged rows"
+    return GateVerdict(verdict, tuple(checks), f"{verdict}: {reason}")

@@ -27,9 +27,9 @@ A row (the documented record; `service/sinks/` store it, `canary predictions` ex
 | input_sha256 | str | hex SHA-256 of the input's bytes: little-endian, row-major (what input_b64 holds) |
 | input_b64 | str or None | those bytes in base64, only with `prediction_log_inputs` on (off by default) |
 
-To read an input back: `np.frombuffer(base64.b64decode(row["input_b64"]), "<f4").reshape(row["input_shape"])`
-(`<f4` for FP32; `service.core.tensors.V2_TO_NUMPY` maps every datatype). Models with several
-inputs log the first one.
+To read an input back: `row_inputs(row)` (that is, `np.frombuffer(base64.b64decode(row["input_b64"]),
+"<f4").reshape(row["input_shape"])`; `<f4` for FP32, `service.core.tensors.V2_TO_NUMPY` maps every
+datatype). Models with several inputs log the first one.
 """
 
 from __future__ import annotations
@@ -121,6 +121,33 @@ def to_row(p: Prediction, who: LogIdentity, keep_inputs: bool) -> dict[str, Any]
         "input_sha256": hashlib.sha256(data).hexdigest(),
         "input_b64": base64.b64encode(data).decode("ascii") if keep_inputs else None,
     }
+
+
+class UnreadableInput(ValueError):
+    """A row's logged input does not decode to its recorded datatype, shape and sha256."""
+
+
+def row_inputs(row: dict[str, Any]) -> np.ndarray | None:
+    """The input a row logged (the inverse of `to_row`), None when the log kept no inputs.
+    Raises UnreadableInput for bytes that do not match the row's datatype, shape or sha256."""
+    from service.core.tensors import V2_TO_NUMPY
+
+    encoded = row.get("input_b64")
+    if not encoded:
+        return None
+    dtype = V2_TO_NUMPY.get(row.get("input_datatype") or "")
+    if dtype is None:
+        raise UnreadableInput(f"unknown input datatype {row.get('input_datatype')!r}")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise UnreadableInput("input_b64 is not base64") from None
+    if row.get("input_sha256") and hashlib.sha256(data).hexdigest() != row["input_sha256"]:
+        raise UnreadableInput("the input's bytes do not match its sha256")
+    shape = [int(n) for n in row.get("input_shape") or ()]
+    if any(n < 0 for n in shape) or len(data) != dtype.itemsize * int(np.prod(shape)):
+        raise UnreadableInput(f"{len(data)} bytes do not make a {row.get('input_datatype')} tensor of shape {shape}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class PredictionLog:

@@ -81,6 +81,7 @@ def serving(
         # the prediction log (and feedback) on, as in the stack: every test's traffic is logged
         "CANARY_SERVICE_PREDICTION_LOG_URL": session_redis.url,
         "CANARY_SERVICE_PREDICTION_LOG_FLUSH_INTERVAL_S": "0.1",
+        "CANARY_SERVICE_PREDICTION_LOG_INPUTS": "true",  # so logged traffic can be replayed
     }
     with served_bento(built_pipeline.bento_tag, free_port(), canary_home.logs / "test-serve.log", env) as base:
         yield ServedBento(base, f"127.0.0.1:{grpc_port}", session_redis, f"http://127.0.0.1:{rest_port}")
