@@ -388,12 +388,49 @@ def _gate_request(duration: str, users: int, spawn_rate: float, thresholds: str 
 
 @app.command()
 def gate(
-    duration: Duration = "30s", users: Users = 16, spawn_rate: SpawnRate = 16.0, thresholds: Thresholds = None
+    duration: Duration = "30s",
+    users: Users = 16,
+    spawn_rate: SpawnRate = 16.0,
+    thresholds: Thresholds = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="locust: load both slots now (default); shadow: judge the copies of real "
+            "requests mirrored to the candidate (`canary shadow on`) in the prediction log.",
+        ),
+    ] = "locust",
+    since: Annotated[str, typer.Option("--since", help="--source shadow: the window's start, e.g. 10m.")] = "10m",
+    store: Annotated[str | None, typer.Option("--from", help=_FROM_HELP)] = None,
 ) -> None:
-    """Load stable and candidate side by side with Locust and judge the candidate.
+    """Judge the candidate against stable: side by side under Locust load, or on shadowed real traffic.
 
     Exit code 0 pass, 1 fail or inconclusive, 2 the gate could not run."""
+    if source == "shadow":
+        _shadow_gate(since, store, _thresholds(thresholds))
+        return
+    if source != "locust":
+        raise CanaryError(f"--source must be locust or shadow, got {source!r}")
     _print(_target().gate(_gate_request(duration, users, spawn_rate, thresholds), say))
+
+
+def _shadow_gate(since: str, source: str | None, limits) -> None:
+    from deploy.predictions import open_log_store, parse_window, reading_log
+    from deploy.shadow_diff import judge_shadow, pair_shadow
+
+    if _OPTIONS["target"] == "k8s" and not source:
+        raise CanaryError("--source shadow on k8s reads the cluster's prediction log: give --from <its URL>")
+    start, end = parse_window(since, "now")
+    store, where = open_log_store(_home(), source)
+    try:
+        with reading_log(where):
+            report = judge_shadow(pair_shadow(store.read_range(start, end), end), store, limits)
+    finally:
+        store.close()
+    for line in report.lines():
+        typer.echo(line)
+    if not report.verdict.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -9,7 +9,7 @@ candidate's own answers say nothing about what users got), runs the candidate's 
 on those inputs (sha256 checked, the very `predict` batch scoring runs, so it answers as the
 served Bento does) and compares row for row with the live answers: agreement, confidence
 shift, class mix and, where labels were posted, accuracy. The verdict uses the gate's
-thresholds file (`loadtest.gate.decide_replay`): exit 0 on pass, 1 on fail or too few rows.
+thresholds file (`loadtest.gate.decide_paired`): exit 0 on pass, 1 on fail or too few rows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.gate import GateThresholds, GateVerdict, ReplayStats, decide_replay
+from loadtest.gate import GateThresholds, GateVerdict, PairedAnswers, decide_paired
 from models.errors import CanaryError
 from service.core.predlog import UnreadableInput, row_inputs
 
@@ -105,7 +105,7 @@ class ReplayReport:
     candidate: str  # registered name/version
     sha256: str
     logged: LoggedInputs
-    stats: ReplayStats
+    stats: PairedAnswers
     verdict: GateVerdict
     classes: int
 
@@ -171,7 +171,7 @@ def replay_candidate(
         confidences.append(answer.confidences)
         if progress is not None:
             progress(min(start + step, len(features)), len(features))
-    stats = ReplayStats(
+    stats = PairedAnswers(
         np.asarray(logged.classes, dtype=np.int64),
         np.asarray(logged.confidences, dtype=np.float32),
         np.concatenate(classes),
@@ -181,4 +181,6 @@ def replay_candidate(
     width = (
         model.scores_width if model.scores_width > 0 else int(max(stats.classes.max(), stats.live_classes.max())) + 1
     )
-    return ReplayReport(model.ref.label, model.sha256, logged, stats, decide_replay(stats, thresholds), width)
+    return ReplayReport(
+        model.ref.label, model.sha256, logged, stats, decide_paired(stats, thresholds, "logged rows"), width
+    )

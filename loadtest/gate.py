@@ -290,9 +290,10 @@ def _fmt(value: float | None) -> str:
 
 
 @dataclass(frozen=True)
-class ReplayStats:
-    """A candidate's answers on logged real inputs, row for row with what was answered live
-    (`canary score --replay`). labels: the posted ground truth per row, -1 where none was."""
+class PairedAnswers:
+    """A candidate's answers to real inputs, row for row with what stable answered users: a
+    replay of logged inputs (`canary score --replay`) or shadow copies (`canary gate --source
+    shadow`). labels: the posted ground truth per row, -1 where none was."""
 
     live_classes: np.ndarray
     live_confidences: np.ndarray
@@ -331,20 +332,23 @@ class ReplayStats:
         return live, float(np.mean(self.classes[labelled] == truth)), count
 
 
-def decide_replay(stats: ReplayStats, thresholds: GateThresholds) -> GateVerdict:
-    """Judge a candidate on logged inputs with the gate's limits: enough rows
-    (min_samples_per_slot), agreement with the live answers (min_agreement), the KS shift of
-    top-class confidence (max_confidence_ks) and, where labels were posted, the accuracy drop
-    (max_accuracy_drop_pp). Too few rows is "inconclusive", never "pass"; latency and errors
-    are the live gate's job (a replay runs the graph here, not the serving stack)."""
+def decide_paired(
+    stats: PairedAnswers, thresholds: GateThresholds, what: str, extra: tuple[Check, ...] = ()
+) -> GateVerdict:
+    """Judge a candidate on real inputs with the gate's limits: enough rows
+    (min_samples_per_slot), agreement with stable's answers (min_agreement), the KS shift of
+    top-class confidence (max_confidence_ks), where labels were posted the accuracy drop
+    (max_accuracy_drop_pp), and the caller's `extra` checks. Too few rows is "inconclusive",
+    never "pass". `what` names the rows ("logged rows", "shadowed rows")."""
     t = thresholds
-    enough = _at_least("samples_replayed", float(stats.rows), t.min_samples_per_slot, "logged rows with inputs")
+    enough = _at_least(f"samples_{what.split()[0]}", float(stats.rows), t.min_samples_per_slot, what)
     ks = None
     if stats.rows:
         ks = float(ks_2samp(stats.live_confidences, stats.confidences).statistic)
     checks = [
         enough,
-        _at_least("agreement", stats.agreement, t.min_agreement, f"{stats.rows} logged rows"),
+        *extra,
+        _at_least("agreement", stats.agreement, t.min_agreement, f"{stats.rows} {what}"),
         _at_most("confidence_ks", ks, t.max_confidence_ks, "KS statistic of top-class confidence"),
     ]
     if (accuracies := stats.accuracies()) is not None:
@@ -354,10 +358,11 @@ def decide_replay(stats: ReplayStats, thresholds: GateThresholds) -> GateVerdict
     failed = [c for c in checks if not c.passed]
     if not enough.passed:
         verdict = INCONCLUSIVE
-        reason = f"too few logged rows with inputs: {stats.rows} < {t.min_samples_per_slot:.0f}"
+        needs = t.min_samples_per_slot - stats.rows
+        reason = f"too few {what}: {stats.rows} < {t.min_samples_per_slot:.0f} (needs about {needs:.0f} more)"
     elif failed:
         verdict, reason = FAIL, "; ".join(_failure(c) for c in failed)
     else:
         verdict = PASS
-        reason = f"{len(checks)} checks passed; agreement {_fmt(stats.agreement)} on {stats.rows} logged rows"
+        reason = f"{len(checks)} checks passed; agreement {_fmt(stats.agreement)} on {stats.rows} {what}"
     return GateVerdict(verdict, tuple(checks), f"{verdict}: {reason}")

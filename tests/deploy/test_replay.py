@@ -17,11 +17,11 @@ import pytest
 
 from deploy.cli import main
 from deploy.replay import collect_logged
-from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds, ReplayStats, decide_replay
+from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds, PairedAnswers, decide_paired
 from models.data import load_split
 from service.core.predlog import LogIdentity, Prediction, UnreadableInput, row_inputs, to_row
 from service.sinks import open_store
-from tests.support.predlog import FEEDBACK, wait_until
+from tests.support.predlog import FEEDBACK, LabelStore, wait_until
 
 THRESHOLDS = GateThresholds.from_yaml()
 
@@ -40,16 +40,6 @@ def logged_row(request_id: str, rows: np.ndarray, version: str = "1", *, shadow:
     classes = [int(r.sum()) % 10 for r in rows]
     p = Prediction(request_id, time.time(), "rest", shadow, 0.002, rows, "FP32", classes, [0.9] * len(rows))
     return to_row(p, LogIdentity("blue", "digits", version), keep)
-
-
-class LabelStore:
-    """The one store method `collect_logged` calls besides read_range: labels by request id."""
-
-    def __init__(self, labels: dict[str, tuple[int, ...]]) -> None:
-        self.labels = labels
-
-    def labels_of(self, ids: list[str]) -> dict[str, tuple[int, ...]]:
-        return {i: self.labels[i] for i in ids if i in self.labels}
 
 
 def test_a_logged_input_reads_back_exactly_and_tampered_bytes_are_refused():
@@ -88,10 +78,10 @@ def test_a_replay_uses_only_live_answers_of_other_versions_that_kept_their_input
     }  # fmt: skip
 
 
-def stats(live: list[int], candidate: list[int], labels: list[int] | None = None, shift: float = 0.0) -> ReplayStats:
+def stats(live: list[int], candidate: list[int], labels: list[int] | None = None, shift: float = 0.0) -> PairedAnswers:
     n = len(live)
     confidences = np.linspace(0.5, 1.0, n, dtype=np.float32)
-    return ReplayStats(
+    return PairedAnswers(
         np.asarray(live), confidences, np.asarray(candidate), np.clip(confidences - shift, 0, 1),
         np.asarray(labels if labels is not None else [-1] * n),
     )  # fmt: skip
@@ -99,18 +89,20 @@ def stats(live: list[int], candidate: list[int], labels: list[int] | None = None
 
 def test_the_replay_verdict_uses_the_gates_limits():
     same = list(np.arange(1000) % 10)
-    assert decide_replay(stats(same, same), THRESHOLDS).verdict == PASS
-    assert decide_replay(stats(same[:100], same[:100]), THRESHOLDS).verdict == INCONCLUSIVE
+    assert decide_paired(stats(same, same), THRESHOLDS, "logged rows").verdict == PASS
+    assert decide_paired(stats(same[:100], same[:100]), THRESHOLDS, "logged rows").verdict == INCONCLUSIVE
     off = [(c + 1) % 10 if i % 5 == 0 else c for i, c in enumerate(same)]  # 80% agreement
-    failed = decide_replay(stats(same, off), THRESHOLDS)
+    failed = decide_paired(stats(same, off), THRESHOLDS, "logged rows")
     assert failed.verdict == FAIL and "agreement 0.8" in failed.summary
-    unsure = decide_replay(stats(same, same, shift=0.4), THRESHOLDS)
+    unsure = decide_paired(stats(same, same, shift=0.4), THRESHOLDS, "logged rows")
     assert unsure.verdict == FAIL and "confidence_ks" in unsure.summary
     # labels: a candidate that agrees 97% but loses 3 points of accuracy on the labelled rows fails
     worse = [(c + 1) % 10 if i % 33 == 0 else c for i, c in enumerate(same)]
-    labelled = decide_replay(stats(same, worse, labels=same), THRESHOLDS)
+    labelled = decide_paired(stats(same, worse, labels=same), THRESHOLDS, "logged rows")
     assert labelled.verdict == FAIL and "accuracy_drop_pp 3.1" in labelled.summary
-    assert "accuracy_drop_pp" not in {c.name for c in decide_replay(stats(same, worse), THRESHOLDS).checks}
+    assert "accuracy_drop_pp" not in {
+        c.name for c in decide_paired(stats(same, worse), THRESHOLDS, "logged rows").checks
+    }
 
 
 @pytest.fixture(scope="module")

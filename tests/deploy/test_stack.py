@@ -405,6 +405,69 @@ def test_shadow_copies_reach_the_candidate_and_clients_get_stable(stack):
     run(stack, plan_shadow(stack.store.load(), False))
 
 
+def replay_through_nginx(stack: LocalStack, x: np.ndarray) -> str:
+    """Each digit as its own V2 REST request through nginx, no label, no forcing; returns the
+    window's start (ISO, UTC) once the last copy is in the log."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
+    url = f"http://127.0.0.1:{stack.settings.nginx_rest_port}/v2/models/digits/infer"
+    ids = []
+    with httpx.Client(timeout=30) as client:
+        for row in x:
+            body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}]}
+            answer = client.post(url, json=body)
+            assert answer.status_code == 200 and answer.headers["x-canary-slot"] == "blue", answer.text
+            ids.append(answer.headers["x-request-id"])
+    store, deadline = stack.prediction_store(), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        shadowed = {r["request_id"] for r in store.read_range(time.time() - 600, time.time() + 60) if r["shadow"]}
+        if shadowed >= set(ids):
+            break
+        time.sleep(0.2)
+    store.close()
+    return since
+
+
+def test_a_shadow_gate_fails_a_disagreeing_candidate_and_passes_a_twin(
+    stack, stack_settings, candidate_bento, canary_home, built_pipeline
+):
+    """Issue 15: the validation and test digits (720 distinct, unlabelled) through nginx with
+    the candidate at 0% and shadow on; `canary gate --source shadow` judges the copies against
+    stable's answers: the scikit-learn candidate fails it, a twin of stable (the same
+    training, registered and built again) passes it."""
+    from models.bento import build_bento
+    from models.data import load_split
+    from models.pipeline import export_version, train_and_register
+    from models.train import TrainConfig
+    from tests.support.pipeline import EPOCHS
+
+    split = load_split()
+    x = np.concatenate([split.x_val, split.x_test])
+    if not stack.process("slot-green").alive or stack.store.load().slots["green"].bento != candidate_bento[0]:
+        run(stack, plan_deploy(stack.store.load(), *candidate_bento))
+    run(stack, plan_shadow(stack.store.load(), True))
+    since = replay_through_nginx(stack, x)
+    gate = canary_cli(stack_settings, "gate", "--source", "shadow", "--since", since)
+    assert gate.returncode == 1 and "Traceback" not in gate.stderr, gate.stdout + gate.stderr
+    assert f"720 rows of 720 mirrored requests answered by candidate v{candidate_bento[1]}" in gate.stdout, gate.stdout
+    verdict = gate.stdout.strip().splitlines()[-1]  # measured: agreement 0.889, confidence KS 0.885
+    assert verdict.startswith("fail: ") and "confidence_ks" in verdict, gate.stdout
+
+    twin = train_and_register(canary_home, TrainConfig(model="digits-cnn", epochs=EPOCHS, seed=0))
+    export_version(canary_home, version=twin.ref.version)
+    twin_bento = build_bento(canary_home, version=twin.ref.version).tag
+    try:
+        run(stack, plan_deploy(stack.store.load(), twin_bento, str(twin.ref.version)))
+        run(stack, plan_shadow(stack.store.load(), True))
+        since = replay_through_nginx(stack, x)
+        gate = canary_cli(stack_settings, "gate", "--source", "shadow", "--since", since)
+        assert gate.returncode == 0, gate.stdout + gate.stderr
+        assert f"720 rows of 720 mirrored requests answered by candidate v{twin.ref.version}" in gate.stdout
+        assert "agreement 1.0000" in gate.stdout and "without a candidate answer: 0 of" in gate.stdout
+        assert gate.stdout.strip().splitlines()[-1].startswith("pass: 4 checks passed")
+    finally:  # the scikit-learn candidate again, shadow off, for the tests that follow
+        run(stack, plan_deploy(stack.store.load(), *candidate_bento))
+
+
 def test_the_locustfile_loads_every_protocol_of_both_slots_without_a_failure(stack, candidate_bento, tmp_path):
     """The issue's command through Locust's own CLI (`locust -f loadtest/locustfile.py
     --headless -u 32 -r 32 -t 8s --host <nginx>`, gRPC on the stack's nginx gRPC port) with

@@ -33,6 +33,17 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
     return result
 
 
+class LabelStore:
+    """Labels by request id, the one store call a replay or shadow gate makes besides read_range
+    (for the tests of their pairing rules; the end-to-end tests use the real store)."""
+
+    def __init__(self, labels: dict[str, tuple[int, ...]]) -> None:
+        self.labels = labels
+
+    def labels_of(self, ids: list[str]) -> dict[str, tuple[int, ...]]:
+        return {i: self.labels[i] for i in ids if i in self.labels}
+
+
 class RecordingObserver(CoreObserver):
     """Sums what the prediction log and the feedback desk report."""
 

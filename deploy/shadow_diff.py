@@ -1,0 +1,168 @@
+"""`canary gate --source shadow`: the candidate judged on the copies of real requests nginx
+mirrored to it (`canary shadow on`), against stable's answers to the very same requests.
+
+Both answers are in the prediction log under the same request id (nginx stamps or keeps
+`X-Request-Id` before it mirrors; the copy is logged with `shadow: true`). A shadow gate reads
+a window of the log, pairs each shadow answer with stable's answer to the same request and
+judges with the gate's thresholds file and verdict rules (`loadtest.gate.decide_paired`):
+enough paired rows, agreement, the confidence KS shift, accuracy on posted labels, and the
+candidate's missing answers as its error ratio.
+
+Latency is reported (the Locust gate's paired slowdown over the service-side latencies of the
+two answers to one request), not judged: a copy is sent after the request it copies and, on a
+shared host, queues behind it. Measured on the 2-core test machine: a twin's copies took
+7.1 ms at the median against stable's 5.0 (paired slowdown 1.40, over the gate's 1.10). The
+Locust gate, which sends both requests of a pair at the same moment, judges latency.
+
+Missing answers: nginx mirrors REST and native-API requests (not gRPC), so from the first
+shadow answer of the window on, every such request stable answered should have a shadow
+answer too. One that has none within `SHADOW_GRACE_S` (the copy failed, timed out or was shed)
+counts as a candidate error: a candidate that dies or sheds during the window fails the gate
+instead of being judged on the copies it still answered. Users never see a shadow answer, so
+this is the judgement at 0% exposure.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from loadtest.gate import (
+    Check,
+    GateThresholds,
+    GateVerdict,
+    PairedAnswers,
+    SlotStats,
+    decide_paired,
+    latency_check,
+)
+
+SHADOW_GRACE_S = 5.0  # a stable answer newer than this (before the window's end) may still get its copy's answer
+MIRRORED = frozenset({"rest", "bentoml"})  # the protocols nginx mirrors (gRPC is not mirrored)
+MAX_REQUESTS = 500_000  # requests of a window held in memory at most
+
+
+@dataclass
+class ShadowWindow:
+    """Stable's and the shadow candidate's answers in a window, paired by request id."""
+
+    candidate: str = ""  # the model version that answered the shadow copies
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (stable, shadow)
+    stable_versions: Counter[str] = field(default_factory=Counter)
+    expected: int = 0  # mirrored stable answers that should have a shadow answer
+    missing: int = 0  # of those, without one
+    other_shadow: Counter[str] = field(default_factory=Counter)  # shadow answers of other versions (left out)
+    truncated: bool = False
+
+    @property
+    def candidate_error_ratio(self) -> float | None:
+        return self.missing / self.expected if self.expected else None
+
+
+def pair_shadow(rows: Iterable[dict[str, Any]], until: float, grace_s: float = SHADOW_GRACE_S) -> ShadowWindow:
+    """Pair the window's shadow answers with stable's answers to the same requests. The
+    candidate is the version of the newest shadow answer; shadow answers of other versions
+    (an earlier candidate in the same window) are left out and counted."""
+    live: dict[str, dict[str, Any]] = {}
+    shadow: dict[str, dict[str, Any]] = {}
+    window = ShadowWindow()
+    newest = -1.0
+    for count, row in enumerate(rows):
+        if count == MAX_REQUESTS:
+            window.truncated = True
+            break
+        if row.get("shadow"):
+            shadow[row["request_id"]] = row
+            if row["time"] >= newest:
+                newest, window.candidate = row["time"], str(row["model_version"])
+        else:
+            live[row["request_id"]] = row
+    for rid, row in list(shadow.items()):
+        if str(row["model_version"]) != window.candidate:
+            window.other_shadow[str(row["model_version"])] += 1
+            del shadow[rid]
+    if not shadow:
+        return window
+    # from the first mirrored request on (its stable answer may be logged just before its copy's)
+    first = min(live[rid]["time"] if rid in live else row["time"] for rid, row in shadow.items())
+    for rid, stable in live.items():
+        if str(stable["model_version"]) == window.candidate:
+            continue  # answered by the candidate itself (forced or weighted): not a comparison
+        copy = shadow.get(rid)
+        if copy is not None and len(copy["classes"]) == len(stable["classes"]):
+            window.pairs.append((stable, copy))
+            window.stable_versions[str(stable["model_version"])] += len(stable["classes"])
+        if stable["protocol"] in MIRRORED and first <= stable["time"] <= until - grace_s:
+            window.expected += 1
+            window.missing += copy is None
+    return window
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    window: ShadowWindow
+    answers: PairedAnswers
+    verdict: GateVerdict
+    latency: Check  # reported, not part of the verdict (see the module docstring)
+
+    def lines(self) -> list[str]:
+        w, a = self.window, self.answers
+        live = ", ".join(f"v{v}: {n:,}" for v, n in sorted(w.stable_versions.items())) or "none"
+        out = [
+            f"shadow gate: {a.rows:,} rows of {len(w.pairs):,} mirrored requests answered by candidate "
+            f"v{w.candidate or '?'} and by stable ({live})"
+            + ("; window cut at the first 500,000" if w.truncated else "")
+        ]
+        if w.expected:
+            out.append(f"mirrored requests without a candidate answer: {w.missing:,} of {w.expected:,}")
+        if w.other_shadow:
+            out.append("left out: " + ", ".join(f"{n:,} shadow answers of v{v}" for v, n in w.other_shadow.items()))
+        if a.rows:
+            out.append(
+                f"agreement {a.agreement:.4f}; mean confidence {np.mean(a.confidences):.4f} vs stable "
+                f"{np.mean(a.live_confidences):.4f} (shift {a.confidence_shift:+.4f})"
+            )
+        out += [
+            f"  {'ok  ' if c.passed else 'FAIL'} {c.name} {'n/a' if c.value is None else f'{c.value:.4g}'} "
+            f"(limit {c.limit:g}): {c.detail}"
+            for c in self.verdict.checks
+        ]
+        out.append(f"  (not judged) copy latency vs stable: {self.latency.detail}")
+        out.append(self.verdict.summary)
+        return out
+
+
+def judge_shadow(window: ShadowWindow, store: Any, thresholds: GateThresholds) -> ShadowReport:
+    """The verdict on a paired window; labels posted for the stable answers are joined from `store`."""
+    ids = [stable["request_id"] for stable, _ in window.pairs]
+    labels = store.labels_of(ids) if ids else {}
+    live_classes, live_conf, classes, conf, truth = [], [], [], [], []
+    stable_lat, shadow_lat = {}, {}
+    for i, (stable, copy) in enumerate(window.pairs):
+        live_classes += stable["classes"]
+        live_conf += stable["confidences"]
+        classes += copy["classes"]
+        conf += copy["confidences"]
+        label = labels.get(stable["request_id"])
+        n = len(stable["classes"])
+        truth += list(label) if label is not None and len(label) == n else [-1] * n
+        stable_lat[i], shadow_lat[i] = float(stable["latency_ms"]), float(copy["latency_ms"])
+    answers = PairedAnswers(
+        np.asarray(live_classes, dtype=np.int64), np.asarray(live_conf, dtype=np.float32),
+        np.asarray(classes, dtype=np.int64), np.asarray(conf, dtype=np.float32), np.asarray(truth, dtype=np.int64),
+    )  # fmt: skip
+    n = len(window.pairs)
+    stable_stats = SlotStats("stable", n, 0, 0.0, tuple(stable_lat.values()), latency_by_input=stable_lat)
+    shadow_stats = SlotStats("candidate", n, 0, 0.0, tuple(shadow_lat.values()), latency_by_input=shadow_lat)
+    ratio = window.candidate_error_ratio
+    errors = Check(
+        "candidate_error_ratio", ratio, thresholds.slo_error_ratio,
+        ratio is not None and ratio <= thresholds.slo_error_ratio,
+        f"{window.missing} of {window.expected} mirrored requests without a candidate answer",
+    )  # fmt: skip
+    latency = latency_check(stable_stats, shadow_stats, thresholds)
+    return ShadowReport(window, answers, decide_paired(answers, thresholds, "shadowed rows", (errors,)), latency)
