@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -408,7 +409,7 @@ def test_shadow_copies_reach_the_candidate_and_clients_get_stable(stack):
 def replay_through_nginx(stack: LocalStack, x: np.ndarray) -> str:
     """Each digit as its own V2 REST request through nginx, no label, no forcing; returns the
     window's start (ISO, UTC) once the last copy is in the log."""
-    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
+    since = datetime.now(UTC).isoformat()  # to the microsecond: earlier tests' copies stay out
     url = f"http://127.0.0.1:{stack.settings.nginx_rest_port}/v2/models/digits/infer"
     ids = []
     with httpx.Client(timeout=30) as client:
