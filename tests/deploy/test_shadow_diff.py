@@ -40,9 +40,10 @@ def test_copies_pair_with_stables_answer_to_the_same_request():
         answer("d", 12.5, "1", 1, protocol="grpc"),  # gRPC is not mirrored: not expected
         answer("e", 13.0, "2", 2),  # forced to the candidate: no comparison
         answer("f", 9.0, "3", 2, shadow=True),  # an earlier candidate's copy: left out
-        answer("g", 99.0, "1", 6),  # within the grace before the window's end: may still come
+        answer("g", 99.0, "1", 6),  # after the window's end (the log is read a grace past it)
+        answer("g", 99.1, "2", 6, shadow=True),
     ]  # fmt: skip
-    window = pair_shadow(rows, until=99.0 + SHADOW_GRACE_S / 2)
+    window = pair_shadow(rows, until=99.0 - SHADOW_GRACE_S / 2)
     assert window.candidate == "2"
     assert [(s["request_id"], c["classes"]) for s, c in window.pairs] == [("a", [3]), ("b", [5])]
     assert (window.expected, window.missing) == (3, 1)
@@ -60,6 +61,9 @@ def test_a_twin_passes_a_disagreeing_or_dying_candidate_fails_and_too_little_is_
     assert disagreeing.verdict == FAIL and "agreement 0.75" in disagreeing.summary
     dying = verdict(traffic(2000, answered=lambda i: i < 1000))  # answers the first half, then nothing
     assert dying.verdict == FAIL and "candidate_error_ratio 0.5" in dying.summary
+    last_second = judge_shadow(pair_shadow(traffic(600, answered=lambda i: i < 590), until=1000.0 + 5.99),
+                               LabelStore({}), THRESHOLDS).verdict  # fmt: skip
+    assert last_second.verdict == FAIL and "candidate_error_ratio 0.01667" in last_second.summary
     little = verdict(traffic(100))
     assert little.verdict == INCONCLUSIVE and "needs about 300 more" in little.summary
     nothing = verdict([answer(f"r{i}", 1000.0 + i, "1", 1) for i in range(500)])
