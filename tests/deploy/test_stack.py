@@ -428,6 +428,13 @@ def replay_through_nginx(stack: LocalStack, x: np.ndarray) -> str:
     return since
 
 
+def paired_rows(report: str, version: str) -> int:
+    """Rows the shadow gate paired, from its first line, checking it names the candidate."""
+    first = report.splitlines()[0]
+    assert f"mirrored requests answered by candidate v{version} " in first, report
+    return int(first.split("shadow gate: ", 1)[1].split(" rows", 1)[0].replace(",", ""))
+
+
 def test_a_shadow_gate_fails_a_disagreeing_candidate_and_passes_a_twin(
     stack, stack_settings, candidate_bento, canary_home, built_pipeline
 ):
@@ -449,7 +456,7 @@ def test_a_shadow_gate_fails_a_disagreeing_candidate_and_passes_a_twin(
     since = replay_through_nginx(stack, x)
     gate = canary_cli(stack_settings, "gate", "--source", "shadow", "--since", since)
     assert gate.returncode == 1 and "Traceback" not in gate.stderr, gate.stdout + gate.stderr
-    assert f"720 rows of 720 mirrored requests answered by candidate v{candidate_bento[1]}" in gate.stdout, gate.stdout
+    assert paired_rows(gate.stdout, candidate_bento[1]) >= 713, gate.stdout  # all 720 but a copy lost to a timeout
     verdict = gate.stdout.strip().splitlines()[-1]  # measured: agreement 0.889, confidence KS 0.885
     assert verdict.startswith("fail: ") and "confidence_ks" in verdict, gate.stdout
 
@@ -462,7 +469,7 @@ def test_a_shadow_gate_fails_a_disagreeing_candidate_and_passes_a_twin(
         since = replay_through_nginx(stack, x)
         gate = canary_cli(stack_settings, "gate", "--source", "shadow", "--since", since)
         assert gate.returncode == 0, gate.stdout + gate.stderr
-        assert f"720 rows of 720 mirrored requests answered by candidate v{twin.ref.version}" in gate.stdout
+        assert paired_rows(gate.stdout, str(twin.ref.version)) >= 713, gate.stdout
         # every mirrored request of the window is expected to have a copy (a copy dropped by
         # nginx's 1 s shadow timeout on a loaded machine is counted, within the 1% budget)
         assert "agreement 1.0000" in gate.stdout and " of 720 mirrored requests without" in gate.stdout
