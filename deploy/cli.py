@@ -197,6 +197,11 @@ def _replay(release: str, since: str, until: str, source: str | None, limits) ->
             report = replay_candidate(home, release, store, start, end, limits, say, progress)
     finally:
         store.close()
+    _print_verdict(report)
+
+
+def _print_verdict(report) -> None:
+    """A replay's or shadow gate's report on stdout; exit 1 unless it passed."""
     for line in report.lines():
         typer.echo(line)
     if not report.verdict.passed:
@@ -432,10 +437,7 @@ def _shadow_gate(since: str, source: str | None, limits) -> None:
             report = judge_shadow(pair_shadow(rows, end), store, limits)
     finally:
         store.close()
-    for line in report.lines():
-        typer.echo(line)
-    if not report.verdict.passed:
-        raise typer.Exit(1)
+    _print_verdict(report)
 
 
 @app.command()

@@ -15,25 +15,15 @@ import httpx
 import numpy as np
 import pytest
 
-from deploy.cli import main
 from deploy.replay import collect_logged
 from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds, PairedAnswers, decide_paired
 from models.data import load_split
 from service.core.predlog import LogIdentity, Prediction, UnreadableInput, row_inputs, to_row
 from service.sinks import open_store
+from tests.support.canary_cli import canary_in_process as canary
 from tests.support.predlog import FEEDBACK, LabelStore, wait_until
 
 THRESHOLDS = GateThresholds.from_yaml()
-
-
-def canary(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exited:
-        code = int(exited.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def logged_row(request_id: str, rows: np.ndarray, version: str = "1", *, shadow: bool = False, keep: bool = True):

@@ -84,3 +84,18 @@ def test_the_report_names_the_candidate_the_pairs_and_the_missing_copies():
     slower = judge_shadow(pair_shadow(traffic(600, latency=4.0), until=1100.0), LabelStore({}), THRESHOLDS)
     assert slower.verdict.passed  # copies queue behind the request they copy: latency is reported only
     assert "(not judged) copy latency vs stable: paired slowdown 2.000" in "\n".join(slower.lines())
+
+
+def test_shadow_gate_refusals_are_one_line(capsys):
+    from tests.support.canary_cli import canary_in_process
+
+    cases = [
+        (("gate", "--source", "nope"), "--source must be locust or shadow"),
+        (("--target", "k8s", "gate", "--source", "shadow"), "give --from"),
+        (("gate", "--source", "shadow", "--since", "yesterday"), "time 'yesterday' must be like"),
+        (("gate", "--source", "shadow", "--from", "ftp://x"), "--from"),
+    ]
+    for args, expected in cases:
+        code, _, err = canary_in_process(capsys, *args)
+        assert code == 1 and expected in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, (args, err)

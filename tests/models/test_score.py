@@ -15,23 +15,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from deploy.cli import main
 from models.home import CanaryHome
 from models.registry import Registry
+from tests.support.canary_cli import canary_in_process as canary
 from tests.support.scoring import all_digits, pixel_table, read_predictions, write_digits_folder
 
 pytestmark = pytest.mark.slow
-
-
-def canary(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the `canary` CLI in this process: (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exited:
-        code = int(exited.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def served_answers(url: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,3 +23,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert lines and lines[-1].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[-1]
+
+
+def canary_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the `canary` CLI in this process (its own entry point): (exit code, stdout, stderr)."""
+    from deploy.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exited:
+        code = int(exited.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
