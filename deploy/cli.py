@@ -402,10 +402,13 @@ def gate(
         typer.Option(
             "--source",
             help="locust: load both slots now (default); shadow: judge the copies of real "
-            "requests mirrored to the candidate (`canary shadow on`) in the prediction log.",
+            "requests mirrored to the candidate (`canary shadow on`) in the prediction log; live: judge "
+            "the real requests each slot answered at its weight, with the labels posted for them.",
         ),
     ] = "locust",
-    since: Annotated[str, typer.Option("--since", help="--source shadow: the window's start, e.g. 10m.")] = "10m",
+    since: Annotated[
+        str, typer.Option("--since", help="--source shadow or live: the window's start, e.g. 10m.")
+    ] = "10m",
     store: Annotated[str | None, typer.Option("--from", help=_FROM_HELP)] = None,
 ) -> None:
     """Judge the candidate against stable: side by side under Locust load, or on shadowed real traffic.
@@ -414,8 +417,11 @@ def gate(
     if source == "shadow":
         _shadow_gate(since, store, _thresholds(thresholds))
         return
+    if source == "live":
+        _live_gate(since, store, _thresholds(thresholds))
+        return
     if source != "locust":
-        raise CanaryError(f"--source must be locust or shadow, got {source!r}")
+        raise CanaryError(f"--source must be locust, shadow or live, got {source!r}")
     _print(_target().gate(_gate_request(duration, users, spawn_rate, thresholds), say))
 
 
@@ -435,6 +441,26 @@ def _shadow_gate(since: str, source: str | None, limits) -> None:
         with reading_log(where):
             rows = store.read_range(start, end + SHADOW_GRACE_S)
             report = judge_shadow(pair_shadow(rows, end), store, limits)
+    finally:
+        store.close()
+    _print_verdict(report)
+
+
+def _live_gate(since: str, source: str | None, limits) -> None:
+    from deploy.live_gate import live_gate
+    from deploy.predictions import open_log_store, parse_window, reading_log
+
+    stack = getattr(_target(), "stack", None)
+    if stack is None:
+        raise CanaryError(
+            "--source live reads the slots' /metrics of a local or compose stack; "
+            "on k8s judge real traffic with --source shadow --from <the log's URL>"
+        )
+    start, end = parse_window(since, "now")
+    store, where = open_log_store(_home(), source)
+    try:
+        with reading_log(where):
+            report = live_gate(stack, store, start, end, limits)
     finally:
         store.close()
     _print_verdict(report)

@@ -17,6 +17,7 @@ from models.home import CanaryHome
 from models.registry import ModelVersionRef, Registry
 from models.store import StoredModelRef, import_model, store_tag
 from models.train import EpochReport, TrainConfig, source_scores, train
+from service.core.drift import DriftReference
 
 Say = Callable[[str], None]
 
@@ -92,7 +93,7 @@ def export_version(
 
     if quantize not in PRECISIONS:
         raise CanaryError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {quantize!r}")
-    from models.data import load_split
+    from models.data import PIXEL_RANGE, load_split
 
     home.require()
     registry = Registry(home)
@@ -125,7 +126,8 @@ def export_version(
             onnx_file, accuracy, quant_tags = int8_file, report.int8_accuracy, report.as_tags()
         sha = sha256_of(onnx_file)
         architecture = ref.tags.get("architecture", "unknown")
-        stored = import_model(ref, onnx_file, contract, parity, architecture, accuracy, quant_tags)
+        reference = DriftReference.from_inputs(split.x_train, *PIXEL_RANGE)
+        stored = import_model(ref, onnx_file, contract, parity, architecture, accuracy, quant_tags, reference)
         registry.record_export(
             ref, onnx_file, {"onnx_sha256": sha, "bentoml_model": stored.tag, **parity.as_tags(), **quant_tags}
         )

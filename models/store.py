@@ -15,6 +15,7 @@ from models.data import PIXEL_RANGE
 from models.errors import IntegrityError, NotFoundError
 from models.export import GraphContract, ParityReport, sha256_of
 from models.registry import ModelVersionRef
+from service.core.drift import REFERENCE_FILE, DriftReference
 
 ONNX_FILE = "model.onnx"
 
@@ -54,11 +55,13 @@ def import_model(
     architecture: str,
     accuracy: float | None = None,
     extra_labels: dict[str, str] | None = None,
+    reference: DriftReference | None = None,
 ) -> StoredModelRef:
     """Save the ONNX file under `digits:v<N>`, replacing an older import of the same version.
 
     `accuracy` is the stored graph's test accuracy (default: the parity check's, fp32);
-    `extra_labels` add lineage such as the precision of a quantised graph."""
+    `extra_labels` add lineage such as the precision of a quantised graph; `reference` (the
+    training inputs' distribution) goes next to the graph for the slots' input-drift figure."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -85,6 +88,8 @@ def import_model(
     # when the block exits cleanly: a failure leaves nothing half-written.
     with bentoml.models.create(tag, labels=labels, metadata={"source_uri": ref.uri}) as model:
         shutil.copyfile(onnx_file, model.path_of(ONNX_FILE))
+        if reference is not None:
+            Path(model.path_of(REFERENCE_FILE)).write_text(reference.to_json())
     return get_stored(tag)
 
 

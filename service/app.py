@@ -28,6 +28,7 @@ from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field, SecretStr
 
 from service.core.cache import NullCache, RedisCache, ResponseCache
+from service.core.drift import DriftMonitor, DriftReference
 from service.core.errors import InferenceError, InvalidInput
 from service.core.faults import FaultPlan
 from service.core.feedback import FeedbackDesk
@@ -99,11 +100,16 @@ def build_cache(settings: ServiceSettings, on_event) -> ResponseCache:
 
 
 def build_prediction_log(
-    settings: ServiceSettings, card: ModelCard, observer: CoreObserver
+    settings: ServiceSettings, card: ModelCard, observer: CoreObserver, model_folder: Path | None = None
 ) -> tuple[PredictionLog | None, PredictionLogStore | None]:
-    """The prediction log and its store, or (None, None) without `prediction_log_url`."""
+    """The prediction log and its store, or (None, None) without `prediction_log_url`; the
+    log's writer feeds the input-drift monitor when the model has a reference."""
     if not settings.prediction_log_url:
         return None, None
+    reference = DriftReference.load(model_folder) if model_folder is not None else None
+    drift = None
+    if reference is not None:
+        drift = DriftMonitor(reference, settings.drift_window, max(1, settings.drift_window // 5), observer)
     store = open_store(
         settings.prediction_log_url, password=secret_text(settings.prediction_log_password),
         max_len=settings.prediction_log_cap, label_window_s=settings.prediction_log_label_window_s,
@@ -113,7 +119,7 @@ def build_prediction_log(
         store, LogIdentity(settings.slot, card.name, card.version), max_records=settings.prediction_log_buffer,
         max_bytes=settings.prediction_log_buffer_bytes, batch_size=settings.prediction_log_batch,
         flush_interval_s=settings.prediction_log_flush_interval_s, keep_inputs=settings.prediction_log_inputs,
-        observer=observer,
+        observer=observer, on_inputs=drift.update if drift is not None else None,
     )  # fmt: skip
     return predlog, store
 
@@ -135,7 +141,7 @@ class DigitsService:
         if settings.json_logs:
             install_json_logs(settings.slot, card.name, card.version)
         self.metrics = ServiceMetrics(card, settings.slot)
-        self.predlog, store = build_prediction_log(settings, card, self.metrics)
+        self.predlog, store = build_prediction_log(settings, card, self.metrics, Path(stored.path))
         self.core = InferenceCore(
             runner,
             settings.max_rows_per_request,

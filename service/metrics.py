@@ -80,6 +80,15 @@ class ServiceMetrics(CoreObserver):
             "canary_online_labels", "Labelled rows of this version's predictions (feedback).", ["model", "version"],
             multiprocess_mode="mostrecent",
         )  # fmt: skip
+        # -- input drift (service.core.drift): per worker, the worst one counts
+        self._drift = prom.Gauge(
+            "canary_input_drift_psi", "Mean population stability index over input features: the slot's last "
+            "input rows against the model's training inputs (above 0.25: a major shift).", names,
+            multiprocess_mode="livemax",
+        ).labels(**base)  # fmt: skip
+        self._drift_rows = prom.Gauge(
+            "canary_input_drift_rows", "Input rows the drift figure is computed on.", names, multiprocess_mode="livemax",
+        ).labels(**base)  # fmt: skip
         info = prom.Gauge(
             "canary_model_info", "The served model (value 1).", [*names, "sha256", "architecture"],
             multiprocess_mode="max",
@@ -139,3 +148,7 @@ class ServiceMetrics(CoreObserver):
         self._online_labels.labels(model=model, version=version).set(labels)
         if labels:
             self._online_accuracy.labels(model=model, version=version).set(correct / labels)
+
+    def input_drift(self, psi: float, rows: int) -> None:
+        self._drift.set(psi)
+        self._drift_rows.set(rows)

@@ -85,6 +85,10 @@ class ServiceSettings(BaseSettings):
         default=False, description="Also log each request's input (base64 of its little-endian bytes, plus shape "
         "and datatype). Off by default: inputs may be personal data.",
     )  # fmt: skip
+    drift_window: int = Field(
+        default=1000, ge=10, le=100_000, description="Input rows the input-drift figure is computed on (the last "
+        "ones the prediction log's writer saw); published from a fifth of that on. Needs the prediction log.",
+    )  # fmt: skip
     prediction_log_label_window_s: int = Field(
         default=86_400, ge=1, description="How long after its answer a prediction can be labelled through feedback."
     )

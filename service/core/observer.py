@@ -40,3 +40,7 @@ class CoreObserver:
 
     def online_accuracy(self, version: str, labels: int, correct: int) -> None:
         """The store's tally for model `version`: labelled rows and correct ones."""
+
+    def input_drift(self, psi: float, rows: int) -> None:
+        """Mean PSI over features of the last `rows` input rows against the model's training
+        inputs (`service.core.drift`)."""

@@ -172,6 +172,7 @@ class PredictionLog:
         observer: CoreObserver | None = None,
         warn_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        on_inputs: Callable[[list[np.ndarray]], None] | None = None,
     ) -> None:
         if max_records < 1 or max_bytes < 1 or batch_size < 1 or flush_interval_s <= 0:
             raise ValueError("max_records, max_bytes and batch_size must be >= 1, flush_interval_s > 0")
@@ -180,6 +181,7 @@ class PredictionLog:
         self.flush_interval_s, self.keep_inputs = flush_interval_s, keep_inputs
         self.observer = observer or CoreObserver()
         self.warn_interval_s, self._clock = warn_interval_s, clock
+        self.on_inputs = on_inputs  # the writer hands each batch's inputs over (input drift)
         self._buffer: collections.deque[Prediction] = collections.deque()
         self._bytes = 0
         self._overflow = 0  # dropped at offer() since the writer last reported
@@ -246,6 +248,7 @@ class PredictionLog:
         ends the cycle (the next one tries again) so a dead sink is asked once per interval."""
         written, failed = 0, 0
         while batch := self._take():
+            self._hand_inputs(batch)
             try:
                 rows = [to_row(p, self.who, self.keep_inputs) for p in batch]
                 self.sink.write(rows)
@@ -258,6 +261,14 @@ class PredictionLog:
             if len(batch) < self.batch_size:
                 break
         self._report(written, failed)
+
+    def _hand_inputs(self, batch: list[Prediction]) -> None:
+        if self.on_inputs is None:
+            return
+        try:
+            self.on_inputs([p.inputs for p in batch])
+        except Exception:  # noqa: BLE001 - drift is a figure, never the log's or a request's problem
+            log.exception("computing input drift failed")
 
     def _report(self, written: int, failed: int) -> None:
         with self._lock:

@@ -34,7 +34,7 @@ HISTOGRAMS = {
     "canary_inference_duration_seconds",
     "canary_prediction_confidence",
 }
-GAUGES = {"canary_queue_rows", "canary_model_info"}
+GAUGES = {"canary_queue_rows", "canary_model_info", "canary_input_drift_psi", "canary_input_drift_rows"}
 SERVICE_SERIES = (
     {f"{name}_total" for name in COUNTERS}
     | {f"{name}_{suffix}" for name in HISTOGRAMS for suffix in ("bucket", "sum", "count")}

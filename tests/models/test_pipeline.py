@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +37,17 @@ def test_served_predictions_equal_in_process_onnx_runtime_on_the_test_split(serv
     np.testing.assert_allclose(served_logits, local_logits, rtol=1e-5, atol=1e-5)
     accuracy = float((served_logits.argmax(1) == split.y_test).mean())
     assert accuracy > 0.8  # a real, trained model: 3 epochs reach ~87-92%
+
+
+def test_the_training_inputs_distribution_is_stored_with_the_model(built_pipeline):
+    """The input-drift reference (service/core/drift.py): the training digits' per-pixel bins."""
+    import bentoml
+
+    from service.core.drift import DriftReference
+
+    reference = DriftReference.load(Path(bentoml.models.get(f"digits:v{built_pipeline.version}").path))
+    assert reference is not None and reference.features == 64 and reference.rows == len(load_split().x_train)
+    assert (reference.counts.sum(axis=1) == reference.rows).all() and (reference.low, reference.high) == (0.0, 16.0)
 
 
 def test_lineage_sha256_is_the_same_in_mlflow_the_store_and_the_server(served, built_pipeline, canary_home):
