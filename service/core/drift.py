@@ -117,19 +117,25 @@ class DriftMonitor:
         width = self.reference.features
         arrays = [np.asarray(a, dtype=np.float64).reshape(-1, width) for a in inputs if a.size and a.size % width == 0]
         if arrays:
-            index = self.reference.bin_index(np.concatenate(arrays)[-self.window :])
-            with self._lock:
-                for row in index:  # a few hundred rows per writer cycle: cheap next to the model
-                    if self._filled == self.window:
-                        np.subtract.at(self._counts, (np.arange(width), self._ring[self._next]), 1)
-                    else:
-                        self._filled += 1
-                    self._ring[self._next] = row
-                    np.add.at(self._counts, (np.arange(width), row), 1)
-                    self._next = (self._next + 1) % self.window
+            self._add(self.reference.bin_index(np.concatenate(arrays)[-self.window :]))
         score = self.score()
         if score is not None:
             self.observer.input_drift(score, self._filled)
+
+    def _add(self, index: np.ndarray) -> None:
+        """Put rows of bin indices into the ring (vectorised: one bincount per batch)."""
+        n, width, span = len(index), self.reference.features, self.reference.bins + 2
+        offsets = np.arange(width) * span
+        with self._lock:
+            positions = (self._next + np.arange(n)) % self.window
+            evicted = positions[max(0, self.window - self._filled) :]  # slots that already hold a row
+            if len(evicted):
+                old = self._ring[evicted].astype(np.int64) + offsets
+                self._counts -= np.bincount(old.ravel(), minlength=width * span).reshape(width, span)
+            self._ring[positions] = index
+            self._counts += np.bincount((index + offsets).ravel(), minlength=width * span).reshape(width, span)
+            self._filled = min(self.window, self._filled + n)
+            self._next = (self._next + n) % self.window
 
     def score(self) -> float | None:
         """Mean PSI over the features; None until `min_rows` rows were seen."""

@@ -65,6 +65,20 @@ def test_the_window_slides_back_when_the_inputs_recover(split, reference):
     assert monitor.score() < ALERT_PSI / 2
 
 
+def test_the_window_always_scores_exactly_its_last_rows(split, reference):
+    """Batches of any size (one request up to more than the window), mixed shifted and not:
+    the figure equals the PSI of a recount of the last `window` rows seen."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([split.x_val, split.x_test, inverted(split.x_test)])
+    monitor, seen = DriftMonitor(reference, window=250, min_rows=1), np.zeros((0, 64), dtype=np.float32)
+    for size in [*rng.integers(1, 60, 30), 400, 3, 250, 1]:
+        batch = [x[rng.integers(0, len(x), n)] for n in rng.multinomial(size, [0.5, 0.5]) if n]
+        monitor.update(batch)
+        seen = np.concatenate([seen, *batch])[-250:]
+        recount = DriftReference.from_inputs(seen, *PIXEL_RANGE).counts
+        assert monitor.score() == pytest.approx(float(psi(recount, reference.counts).mean()), rel=1e-12)
+
+
 def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift():
     counts = np.array([[50, 30, 20]])
     assert psi(counts, counts)[0] == pytest.approx(0.0)
