@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test containers bench chaos lint fmt clean system-deps loadtest knee
+.PHONY: setup demo test containers fuzz bench chaos lint fmt clean system-deps loadtest knee
 
 ## setup: create .venv, install the project and the system services (idempotent)
 setup: $(STAMP) system-deps
@@ -33,6 +33,10 @@ test: setup
 ## containers: images built and run on the real container engine, the compose target on real containers
 containers: setup
 	@$(BIN)/python -m pytest -m engine
+
+## fuzz: the V2 codec fuzzers at 10,000 seeded examples each (make test runs 2,000) and Schemathesis (minutes)
+fuzz: setup
+	@CANARY_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/service/v2/test_fuzz.py tests/service/v2/test_schemathesis.py
 
 ## bench: the side-by-side serving benchmark (minutes; not part of make test)
 bench: setup

@@ -403,7 +403,8 @@ def gate(
             "--source",
             help="locust: load both slots now (default); shadow: judge the copies of real "
             "requests mirrored to the candidate (`canary shadow on`) in the prediction log; live: judge "
-            "the real requests each slot answered at its weight, with the labels posted for them.",
+            "the real requests each slot answered at its weight, with the labels posted for them; all: "
+            "locust, then shadow (if shadow is on) and live (if the candidate has a weight), the worst decides.",
         ),
     ] = "locust",
     since: Annotated[
@@ -420,9 +421,46 @@ def gate(
     if source == "live":
         _live_gate(since, store, _thresholds(thresholds))
         return
+    if source == "all":
+        _all_gates(_gate_request(duration, users, spawn_rate, thresholds), since, store, _thresholds(thresholds))
+        return
     if source != "locust":
-        raise CanaryError(f"--source must be locust, shadow or live, got {source!r}")
+        raise CanaryError(f"--source must be locust, shadow, live or all, got {source!r}")
     _print(_target().gate(_gate_request(duration, users, spawn_rate, thresholds), say))
+
+
+def _all_gates(request, since: str, store: str | None, limits) -> None:
+    """Every source that applies, one after the other; the worst exit code is the verdict (2:
+    a source could not run, 1: one failed or was inconclusive). Shadow applies when shadow is
+    on, live when the candidate has a weight; a source that does not apply says why."""
+    target = _target()
+    typer.echo("== locust")
+    applied = target.gate(request, say)
+    for line in applied.lines:
+        typer.echo(line)
+    codes = {"locust": applied.exit_code}
+    status = target.status()
+    later = (
+        ("shadow", bool(status.get("shadow")), "shadow is off", lambda: _shadow_gate(since, store, limits)),
+        ("live", bool(status.get("weight")), "the candidate has no weight", lambda: _live_gate(since, store, limits)),
+    )
+    for name, applies, why_not, run in later:
+        typer.echo(f"== {name}")
+        if not applies:
+            typer.echo(f"skipped: {why_not}")
+            continue
+        try:
+            run()
+            codes[name] = 0
+        except typer.Exit as exit_:
+            codes[name] = exit_.exit_code
+        except CanaryError as exc:
+            typer.echo(f"could not run: {exc}")
+            codes[name] = 2
+    words = {0: "pass", 1: "fail or inconclusive", 2: "could not run"}
+    typer.echo("all: " + ", ".join(f"{name} {words.get(code, code)}" for name, code in codes.items()))
+    if worst := max(codes.values()):
+        raise typer.Exit(worst)
 
 
 def _shadow_gate(since: str, source: str | None, limits) -> None:

@@ -332,6 +332,23 @@ class PairedAnswers:
         return live, float(np.mean(self.classes[labelled] == truth)), count
 
 
+def _paired_accuracy_check(stats: PairedAnswers, accuracies: tuple[float, float, int], t: GateThresholds) -> Check:
+    """The drop on the labelled rows fails only when over the limit AND McNemar's exact test on
+    the discordant rows says it is not chance (one discordant row in 40 labels is 2.5 points)."""
+    from loadtest.stats import LIVE_ALPHA, mcnemar_p
+
+    live, candidate, count = accuracies
+    drop = 100.0 * (live - candidate)
+    labelled = stats.labels >= 0
+    truth = stats.labels[labelled]
+    live_right, candidate_right = stats.live_classes[labelled] == truth, stats.classes[labelled] == truth
+    b, c = int((live_right & ~candidate_right).sum()), int((candidate_right & ~live_right).sum())
+    p_value = mcnemar_p(b, c)
+    significant = drop > t.max_accuracy_drop_pp and p_value < LIVE_ALPHA
+    detail = f"{count} labelled rows; McNemar exact p={p_value:.3g} (alpha {LIVE_ALPHA}) on {b}+{c} discordant"
+    return Check("accuracy_drop_pp", drop, t.max_accuracy_drop_pp, not significant, detail)
+
+
 def decide_paired(
     stats: PairedAnswers, thresholds: GateThresholds, what: str, extra: tuple[Check, ...] = ()
 ) -> GateVerdict:
@@ -352,9 +369,7 @@ def decide_paired(
         _at_most("confidence_ks", ks, t.max_confidence_ks, "KS statistic of top-class confidence"),
     ]
     if (accuracies := stats.accuracies()) is not None:
-        live, candidate, count = accuracies
-        drop = 100.0 * (live - candidate)
-        checks.append(_at_most("accuracy_drop_pp", drop, t.max_accuracy_drop_pp, f"{count} labelled rows"))
+        checks.append(_paired_accuracy_check(stats, accuracies, t))
     failed = [c for c in checks if not c.passed]
     if not enough.passed:
         verdict = INCONCLUSIVE

@@ -10,6 +10,11 @@ side, so 0/n and n/n stay honest), the drop is
 - undecided otherwise, and the labels still needed follow from how far the estimate sits from
   the margin: the interval narrows with the square root of the labels.
 
+Paired accuracy (the same inputs answered by both, as in a replay or the shadow gate): only
+the discordant pairs carry information, so a drop is real when McNemar's exact test says so:
+of the b + c rows where exactly one side is right, stable alone right (b) in more than half by
+more than chance (one-sided binomial).
+
 Error ratio: an increase fails only when it is larger than `max_error_ratio_increase` and
 Fisher's exact test (one-sided) says it is not chance: a handful of errors on a few hundred
 requests does not fail a candidate whose stable made none by luck.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy.stats import fisher_exact, norm
+from scipy.stats import binomtest, fisher_exact, norm
 
 LIVE_ALPHA = 0.05  # one-sided; a live verdict is re-run as labels arrive, so 95% is the bar
 MORE_CAP = 10_000_000  # "needs more than this": the estimate sits on the margin
@@ -75,3 +80,12 @@ def error_increase_p(errors_candidate: int, requests_candidate: int, errors_stab
         [errors_stable, requests_stable - errors_stable],
     ]
     return float(fisher_exact(table, alternative="greater").pvalue)
+
+
+def mcnemar_p(stable_only_right: int, candidate_only_right: int) -> float:
+    """One-sided exact McNemar p-value of 'the candidate is wrong more often than stable', from
+    the discordant pairs (1.0 when there are none)."""
+    discordant = stable_only_right + candidate_only_right
+    if not discordant:
+        return 1.0
+    return float(binomtest(stable_only_right, discordant, 0.5, alternative="greater").pvalue)

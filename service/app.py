@@ -38,6 +38,7 @@ from service.core.observer import CoreObserver
 from service.core.predlog import LogIdentity, PredictionLog, RequestTrace
 from service.core.request_id import request_id_from
 from service.core.runner import OnnxRunner
+from service.core.shadow_compare import ShadowComparer
 from service.logs import install_json_logs
 from service.settings import ServiceSettings
 from service.sinks import PredictionLogStore, open_store
@@ -103,7 +104,8 @@ def build_prediction_log(
     settings: ServiceSettings, card: ModelCard, observer: CoreObserver, model_folder: Path | None = None
 ) -> tuple[PredictionLog | None, PredictionLogStore | None]:
     """The prediction log and its store, or (None, None) without `prediction_log_url`; the
-    log's writer feeds the input-drift monitor when the model has a reference."""
+    log's writer feeds the input-drift monitor when the model has a reference, and compares
+    the shadow copies it logged with stable's answers."""
     if not settings.prediction_log_url:
         return None, None
     reference = DriftReference.load(model_folder) if model_folder is not None else None
@@ -120,6 +122,7 @@ def build_prediction_log(
         max_bytes=settings.prediction_log_buffer_bytes, batch_size=settings.prediction_log_batch,
         flush_interval_s=settings.prediction_log_flush_interval_s, keep_inputs=settings.prediction_log_inputs,
         observer=observer, on_inputs=drift.update if drift is not None else None,
+        on_written=ShadowComparer(store, card.name, observer).after_cycle,
     )  # fmt: skip
     return predlog, store
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from service.core.model import ModelCard
 from service.core.observer import CoreObserver
+from service.core.shadow_compare import ShadowPair
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -89,6 +90,23 @@ class ServiceMetrics(CoreObserver):
         self._drift_rows = prom.Gauge(
             "canary_input_drift_rows", "Input rows the drift figure is computed on.", names, multiprocess_mode="livemax",
         ).labels(**base)  # fmt: skip
+        # -- the shadow diff (service.core.shadow_compare), by the stable version compared against
+        shadow = [*names, "stable_version"]
+        self._shadow = {
+            name: prom.Counter(f"canary_shadow_{name}", help_text, shadow)
+            for name, help_text in (
+                ("requests_compared", "Shadow copies answered here and compared with stable's answer."),
+                ("rows_compared", "Rows of those copies."),
+                ("rows_agreed", "Rows where this slot and stable predicted the same class."),
+                ("confidence_candidate", "This slot's top-class confidence, summed over compared rows."),
+                ("confidence_stable", "Stable's top-class confidence, summed over the same rows."),
+                ("latency_candidate_seconds", "This slot's latency, summed over compared requests."),
+                ("latency_stable_seconds", "Stable's latency, summed over the same requests."),
+            )
+        }
+        self._shadow_unmatched = prom.Counter(
+            "canary_shadow_unmatched", "Shadow copies whose stable answer never showed in the log.", names
+        ).labels(**base)
         info = prom.Gauge(
             "canary_model_info", "The served model (value 1).", [*names, "sha256", "architecture"],
             multiprocess_mode="max",
@@ -152,3 +170,19 @@ class ServiceMetrics(CoreObserver):
     def input_drift(self, psi: float, rows: int) -> None:
         self._drift.set(psi)
         self._drift_rows.set(rows)
+
+    def shadow_compared(self, pairs: list[ShadowPair]) -> None:
+        for pair in pairs:
+            labels = {**self._base, "stable_version": pair.stable_version}
+            self._shadow["requests_compared"].labels(**labels).inc()
+            self._shadow["rows_compared"].labels(**labels).inc(pair.rows)
+            self._shadow["rows_agreed"].labels(**labels).inc(pair.agreed)
+            if pair.confidence is not None:
+                self._shadow["confidence_candidate"].labels(**labels).inc(pair.confidence[0])
+                self._shadow["confidence_stable"].labels(**labels).inc(pair.confidence[1])
+            if pair.latency_ms is not None:
+                self._shadow["latency_candidate_seconds"].labels(**labels).inc(pair.latency_ms[0] / 1000)
+                self._shadow["latency_stable_seconds"].labels(**labels).inc(pair.latency_ms[1] / 1000)
+
+    def shadow_unmatched(self, copies: int) -> None:
+        self._shadow_unmatched.inc(copies)

@@ -43,6 +43,8 @@ class LoggedPrediction:
     model_version: str
     slot: str
     classes: tuple[int, ...]
+    confidences: tuple[float, ...] = ()  # of the predicted class per row (rows logged before: empty)
+    latency_ms: float | None = None
 
 
 @dataclass(frozen=True)

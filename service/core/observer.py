@@ -4,6 +4,10 @@ them with Prometheus, tests may record them. The default does nothing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.core.shadow_compare import ShadowPair
 
 
 class CoreObserver:
@@ -44,3 +48,10 @@ class CoreObserver:
     def input_drift(self, psi: float, rows: int) -> None:
         """Mean PSI over features of the last `rows` input rows against the model's training
         inputs (`service.core.drift`)."""
+
+    def shadow_compared(self, pairs: list[ShadowPair]) -> None:
+        """Shadow copies this slot answered, each compared with stable's answer to the same
+        request (`service.core.shadow_compare`)."""
+
+    def shadow_unmatched(self, copies: int) -> None:
+        """Shadow copies for which stable's answer never showed in the log (or had other rows)."""

@@ -173,6 +173,7 @@ class PredictionLog:
         warn_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         on_inputs: Callable[[list[np.ndarray]], None] | None = None,
+        on_written: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         if max_records < 1 or max_bytes < 1 or batch_size < 1 or flush_interval_s <= 0:
             raise ValueError("max_records, max_bytes and batch_size must be >= 1, flush_interval_s > 0")
@@ -182,6 +183,7 @@ class PredictionLog:
         self.observer = observer or CoreObserver()
         self.warn_interval_s, self._clock = warn_interval_s, clock
         self.on_inputs = on_inputs  # the writer hands each batch's inputs over (input drift)
+        self.on_written = on_written  # and after each cycle the rows it wrote (the shadow diff)
         self._buffer: collections.deque[Prediction] = collections.deque()
         self._bytes = 0
         self._overflow = 0  # dropped at offer() since the writer last reported
@@ -247,12 +249,14 @@ class PredictionLog:
         """Write full batches while there are any, then whatever is left; a sink failure
         ends the cycle (the next one tries again) so a dead sink is asked once per interval."""
         written, failed = 0, 0
+        done: list[dict[str, Any]] = []
         while batch := self._take():
             self._hand_inputs(batch)
             try:
                 rows = [to_row(p, self.who, self.keep_inputs) for p in batch]
                 self.sink.write(rows)
                 written += len(batch)
+                done += rows
             except Exception as exc:  # noqa: BLE001 - the log is best effort, never a request's problem
                 failed += len(batch)
                 self._warn(f"prediction log sink failing ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
@@ -261,6 +265,14 @@ class PredictionLog:
             if len(batch) < self.batch_size:
                 break
         self._report(written, failed)
+        if self.on_written is not None:
+            try:
+                self.on_written(done)
+            except Exception as exc:  # noqa: BLE001 - the shadow diff is a figure, never the log's problem
+                self._warn(
+                    f"comparing shadow answers failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                    "the copies wait, then count as unmatched (canary_shadow_unmatched_total)",
+                )
 
     def _hand_inputs(self, batch: list[Prediction]) -> None:
         if self.on_inputs is None:
@@ -284,8 +296,10 @@ class PredictionLog:
         except Exception:  # noqa: BLE001 - metrics must never stop the writer
             log.exception("reporting prediction log counts failed")
 
-    def _warn(self, message: str) -> None:
+    def _warn(
+        self, message: str, then: str = "records are dropped and counted (canary_prediction_log_dropped_total)"
+    ) -> None:
         now = self._clock()
         if now - self._last_warning >= self.warn_interval_s:
             self._last_warning = now
-            log.warning("%s; records are dropped and counted (canary_prediction_log_dropped_total)", message)
+            log.warning("%s; %s", message, then)

@@ -139,12 +139,13 @@ class PostgresPredictionStore:
     # -- the feedback join ---------------------------------------------------------------
     def lookup(self, model: str, ids: list[str]) -> dict[str, LoggedPrediction]:
         found = self._query(
-            "SELECT DISTINCT ON (request_id) request_id, model, model_version, slot, classes FROM canary_predictions "
+            "SELECT DISTINCT ON (request_id) request_id, model, model_version, slot, classes, confidences, latency_ms "
+            "FROM canary_predictions "
             "WHERE request_id = ANY(%s) AND model = %s AND NOT shadow "
             "AND time > now() - make_interval(secs => %s) ORDER BY request_id, time DESC",
             (ids, model, self.label_window_s),
         )
-        return {r[0]: LoggedPrediction(r[1], r[2], r[3], tuple(r[4])) for r in found}
+        return {r[0]: LoggedPrediction(r[1], r[2], r[3], tuple(r[4]), tuple(r[5] or ()), r[6]) for r in found}
 
     def labels_of(self, ids: list[str]) -> dict[str, tuple[int, ...]]:
         found = self._query("SELECT request_id, labels FROM canary_labels WHERE request_id = ANY(%s)", (ids,))

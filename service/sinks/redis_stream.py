@@ -96,7 +96,7 @@ class RedisPredictionStore:
         for row in rows:
             pipe.xadd(self.stream, to_fields(row), maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
             if not row["shadow"]:
-                joined = {k: row[k] for k in ("model", "model_version", "slot", "classes")}
+                joined = {k: row[k] for k in ("model", "model_version", "slot", "classes", "confidences", "latency_ms")}
                 pipe.set(self._key("req", row["request_id"]), json.dumps(joined), ex=self.label_window_s)
         pipe.execute()
 
@@ -112,8 +112,9 @@ class RedisPredictionStore:
             entry = json.loads(blob)
             if entry["model"] == model:
                 found[request_id] = LoggedPrediction(
-                    entry["model"], entry["model_version"], entry["slot"], tuple(entry["classes"])
-                )
+                    entry["model"], entry["model_version"], entry["slot"], tuple(entry["classes"]),
+                    tuple(entry.get("confidences") or ()), entry.get("latency_ms"),
+                )  # fmt: skip
         return found
 
     def labels_of(self, ids: list[str]) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,11 @@ COMPOSE_DIR = ROOT / "deploy" / "compose"
 DASHBOARD = OBSERVABILITY / "grafana" / "dashboards" / "bento-canary.json"
 
 # The service's metric families (service/metrics.py) and their exposition suffixes.
-COUNTERS = {"canary_requests", "canary_overload_rejections", "canary_cache_events", "canary_predictions"}
+COUNTERS = {"canary_requests", "canary_overload_rejections", "canary_cache_events", "canary_predictions"} | {
+    f"canary_shadow_{name}"
+    for name in ("requests_compared", "rows_compared", "rows_agreed", "confidence_candidate", "confidence_stable",
+                 "latency_candidate_seconds", "latency_stable_seconds", "unmatched")
+}  # fmt: skip
 HISTOGRAMS = {
     "canary_request_duration_seconds",
     "canary_batch_rows",
@@ -212,6 +216,7 @@ _EXPOSE = textwrap.dedent(
     """
     import prometheus_client
     from service.core.model import ModelCard
+    from service.core.shadow_compare import ShadowPair
     from service.metrics import ServiceMetrics
 
     card = ModelCard("digits", "3", "ab" * 32, (), (), "logits", "logits", lineage={"architecture": "cnn"})
@@ -222,6 +227,9 @@ _EXPOSE = textwrap.dedent(
     metrics.rejected()
     metrics.cache_event("hit", 1)
     metrics.predictions([1, 7], [0.9, 0.6])
+    metrics.input_drift(0.02, 500)
+    metrics.shadow_compared([ShadowPair("2", 1, 1, (0.9, 0.8), (4.0, 3.0))])
+    metrics.shadow_unmatched(1)
     for family in prometheus_client.REGISTRY.collect():
         for sample in family.samples:
             print(sample.name)
@@ -245,7 +253,8 @@ def test_every_queried_service_metric_is_exposed_by_service_metrics():
 @pytest.mark.slow
 def test_queried_metrics_appear_on_a_served_bento(serving):
     """After one answered request a real `bentoml serve` shows every queried service series,
-    except the overload counter, which appears with the first refused request."""
+    except those that need more: the overload counter (a refused request), input drift (200
+    logged rows) and the shadow diff (a shadow copy)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     httpx.post(f"{serving.url}/classify", json={"pixels": [[0.0] * 64]}, timeout=30).raise_for_status()
@@ -254,7 +263,8 @@ def test_queried_metrics_appear_on_a_served_bento(serving):
     queried = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
     queried |= set().union(*(metric_names(rule["expr"]) for rule in alert_rules()))
     missing = {name for name in queried if ":" not in name} - NOT_FROM_THE_SERVICE - served
-    assert missing <= {"canary_overload_rejections_total"}, sorted(missing)
+    later = {"canary_overload_rejections_total", "canary_input_drift_psi", "canary_input_drift_rows"}
+    assert {name for name in missing if not name.startswith("canary_shadow_")} <= later, sorted(missing)
 
 
 # -- compose -----------------------------------------------------------------------------

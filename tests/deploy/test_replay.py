@@ -93,6 +93,12 @@ def test_the_replay_verdict_uses_the_gates_limits():
     assert "accuracy_drop_pp" not in {
         c.name for c in decide_paired(stats(same, worse), THRESHOLDS, "logged rows").checks
     }
+    # two discordant rows among 40 labels are 5 points, but McNemar's p is 0.25: not yet a drop
+    few = [-1] * 1000
+    few[:40] = same[:40]
+    lucky = decide_paired(stats(same, worse, labels=few), THRESHOLDS, "logged rows")
+    drop = next(c for c in lucky.checks if c.name == "accuracy_drop_pp")
+    assert drop.passed and drop.value == pytest.approx(5.0) and "p=0.25 " in drop.detail, drop.detail
 
 
 @pytest.fixture(scope="module")

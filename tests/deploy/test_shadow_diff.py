@@ -90,7 +90,7 @@ def test_shadow_gate_refusals_are_one_line(capsys):
     from tests.support.canary_cli import canary_in_process
 
     cases = [
-        (("gate", "--source", "nope"), "--source must be locust, shadow or live"),
+        (("gate", "--source", "nope"), "--source must be locust, shadow, live or all"),
         (("--target", "k8s", "gate", "--source", "shadow"), "give --from"),
         (("gate", "--source", "shadow", "--since", "yesterday"), "time 'yesterday' must be like"),
         (("gate", "--source", "shadow", "--from", "ftp://x"), "--from"),

@@ -542,6 +542,15 @@ def test_a_live_gate_waits_for_labels_then_fails_a_less_accurate_candidate(stack
         assert late.stdout.strip().splitlines()[-1].startswith("fail: accuracy_drop_pp "), late.stdout
         # both slots publish input drift against the reference exported with their model
         assert re.search(r"input drift PSI: candidate \d+\.\d+ vs stable \d+\.\d+ ", late.stdout), late.stdout
+
+        # every source that applies, the worst decides: Locust (fails the CNN too), shadow
+        # (off here: skipped, says so), live
+        every = canary_cli(stack_settings, "gate", "--source", "all", "--since", since, "--duration", "8s")
+        assert every.returncode == 1 and "Traceback" not in every.stderr, every.stdout + every.stderr
+        lines = every.stdout.strip().splitlines()
+        assert lines[0] == "== locust" and "== shadow" in lines and "skipped: shadow is off" in lines, every.stdout
+        assert lines[-1] == "all: locust fail or inconclusive, live fail or inconclusive", every.stdout
+        assert lines[-2].startswith("fail: accuracy_drop_pp "), every.stdout  # the live verdict
     finally:
         run(stack, plan_weight(stack.store.load(), 0))
         run(stack, plan_switch(stack.store.load()))  # blue stable again, for the tests that follow

@@ -1,0 +1,107 @@
+"""The shadow diff on the candidate slot (issue 15): each copy's answer compared with stable's
+answer to the same request id, from the shared log's store, into the slot's metrics.
+
+End to end with two real V2 listeners (stable and candidate) logging to one real
+redis-server; the waiting and expiry rules with a stand-in store and clock."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from service.core.feedback import LoggedPrediction
+from service.core.shadow_compare import ShadowComparer, ShadowPair
+from service.sinks import open_store
+from tests.support.predlog import INFER, RecordingObserver, logged_server, wait_until
+from tests.support.redis_server import RedisProcess
+from tests.support.tiny_model import digits_rows
+
+
+class RecordingShadow(RecordingObserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[ShadowPair] = []
+        self.unmatched = 0
+        self.shadow_lock = threading.Lock()
+
+    def shadow_compared(self, pairs: list[ShadowPair]) -> None:
+        with self.shadow_lock:
+            self.pairs += pairs
+
+    def shadow_unmatched(self, copies: int) -> None:
+        with self.shadow_lock:
+            self.unmatched += copies
+
+    def rows(self) -> tuple[int, int]:
+        with self.shadow_lock:
+            return sum(p.rows for p in self.pairs), sum(p.agreed for p in self.pairs)
+
+
+@pytest.mark.parametrize(("candidate_seed", "all_agree"), [(0, True), (1, False)], ids=["twin", "different"])
+def test_copies_are_compared_with_stables_answers_to_the_same_request(tmp_path, candidate_seed, all_agree):
+    x = digits_rows(120, seed=5)
+    with RedisProcess() as redis:
+        observer = RecordingShadow()
+        candidate_store = open_store(redis.url)
+        comparer = ShadowComparer(candidate_store, "digits", observer)
+        with (
+            logged_server(tmp_path, open_store(redis.url), version="1", slot="blue") as stable,
+            logged_server(tmp_path, candidate_store, version="2", slot="green", seed=candidate_seed,
+                          on_written=comparer.after_cycle) as candidate,
+        ):  # fmt: skip
+            same = 0
+            with httpx.Client(timeout=30) as client:
+                for i, row in enumerate(x):
+                    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}]}
+                    rid = {"X-Request-Id": f"shadow-{candidate_seed}-{i}"}
+                    live = client.post(stable.url + INFER, json=body, headers=rid)
+                    copy = client.post(candidate.url + INFER, json=body, headers={**rid, "X-Canary-Shadow": "1"})
+                    assert live.status_code == copy.status_code == 200
+                    same += int(
+                        np.argmax(live.json()["outputs"][0]["data"]) == np.argmax(copy.json()["outputs"][0]["data"])
+                    )
+            compared, agreed = wait_until(lambda: observer.rows()[0] == len(x) and observer.rows(), 30, "120 pairs")
+    assert agreed == same and (agreed == len(x)) == all_agree, (agreed, same)
+    assert {p.stable_version for p in observer.pairs} == {"1"} and observer.unmatched == 0
+    assert all(p.confidence is not None and p.latency_ms is not None for p in observer.pairs)
+    if all_agree:  # the same model: the same confidences
+        assert all(p.confidence[0] == pytest.approx(p.confidence[1], abs=1e-6) for p in observer.pairs)
+
+
+class StandInStore:
+    def __init__(self) -> None:
+        self.answers: dict[str, LoggedPrediction] = {}
+
+    def lookup(self, model: str, ids: list[str]) -> dict[str, LoggedPrediction]:
+        return {i: self.answers[i] for i in ids if i in self.answers}
+
+
+def shadow_row(rid: str, classes: list[int]) -> dict:
+    return {"request_id": rid, "shadow": True, "classes": classes, "confidences": [0.5] * len(classes),
+            "latency_ms": 4.0}  # fmt: skip
+
+
+def test_a_copy_waits_for_stables_answer_then_counts_as_unmatched():
+    now = [0.0]
+    store, observer = StandInStore(), RecordingShadow()
+    comparer = ShadowComparer(store, "digits", observer, wait_s=10.0, max_pending=3, clock=lambda: now[0])
+    comparer.after_cycle([shadow_row("a", [1]), shadow_row("b", [2, 3]), {"request_id": "c", "shadow": False}])
+    assert observer.pairs == [] and observer.unmatched == 0  # stable's answers not logged yet
+    store.answers["a"] = LoggedPrediction("digits", "1", "blue", (1,), (0.75,), 3.0)
+    store.answers["b"] = LoggedPrediction("digits", "1", "blue", (2,), (0.75,), 3.0)  # one row, not two
+    now[0] = 5.0
+    comparer.after_cycle([])
+    assert observer.pairs == [ShadowPair("1", 1, 1, (0.5, 0.75), (4.0, 3.0))] and observer.unmatched == 1
+    comparer.after_cycle([shadow_row("d", [4])])
+    now[0] = 16.0  # d waited 11 s: stable never logged it
+    comparer.after_cycle([])
+    assert observer.unmatched == 2
+    comparer.after_cycle([shadow_row(str(i), [0]) for i in range(5)])  # over max_pending: the oldest go
+    assert observer.unmatched == 4
+    # an answer logged before stable kept confidences (older rows) is compared on classes only
+    store.answers["4"] = LoggedPrediction("digits", "1", "blue", (0,))
+    comparer.after_cycle([])
+    assert observer.pairs[-1] == ShadowPair("1", 1, 1, None, None)
