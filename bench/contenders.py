@@ -113,7 +113,8 @@ class ProjectBento:
 
         if self.precision == "int8":
             if model.int8 is None:
-                raise SkipContender(f"no int8 export of {model.architecture} in this run")
+                why = f"its int8 export was refused: {model.int8_refused}" if model.int8_refused else "none in this run"
+                raise SkipContender(f"no int8 export of {model.architecture}: {why}")
             model = model.int8
 
         grpc_port, rest_port = free_port(), free_port()

@@ -35,6 +35,7 @@ class PreparedModel:
     precision: str = "fp32"
     accuracy: str = ""  # the stored graph's test accuracy (and, for int8, the fp32 one and the drop)
     int8: PreparedModel | None = None  # the same training run's int8 export, for the project's int8 row
+    int8_refused: str = ""  # why the int8 export was refused (its accuracy check), when it was
 
 
 def _prepared(home: BenchHome, version: int) -> PreparedModel:
@@ -111,10 +112,16 @@ def prepare_model(
     (deterministic) training run, attached as `.int8`."""
     from dataclasses import replace
 
+    from models.errors import CanaryError
+
     fp32 = prepare_one(home, architecture, epochs, fresh, say, learning_rate=learning_rate)
     if not int8:
         return fp32
-    int8_model = prepare_one(home, architecture, epochs, fresh, say, precision="int8", learning_rate=learning_rate)
+    try:
+        int8_model = prepare_one(home, architecture, epochs, fresh, say, precision="int8", learning_rate=learning_rate)
+    except CanaryError as exc:  # the export's accuracy check said no: a finding, the fp32 rows still run
+        say(f"int8 export refused: {exc}")
+        return replace(fp32, int8_refused=str(exc))
     return replace(fp32, int8=int8_model)
 
 

@@ -192,6 +192,8 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
                     run.notes.append(
                         f"{arch} {variant.precision} (registry version {variant.version}): {variant.accuracy}"
                     )
+            if prepared[arch].int8_refused:  # reported, and the int8 row says why it is missing
+                run.notes.append(f"{arch} int8: export refused, no bento-int8 row: {prepared[arch].int8_refused}")
         except Exception as exc:  # noqa: BLE001
             run.failures.append(f"{arch} preparation: {_brief(exc)}")
             say(f"  {arch}: preparation FAILED: {_brief(exc)}")

@@ -512,13 +512,26 @@ def rollout(
     spawn_rate: SpawnRate = 16.0,
     bake: Bake = None,
     thresholds: Thresholds = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="What judges each step. locust: load both slots (default); live: wait --step-duration, then "
+            "judge the real requests of the step (labels, errors, latency), a second look if inconclusive.",
+        ),
+    ] = "locust",
 ) -> None:
     """Walk the weight steps, gate each; roll back on a failed gate, promote (and bake) after the last."""
+    from dataclasses import replace
+
     try:
         parsed = [int(step) for step in steps.split(",")]
     except ValueError:
         raise CanaryError(f"--steps {steps!r} must be comma-separated percentages, e.g. 5,25,50,100") from None
-    _print(_target().rollout(parsed, _gate_request(step_duration, users, spawn_rate, thresholds), bake, say))
+    if source not in ("locust", "live"):
+        raise CanaryError(f"--source must be locust or live for a rollout, got {source!r}")
+    request = replace(_gate_request(step_duration, users, spawn_rate, thresholds), source=source)
+    _print(_target().rollout(parsed, request, bake, say))
 
 
 _SLOT_HELP = (

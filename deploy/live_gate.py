@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,3 +274,47 @@ def drift_of(metrics_text: str) -> float | None:
             if sample.name == "canary_input_drift_psi":
                 return float(sample.value)
     return None
+
+
+@dataclass(frozen=True)
+class LiveOutcome:
+    """A live verdict in the shape a rollout step reads (`deploy.rollout.walk_steps`)."""
+
+    exit_code: int
+    verdict: GateVerdict | None
+    error: str | None = None
+
+
+def live_step(stack: Any, options: Any, since: float, say: Callable[[str], None]) -> LiveOutcome:
+    """One rollout step judged on real traffic: wait until `options.duration_s` have passed
+    since the step's weight took effect, then judge the window from then to now. The verdict
+    is kept as the stack's last gate and in its history, like a Locust gate's."""
+    from loadtest.gate import DEFAULT_THRESHOLDS, GateThresholds
+
+    wait = since + options.duration_s - time.time()
+    if wait > 0:
+        say(f"waiting {wait:.0f} s for live traffic at this weight")
+        time.sleep(wait)
+    thresholds = GateThresholds.from_yaml(options.thresholds or DEFAULT_THRESHOLDS)
+    store = stack.prediction_store()
+    try:
+        report = live_gate(stack, store, since, time.time(), thresholds)
+    except CanaryError as exc:
+        return LiveOutcome(2, None, str(exc))
+    except Exception as exc:  # noqa: BLE001 - the store's own errors: the gate could not run
+        return LiveOutcome(2, None, f"cannot read the prediction log: {type(exc).__name__}: {exc}")
+    finally:
+        store.close()
+    for line in report.lines()[:-1]:
+        say(line)
+    verdict = report.verdict
+    record = {"verdict": verdict.verdict, "summary": verdict.summary, "exit_code": int(not verdict.passed),
+              "source": "live", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    state = stack.store.load()
+    record["weight"] = state.weight
+    with stack.store.locked():
+        stack.store.save(dataclasses.replace(stack.store.load(), last_gate=record))
+    stack.store.history.append(
+        "gate", f"{verdict.verdict} (live) at {state.weight}% for {state.slots[state.candidate].bento}", verdict.summary
+    )
+    return LiveOutcome(0 if verdict.passed else 1, verdict)

@@ -33,6 +33,7 @@ class GateOptions:
     users: int = 16
     spawn_rate: float = 16.0
     thresholds: Path | None = None  # None: loadtest/thresholds.yaml
+    source: str = "locust"  # locust: load both slots; live: wait duration_s, judge the step's real traffic
 
 
 class Release(Protocol):
@@ -161,8 +162,13 @@ def rollout(
     stack: LocalStack, steps: Sequence[int], options: GateOptions, say: Say, on_champion: Callable[[str], None],
     bake_s: float | None = None,
 ) -> int:  # fmt: skip
-    """`walk_steps` on the local (or compose) stack; the promote at the end bakes `bake_s`."""
+    """`walk_steps` on the local (or compose) stack; the promote at the end bakes `bake_s`.
+    With `options.source == "live"` each step waits `options.duration_s` and is judged on the
+    real traffic it got (`deploy.live_gate.live_step`; a second look, on the longer window, when
+    the first is inconclusive)."""
     check_steps(steps)
+    if options.source not in ("locust", "live"):
+        raise CanaryError(f"rollout --source must be locust or live, got {options.source!r}")
     if stack.store.load().candidate is None:
         raise CanaryError("rollout needs a candidate: run `canary deploy <version>` first")
     bake = stack.settings.bake_s if bake_s is None else bake_s
@@ -177,11 +183,17 @@ class _StackRelease:
     bake_s: float
     say: Say
     on_champion: Callable[[str], None]
+    step_started: float = 0.0  # when the current weight took effect (the live window's start)
 
     def set_weight(self, percent: int, reason: str) -> None:
         self.stack.execute(plan_weight(self.stack.store.load(), percent, reason=reason))
+        self.step_started = time.time()
 
     def gate(self, options: GateOptions, label: str) -> Any:
+        if options.source == "live":
+            from deploy.live_gate import live_step
+
+            return live_step(self.stack, options, self.step_started, self.say)
         return run_gate_on_stack(self.stack, options, label=label)
 
     def rollback(self, reason: str) -> None:

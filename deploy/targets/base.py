@@ -30,6 +30,7 @@ class GateRequest:
     users: int
     spawn_rate: float
     thresholds: Path | None = None  # None: loadtest/thresholds.yaml
+    source: str = "locust"  # rollout: what judges each step (locust, or live: the step's real traffic)
 
 
 class Unsupported(CanaryError):

@@ -159,6 +159,8 @@ class KubernetesTarget:
     def rollout(self, steps: list[int], request: GateRequest, bake: str | None, say: Say) -> Applied:
         from deploy.rollout import check_steps, walk_steps
 
+        if request.source != "locust":
+            raise Unsupported(NAME, f"rollout --source {request.source}", "live verdicts read the slots' /metrics")
         if bake is not None and parse_duration(bake, allow_zero=True) > 0:
             raise Unsupported(NAME, "rollout --bake", "the bake watches a slot's /metrics, not reachable from here yet")
         check_steps(steps)

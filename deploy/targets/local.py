@@ -109,7 +109,7 @@ class StackTarget:
     def rollout(self, steps: list[int], request: GateRequest, bake: str | None, say: Say) -> Applied:
         from deploy.rollout import GateOptions, rollout
 
-        options = GateOptions(request.duration_s, request.users, request.spawn_rate, request.thresholds)
+        options = GateOptions(request.duration_s, request.users, request.spawn_rate, request.thresholds, request.source)
         code = rollout(self.stack, steps, options, say, self.move_champion, bake_s=self._bake_s(bake))
         return Applied([], code)
 

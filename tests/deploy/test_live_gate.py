@@ -151,6 +151,8 @@ def test_the_cli_refuses_in_one_line(capsys, tmp_path, monkeypatch):
     cases = [
         (("--target", "k8s", "gate", "--source", "live"), "on k8s judge real traffic with --source shadow"),
         (("gate", "--source", "live", "--since", "yesterday"), "time 'yesterday' must be like"),
+        (("rollout", "--source", "shadow"), "--source must be locust or live for a rollout"),
+        (("--target", "k8s", "rollout", "--source", "live"), "rollout --source live"),
     ]
     for args, expected in cases:
         code, _, err = canary_in_process(capsys, *args)

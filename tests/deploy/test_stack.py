@@ -556,6 +556,60 @@ def test_a_live_gate_waits_for_labels_then_fails_a_less_accurate_candidate(stack
         run(stack, plan_switch(stack.store.load()))  # blue stable again, for the tests that follow
 
 
+def test_a_live_rollout_rolls_back_a_less_accurate_candidate_on_its_real_traffic(
+    stack, stack_settings, candidate_bento
+):
+    """`canary rollout --steps 50 --step-duration 15s --source live` while an application sends
+    the digits through nginx and posts each answer's label a moment later: the step is judged
+    on those requests, and the CNN (5.7 points below the linear model, roles switched as in the
+    live gate test) is rolled back to 0% without a Locust user."""
+    from models.data import load_split
+
+    split = load_split()
+    x, y = np.concatenate([split.x_val, split.x_test]), np.concatenate([split.y_val, split.y_test])
+    if not stack.process("slot-green").alive or stack.store.load().slots["green"].bento != candidate_bento[0]:
+        run(stack, plan_deploy(stack.store.load(), *candidate_bento))
+    run(stack, plan_switch(stack.store.load()))  # green (linear) stable, blue (the CNN) the candidate
+    stop, sent, labelled = threading.Event(), [0], [0]
+    url = f"http://127.0.0.1:{stack.settings.nginx_rest_port}/v2/models/digits"
+    tag = datetime.now(UTC).strftime("%H%M%S%f")
+
+    def application() -> None:
+        pending: list[tuple[float, str, int]] = []
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                i = sent[0]
+                body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                    "data": x[i % len(x)].tolist()}]}  # fmt: skip
+                answer = client.post(f"{url}/infer", json=body, headers={"X-Request-Id": f"app-{tag}-{i}"})
+                sent[0] += 1
+                if answer.status_code == 200:
+                    pending.append((time.monotonic(), answer.headers["x-request-id"], int(y[i % len(x)])))
+                ready = [p for p in pending if time.monotonic() - p[0] > 1.5]  # logged by now (0.5 s flush)
+                if len(ready) >= 100:
+                    labels = [{"id": rid, "label": label} for _, rid, label in ready]
+                    assert client.post(f"{url}/feedback", json=labels).status_code == 200
+                    labelled[0] += len(labels)
+                    pending = pending[len(ready) :]
+
+    app_thread = threading.Thread(target=application, daemon=True)
+    app_thread.start()
+    try:
+        result = canary_cli(stack_settings, "rollout", "--steps", "50", "--step-duration", "15s", "--source", "live",
+                            "--bake", "0")  # fmt: skip
+    finally:
+        stop.set()
+        app_thread.join(30)
+        if stack.store.load().weight:
+            run(stack, plan_weight(stack.store.load(), 0))
+        run(stack, plan_switch(stack.store.load()))  # blue stable again, for the tests that follow
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "rolled back to 0%: gate fail at 50%: fail: accuracy_drop_pp" in result.stderr, result.stderr
+    assert "live gate:" in result.stderr and sent[0] > 400 and labelled[0] > 400, (sent, labelled, result.stderr)
+    history = stack.store.history.entries()
+    assert any(e["action"] == "gate" and "(live) at 50%" in e["detail"] for e in history[-5:]), history[-5:]
+
+
 def test_the_locustfile_loads_every_protocol_of_both_slots_without_a_failure(stack, candidate_bento, tmp_path):
     """The issue's command through Locust's own CLI (`locust -f loadtest/locustfile.py
     --headless -u 32 -r 32 -t 8s --host <nginx>`, gRPC on the stack's nginx gRPC port) with
