@@ -16,13 +16,19 @@ from models.quantize import QuantizationRefused
 FP32 = PreparedModel("digits-heavy", 3, "models:/digits/3", "digits:v3", "digits-service:v3", Path("m.onnx"), "ab")
 
 
-def test_a_refused_int8_export_keeps_the_fp32_model_and_says_why(monkeypatch):
+def int8_fails_with(monkeypatch, error: Exception) -> None:
+    """prepare_one stand-in: the fp32 model prepares, the int8 export raises `error`."""
+
     def prepare_one(home, architecture, epochs, fresh, say, precision="fp32", learning_rate=None):
         if precision == "int8":
-            raise QuantizationRefused("int8 lost 0.56 points of test accuracy (limit 0.5)")
+            raise error
         return FP32
 
     monkeypatch.setattr(prepare, "prepare_one", prepare_one)
+
+
+def test_a_refused_int8_export_keeps_the_fp32_model_and_says_why(monkeypatch):
+    int8_fails_with(monkeypatch, QuantizationRefused("int8 lost 0.56 points of test accuracy (limit 0.5)"))
     said: list[str] = []
     model = prepare.prepare_model(None, "digits-heavy", 3, False, said.append, int8=True)
     assert model.int8 is None and model.version == 3 and "lost 0.56 points" in model.int8_refused
@@ -34,11 +40,6 @@ def test_a_refused_int8_export_keeps_the_fp32_model_and_says_why(monkeypatch):
 
 
 def test_other_failures_of_the_int8_path_still_fail(monkeypatch):
-    def prepare_one(home, architecture, epochs, fresh, say, precision="fp32", learning_rate=None):
-        if precision == "int8":
-            raise RuntimeError("training crashed")
-        return FP32
-
-    monkeypatch.setattr(prepare, "prepare_one", prepare_one)
+    int8_fails_with(monkeypatch, RuntimeError("training crashed"))
     with pytest.raises(RuntimeError, match="training crashed"):
         prepare.prepare_model(None, "digits-heavy", 3, False, print, int8=True)
