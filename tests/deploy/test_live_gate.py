@@ -144,10 +144,9 @@ def test_refusals_are_one_line(candidate, weight, message):
     assert "\n" not in str(caught.value)
 
 
-def test_the_cli_refuses_in_one_line(capsys, tmp_path, monkeypatch):
+def test_the_cli_refuses_in_one_line(capsys):
     from tests.support.canary_cli import canary_in_process
 
-    monkeypatch.setenv("CANARY_HOME", str(tmp_path / "home"))
     cases = [
         (("--target", "k8s", "gate", "--source", "live"), "on k8s judge real traffic with --source shadow"),
         (("gate", "--source", "live", "--since", "yesterday"), "time 'yesterday' must be like"),
