@@ -112,10 +112,16 @@ def test_shifted_traffic_through_the_listener_raises_the_slots_figure_within_a_m
 
 
 def send(url: str, x: np.ndarray) -> None:
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for row in x:
+    """One request per digit, 8 in flight (one at a time waits out the batching window each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(8) as pool:
+
+        def post(row: np.ndarray) -> int:
             body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}]}
-            assert client.post(INFER, json=body).status_code == 200
+            return client.post(INFER, json=body).status_code
+
+        assert set(pool.map(post, x)) == {200}
 
 
 class RecordingDrift(RecordingObserver):
