@@ -285,13 +285,19 @@ class LiveOutcome:
     error: str | None = None
 
 
-def live_step(stack: Any, options: Any, since: float, say: Callable[[str], None]) -> LiveOutcome:
-    """One rollout step judged on real traffic: wait until `options.duration_s` have passed
+def step_wait(since: float, duration_s: float, looks: int, now: float) -> float:
+    """Seconds until look number `looks` of a step that started at `since` is due: the first
+    after one step duration, a second look (the first was inconclusive) after two."""
+    return max(0.0, since + duration_s * looks - now)
+
+
+def live_step(stack: Any, options: Any, since: float, say: Callable[[str], None], looks: int = 1) -> LiveOutcome:
+    """One rollout step judged on real traffic: wait until `looks` step durations have passed
     since the step's weight took effect, then judge the window from then to now. The verdict
     is kept as the stack's last gate and in its history, like a Locust gate's."""
     from loadtest.gate import DEFAULT_THRESHOLDS, GateThresholds
 
-    wait = since + options.duration_s - time.time()
+    wait = step_wait(since, options.duration_s, looks, time.time())
     if wait > 0:
         say(f"waiting {wait:.0f} s for live traffic at this weight")
         time.sleep(wait)

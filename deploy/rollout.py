@@ -184,16 +184,18 @@ class _StackRelease:
     say: Say
     on_champion: Callable[[str], None]
     step_started: float = 0.0  # when the current weight took effect (the live window's start)
+    looks: int = 0  # live verdicts taken at this step (a second look waits another step duration)
 
     def set_weight(self, percent: int, reason: str) -> None:
         self.stack.execute(plan_weight(self.stack.store.load(), percent, reason=reason))
-        self.step_started = time.time()
+        self.step_started, self.looks = time.time(), 0
 
     def gate(self, options: GateOptions, label: str) -> Any:
         if options.source == "live":
             from deploy.live_gate import live_step
 
-            return live_step(self.stack, options, self.step_started, self.say)
+            self.looks += 1
+            return live_step(self.stack, options, self.step_started, self.say, self.looks)
         return run_gate_on_stack(self.stack, options, label=label)
 
     def rollback(self, reason: str) -> None:

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from deploy.bake import Snapshot
-from deploy.live_gate import LiveWindow, SlotWindow, join_labels, judge_live, live_gate, read_window
+from deploy.live_gate import LiveWindow, SlotWindow, join_labels, judge_live, live_gate, read_window, step_wait
 from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds
 from loadtest.stats import accuracy_drop, error_increase_p
 from models.errors import CanaryError
@@ -157,3 +157,9 @@ def test_the_cli_refuses_in_one_line(capsys):
         code, _, err = canary_in_process(capsys, *args)
         assert code == 1 and expected in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_a_rollout_step_looks_after_its_duration_and_a_second_look_after_another():
+    assert step_wait(since=100.0, duration_s=30.0, looks=1, now=110.0) == 20.0
+    assert step_wait(since=100.0, duration_s=30.0, looks=2, now=131.0) == 29.0  # a real second window
+    assert step_wait(since=100.0, duration_s=30.0, looks=1, now=200.0) == 0.0
