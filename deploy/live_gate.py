@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from deploy.bake import Snapshot
+from deploy.report import check_lines
 from loadtest.gate import FAIL, INCONCLUSIVE, PASS, Check, GateThresholds, GateVerdict
 from loadtest.stats import LIVE_ALPHA, accuracy_drop, error_increase_p
 from models.errors import CanaryError
@@ -127,11 +128,7 @@ class LiveReport:
             f"server errors since each slot started: candidate {cc.errors:,.0f} of {cc.requests:,.0f}, "
             f"stable {cs.errors:,.0f} of {cs.requests:,.0f}",
         ]
-        out += [
-            f"  {'ok  ' if ch.passed else 'wait' if ch.name in self.undecided else 'FAIL'} {ch.name} "
-            f"{'n/a' if ch.value is None else f'{ch.value:.4g}'} (limit {ch.limit:g}): {ch.detail}"
-            for ch in self.verdict.checks
-        ]
+        out += check_lines(self.verdict.checks, self.undecided)
         out.append(f"  (not judged) median latency: candidate {_ms(c.p(50))} vs stable {_ms(s.p(50))}, service side")
         drift = " vs stable ".join("n/a" if d is None else f"{d:.3f}" for d in reversed(self.drift))
         out.append(f"  (not judged) input drift PSI: candidate {drift} (alert above {ALERT_PSI})")

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.report import versions_line
 from loadtest.gate import GateThresholds, GateVerdict, PairedAnswers, decide_paired
 from models.errors import CanaryError
 from service.core.predlog import UnreadableInput, row_inputs
@@ -111,7 +112,7 @@ class ReplayReport:
 
     def lines(self) -> list[str]:
         logged, stats = self.logged, self.stats
-        live = ", ".join(f"v{v}: {n:,}" for v, n in sorted(logged.versions.items())) or "none"
+        live = versions_line(logged.versions)
         out = [
             f"replayed {stats.rows:,} logged rows ({logged.requests:,} requests; answered live by {live}) "
             f"with {self.candidate} (sha256 {self.sha256[:12]}...)"

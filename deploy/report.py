@@ -50,3 +50,17 @@ def format_online_accuracy(tallies: dict) -> str:
         return "online accuracy: no labels yet (POST /v2/models/<model>/feedback)"
     parts = [f"version {version} {t['accuracy']:.1%} of {t['labels']} labels" for version, t in tallies.items()]
     return "online accuracy: " + "; ".join(parts)
+
+
+def check_lines(checks, waiting: frozenset[str] = frozenset()) -> list[str]:
+    """A verdict's checks, one line each: ok, FAIL, or wait (undecided, needs more data)."""
+    return [
+        f"  {'ok  ' if c.passed else 'wait' if c.name in waiting else 'FAIL'} {c.name} "
+        f"{'n/a' if c.value is None else f'{c.value:.4g}'} (limit {c.limit:g}): {c.detail}"
+        for c in checks
+    ]
+
+
+def versions_line(counts: dict) -> str:
+    """'v1: 720, v2: 3' for rows per model version, 'none' without any."""
+    return ", ".join(f"v{v}: {n:,}" for v, n in sorted(counts.items())) or "none"

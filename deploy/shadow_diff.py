@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.report import check_lines, versions_line
 from loadtest.gate import (
     Check,
     GateThresholds,
@@ -117,7 +118,7 @@ class ShadowReport:
 
     def lines(self) -> list[str]:
         w, a = self.window, self.answers
-        live = ", ".join(f"v{v}: {n:,}" for v, n in sorted(w.stable_versions.items())) or "none"
+        live = versions_line(w.stable_versions)
         out = [
             f"shadow gate: {a.rows:,} rows of {len(w.pairs):,} mirrored requests answered by candidate "
             f"v{w.candidate or '?'} and by stable ({live})"
@@ -132,11 +133,7 @@ class ShadowReport:
                 f"agreement {a.agreement:.4f}; mean confidence {np.mean(a.confidences):.4f} vs stable "
                 f"{np.mean(a.live_confidences):.4f} (shift {a.confidence_shift:+.4f})"
             )
-        out += [
-            f"  {'ok  ' if c.passed else 'FAIL'} {c.name} {'n/a' if c.value is None else f'{c.value:.4g}'} "
-            f"(limit {c.limit:g}): {c.detail}"
-            for c in self.verdict.checks
-        ]
+        out += check_lines(self.verdict.checks)
         out.append(f"  (not judged) copy latency vs stable: {self.latency.detail}")
         out.append(self.verdict.summary)
         return out
