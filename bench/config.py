@@ -43,6 +43,7 @@ class BenchConfig:
     quiet_budget_s: float = 600.0  # ... and at most this long over the whole run
     scoring: bool = True  # the batch-scoring section (`canary score` on a big file, bench/scoring.py)
     scoring_rows: int = 1_000_000  # rows in its input file
+    turns: int = 4  # the live-traffic features' cost: rounds of (off, on) windows taken in turns
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> BenchConfig:
@@ -60,6 +61,7 @@ class BenchConfig:
             limit_seconds=0.3,
             quiet_wait_s=0.0,
             scoring_rows=100_000,
+            turns=1,
         )
         settings.update(overrides)
         return cls(**settings)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from bench.alternatives import ONNX_PATH_ENV
+from bench.live_traffic import LIVE_TRAFFIC_NOTE, as_shadow_copies, closing_notes, seed_stable_answers
 from bench.payloads import Payload, to_grpc, to_mlflow, to_plain_bentoml, to_v2_binary, to_v2_json
 from bench.prepare import PreparedModel
 from bench.processes import new_children, own_children, stop_tree
@@ -45,7 +46,8 @@ class Served:
     pid: int  # root of the server's process tree (CPU accounting)
     log: Path
     notes: tuple[str, ...] = ()
-    extra_pids: tuple[int, ...] = ()  # more process trees that serve (a proxy in front)
+    extra_pids: tuple[int, ...] = ()  # more process trees that serve (a proxy in front, the log's store)
+    closing_notes: Callable[[], tuple[str, ...]] | None = None  # read after the load (the server's own counts)
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,15 @@ def _workers_override(service_name: str, workers: int) -> dict[str, str]:
 
 
 @contextmanager
-def _log_sink(on: bool) -> Iterator[dict[str, str]]:
-    """With `on`, a throw-away Redis for the Bento's prediction log (its settings); else none."""
+def _log_sink(on: bool) -> Iterator[str | None]:
+    """With `on`, a throw-away Redis for the Bento's prediction log (its URL); else None."""
     if not on:
-        yield {}
+        yield None
         return
     from bench.processes import redis_server
 
     with redis_server() as url:
-        yield {"CANARY_SERVICE_PREDICTION_LOG_URL": url}
+        yield url
 
 
 class SkipContender(Exception):
@@ -96,8 +98,8 @@ class ProjectBento:
     """This project's Bento via `bentoml serve` (deploy.process.served_bento): V2 REST JSON,
     V2 REST binary and V2 gRPC; service settings left at their defaults. With
     precision="int8" it serves the model's int8 export (`canary export --quantize int8`);
-    with prediction_log=True every answer is also logged to a throw-away Redis (the stack's
-    default sink), so its rows against `bento` are the log's cost."""
+    with prediction_log=True the prediction log, input drift and the shadow diff run on every
+    request (bench/live_traffic.py), so its rows against `bento` are their cost."""
 
     cache_url: str | None = None
     name: str = "bento"
@@ -127,31 +129,34 @@ class ProjectBento:
         if self.cache_url:
             env["CANARY_SERVICE_CACHE_URL"] = self.cache_url
         log = ctx.logs / f"bench-{self.name}{'-cache' if self.cache_url else ''}-{model.architecture}.log"
+        rest_json, rest_binary = to_v2_json(ctx.rows), to_v2_binary(ctx.rows)
         before = own_children()
-        with (
-            _log_sink(self.prediction_log) as sink_env,
-            served_bento(model.bento_tag, free_port(), log, {**env, **sink_env}, timeout=START_TIMEOUT_S),
-        ):
-            pid = new_children(before)[0]
-            v2 = f"http://127.0.0.1:{rest_port}"  # the Bento's own V2 listener, as nginx uses it
-            yield Served(
-                (
-                    Endpoint("rest-json", v2 + V2_INFER, to_v2_json(ctx.rows)),
-                    Endpoint("rest-binary", v2 + V2_INFER, to_v2_binary(ctx.rows)),
-                    Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows)),
-                ),
-                pid,
-                log,
-                (
-                    "service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
-                    "ONNX Runtime threads = cores / workers)",
-                    *(
-                        ("prediction log on: every answer to a local Redis Stream (the stack's default sink)",)
-                        if self.prediction_log
-                        else ()
+        with _log_sink(self.prediction_log) as sink_url:
+            sink_pids = tuple(new_children(before))  # the log's redis-server: its CPU is the log's too
+            before = own_children()
+            if sink_url:
+                seed_stable_answers(sink_url, "digits", ctx.rows)
+                env["CANARY_SERVICE_PREDICTION_LOG_URL"] = sink_url
+                rest_json, rest_binary = as_shadow_copies(rest_json), as_shadow_copies(rest_binary)
+            with served_bento(model.bento_tag, free_port(), log, env, timeout=START_TIMEOUT_S) as base:
+                pid = new_children(before)[0]
+                v2 = f"http://127.0.0.1:{rest_port}"  # the Bento's own V2 listener, as nginx uses it
+                yield Served(
+                    (
+                        Endpoint("rest-json", v2 + V2_INFER, rest_json),
+                        Endpoint("rest-binary", v2 + V2_INFER, rest_binary),
+                        Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows)),
                     ),
-                ),
-            )
+                    pid,
+                    log,
+                    (
+                        "service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
+                        "ONNX Runtime threads = cores / workers)",
+                        *((LIVE_TRAFFIC_NOTE,) if sink_url else ()),
+                    ),
+                    extra_pids=sink_pids,
+                    closing_notes=(lambda: closing_notes(base)) if sink_url else None,
+                )
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,10 @@ def build_contenders(names: tuple[str, ...]) -> list[Contender]:
         int8,
         NginxFrontedBento(),
         ProjectBento(
-            name="bento-predlog", label="bento-canary, prediction log on", baseline="bento", prediction_log=True
+            name="bento-predlog",
+            label="bento-canary, log + drift + shadow diff on",
+            baseline="bento",
+            prediction_log=True,
         ),  # fmt: skip
         PlainBentoML(),
         HandWrittenFastAPI(),

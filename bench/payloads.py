@@ -24,6 +24,7 @@ class Payload:
     content_type: str
     rows: int
     headers: tuple[tuple[str, str], ...] = ()
+    request_ids: int = 0  # > 0: each request its own X-Request-Id, bench-<k> for k modulo this (REST only)
 
 
 def sample_rows(rows: int = 1) -> np.ndarray:

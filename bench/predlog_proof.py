@@ -26,19 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.live_traffic import metric
+
 Say = Callable[[str], None]
 REQUESTS = 10_000
 CONCURRENCY = 16
 INFER = "/v2/models/digits/infer"
-
-
-def _metric(base_url: str, name: str) -> float:
-    """Sum of one metric's samples on a slot's /metrics."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
 async def _load(url: str, rows: Any, requests: int, concurrency: int) -> tuple[Counter[int], float]:
@@ -91,8 +84,8 @@ def prove_sink(name: str, bento: str, log_env: dict[str, str], store: Any, out: 
         answered = statuses.get(200, 0)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            written = _metric(base, "canary_prediction_log_written_total")
-            dropped = _metric(base, "canary_prediction_log_dropped_total")
+            written = metric(base, "canary_prediction_log_written_total")
+            dropped = metric(base, "canary_prediction_log_dropped_total")
             if written + dropped >= answered:
                 break
             time.sleep(0.2)  # the writer flushes every 0.5 s; bounded by the deadline

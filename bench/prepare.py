@@ -70,6 +70,7 @@ def find_reusable(home: BenchHome, architecture: str, precision: str = "fp32") -
 
     from models.errors import CanaryError
     from models.registry import Registry
+    from service.core.drift import REFERENCE_FILE
 
     if not (home.home / "mlflow.db").is_file():
         return None
@@ -83,8 +84,8 @@ def find_reusable(home: BenchHome, architecture: str, precision: str = "fp32") -
             prepared = _prepared(home, version)
         except (NotFound, CanaryError):
             continue
-        if prepared.precision == precision:
-            return prepared
+        if prepared.precision == precision and (Path(prepared.onnx_path).parent / REFERENCE_FILE).is_file():
+            return prepared  # (an export older than the stored training reference is not reused: drift needs it)
     return None
 
 

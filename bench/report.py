@@ -58,7 +58,7 @@ def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> 
         ]
         for r in (r for r in table if r.model == model):
             name = f"**{r.label}**" if r.kind == "project" else r.label
-            of = "log off" if r.contender == PREDLOG_CONTENDER else "direct"
+            of = "them off" if r.contender == PREDLOG_CONTENDER else "direct"
             extra = f" ({_ratio(r.vs_baseline)} of {of})" if r.vs_baseline is not None else ""
             lines.append(
                 f"| {name}{extra} | {r.protocol} | {_num(r.rps)} | {_num(r.rows_per_s)} | {_num(r.p50_ms, '.1f')} | "

@@ -86,6 +86,10 @@ class BenchRun:
                     )
                     self.measurements.append(m)
                     self.say(f"    {endpoint.protocol:<11} {describe(m)}")
+                if served.closing_notes is not None:  # the server's own account of the run, before it stops
+                    for note in served.closing_notes():
+                        self.notes.append(f"{contender.name} {model.architecture} {mode}: {note}")
+                        self.say(f"    {note}")
         except SkipContender as skip:
             self.say(f"  {contender.label}: skipped ({skip})")
         except Exception as exc:  # noqa: BLE001 - a contender that cannot start is a finding, not a crash
@@ -229,6 +233,24 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
         for contender in contenders:
             run.run_contender(contender, model, rows, FIXED, config.fixed_connections, rate)
 
+    in_turns = None  # issue 15: the live-traffic features' cost, off and on in turns (bench/live_traffic.py)
+    if "bento-predlog" in config.contenders and "digits-cnn" in prepared:
+        from bench.live_traffic import measure_in_turns
+
+        step(
+            f"+ prediction log, drift and shadow diff: off and on in turns ({config.turns} rounds, digits-cnn REST JSON)"
+        )
+        run.wait_quiet()
+        try:
+            in_turns = measure_in_turns(
+                prepared["digits-cnn"], run.context(rows), config.turns, config.duration_s, config.connections,
+                run.workdir / "in-turns", say,
+            )  # fmt: skip
+            say(f"  on/off = {in_turns.ratio:.3f}")
+        except Exception as exc:  # noqa: BLE001 - a failed section is a finding, not a crash
+            run.failures.append(f"live-traffic cost in turns: {_brief(exc)}")
+            say(f"  FAILED: {_brief(exc)}")
+
     step("5/5 response cache: hits vs misses (this project, digits-heavy)")
     if config.cache and "digits-heavy" in prepared and "bento" in config.contenders:
         run.run_cache(prepared["digits-heavy"], rows)
@@ -254,7 +276,7 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     limit_rates = {arch: v["samples_per_s"] for arch, v in limits.items()}
     table = build_table(run.measurements, limit_rates)
     cache = cache_results(run.measurements, run.redis_counts)
-    targets = judge_targets(table, cache)
+    targets = judge_targets(table, cache, in_turns.ratio if in_turns else None)
     machine_info = {**stamp.machine(), "load_average_at_start": machine_before["load_average"]}
     notes = [*run.notes, f"total run time {time.monotonic() - t0:.0f} s"]
     skipped = [name for name in CONTENDER_NAMES if name not in config.contenders]
@@ -274,7 +296,11 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     )  # fmt: skip
     if scoring is not None:
         report["batch_scoring"] = scoring.as_dict()
+    if in_turns is not None:
+        report["live_traffic_cost"] = in_turns.as_dict()
     markdown = render_markdown(report, table, cache, targets)
+    if in_turns is not None:
+        markdown += "\n" + in_turns.markdown()
     if scoring is not None:
         markdown += "\n" + scoring.markdown()
     paths = write_report(config.report_dir, report, markdown, table)

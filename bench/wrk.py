@@ -1,5 +1,9 @@
 """wrk as the HTTP load generator: a Lua script that replays one fixed body, and a parser.
 
+A payload with `request_ids` > 0 sends each request under its own `X-Request-Id`
+(`bench-<k>`, k counting modulo `request_ids`), for a server that records answers by id (the
+prediction log's contender); otherwise wrk sends one fixed request (no per-request Lua).
+
 Saturated runs keep `connections` requests in flight (closed loop). Fixed-load runs pace
 requests with wrk's `delay()` hook against a LuaJIT FFI monotonic clock: one schedule per wrk
 thread at the offered rate, at most `connections` in flight. That approximates wrk2's
@@ -46,6 +50,7 @@ function response(status, headers, body)
 end
 
 %(pacing)s
+%(ids)s
 
 function done(summary, latency, requests)
   local merged = {}
@@ -67,6 +72,15 @@ function done(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
     latency.max, latency.mean, table.concat(parts, ",")))
+end
+"""
+
+REQUEST_IDS = r"""
+local sent = 0
+function request()
+  sent = sent + 1
+  wrk.headers["X-Request-Id"] = "bench-" .. (sent %% %(count)d)
+  return wrk.format()
 end
 """
 
@@ -96,8 +110,9 @@ end
 """
 
 
-def lua_script(paced: bool) -> str:
-    return LUA_SCRIPT % {"pacing": PACING if paced else "", "prefix": RESULT_PREFIX}
+def lua_script(paced: bool, request_ids: int = 0) -> str:
+    ids = REQUEST_IDS % {"count": request_ids} if request_ids > 0 else ""
+    return LUA_SCRIPT % {"pacing": PACING if paced else "", "ids": ids, "prefix": RESULT_PREFIX}
 
 
 @dataclass(frozen=True)
@@ -200,7 +215,7 @@ def run_wrk(
     """One wrk run against `url`; `rate` > 0 paces it (requests/s in total)."""
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / ("paced.lua" if rate > 0 else "saturate.lua")
-    script.write_text(lua_script(paced=rate > 0))
+    script.write_text(lua_script(paced=rate > 0, request_ids=payload.request_ids))
     body = workdir / "body.bin"
     body.write_bytes(payload.body)
     extra = ";".join(f"{k}={v}" for k, v in payload.headers)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from service.core.model import ModelCard
 from service.core.observer import CoreObserver
-from service.core.shadow_compare import ShadowPair
+from service.core.shadow_compare import ShadowTally
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -171,18 +171,19 @@ class ServiceMetrics(CoreObserver):
         self._drift.set(psi)
         self._drift_rows.set(rows)
 
-    def shadow_compared(self, pairs: list[ShadowPair]) -> None:
-        for pair in pairs:
-            labels = {**self._base, "stable_version": pair.stable_version}
-            self._shadow["requests_compared"].labels(**labels).inc()
-            self._shadow["rows_compared"].labels(**labels).inc(pair.rows)
-            self._shadow["rows_agreed"].labels(**labels).inc(pair.agreed)
-            if pair.confidence is not None:
-                self._shadow["confidence_candidate"].labels(**labels).inc(pair.confidence[0])
-                self._shadow["confidence_stable"].labels(**labels).inc(pair.confidence[1])
-            if pair.latency_ms is not None:
-                self._shadow["latency_candidate_seconds"].labels(**labels).inc(pair.latency_ms[0] / 1000)
-                self._shadow["latency_stable_seconds"].labels(**labels).inc(pair.latency_ms[1] / 1000)
+    def shadow_compared(self, tallies: list[ShadowTally]) -> None:
+        for t in tallies:
+            shadow = {
+                name: counter.labels(**self._base, stable_version=t.stable_version)
+                for name, counter in self._shadow.items()
+            }
+            shadow["requests_compared"].inc(t.requests)
+            shadow["rows_compared"].inc(t.rows)
+            shadow["rows_agreed"].inc(t.agreed)
+            shadow["confidence_candidate"].inc(t.confidence_candidate)
+            shadow["confidence_stable"].inc(t.confidence_stable)
+            shadow["latency_candidate_seconds"].inc(t.latency_candidate_s)
+            shadow["latency_stable_seconds"].inc(t.latency_stable_s)
 
     def shadow_unmatched(self, copies: int) -> None:
         self._shadow_unmatched.inc(copies)

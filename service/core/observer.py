@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.core.shadow_compare import ShadowPair
+    from service.core.shadow_compare import ShadowTally
 
 
 class CoreObserver:
@@ -49,9 +49,9 @@ class CoreObserver:
         """Mean PSI over features of the last `rows` input rows against the model's training
         inputs (`service.core.drift`)."""
 
-    def shadow_compared(self, pairs: list[ShadowPair]) -> None:
-        """Shadow copies this slot answered, each compared with stable's answer to the same
-        request (`service.core.shadow_compare`)."""
+    def shadow_compared(self, tallies: list[ShadowTally]) -> None:
+        """Shadow copies this slot answered, compared with stable's answers to the same
+        requests (`service.core.shadow_compare`), summed per stable version."""
 
     def shadow_unmatched(self, copies: int) -> None:
         """Shadow copies for which stable's answer never showed in the log (or had other rows)."""

@@ -101,6 +101,25 @@ def input_bytes(array: np.ndarray) -> bytes | memoryview:
     return memoryview(contiguous).cast("B")  # type: ignore[arg-type]
 
 
+ROW_FIELDS = (
+    "request_id",
+    "time",
+    "slot",
+    "model",
+    "model_version",
+    "protocol",
+    "shadow",
+    "rows",
+    "classes",
+    "confidences",
+    "latency_ms",
+    "input_datatype",
+    "input_shape",
+    "input_sha256",
+    "input_b64",
+)  # fmt: skip  (the keys of `to_row`, in its order: the sinks' columns)
+
+
 def to_row(p: Prediction, who: LogIdentity, keep_inputs: bool) -> dict[str, Any]:
     """The documented row of one prediction (see the module docstring)."""
     data = input_bytes(p.inputs)

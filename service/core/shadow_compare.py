@@ -27,23 +27,22 @@ log = logging.getLogger("bento_canary.shadow")
 _LOOKUP_CHUNK = 1000
 
 
-@dataclass(frozen=True)
-class ShadowPair:
-    """One copy's rows against stable's: what the observer is told, per stable version."""
+@dataclass(slots=True)
+class ShadowTally:
+    """The copies one writer cycle compared against one stable version, summed: what the
+    observer is told (one update per counter and version, not one per copy)."""
 
     stable_version: str
-    rows: int
-    agreed: int
-    confidence: tuple[float, float] | None  # (candidate, stable) summed over rows; None if stable's unknown
-    latency_ms: tuple[float, float] | None  # (candidate, stable) for this request
+    requests: int = 0
+    rows: int = 0
+    agreed: int = 0  # rows where both predicted the same class
+    confidence_candidate: float = 0.0  # summed over rows, for copies whose stable answer kept them
+    confidence_stable: float = 0.0
+    latency_candidate_s: float = 0.0  # summed over requests, where stable's latency is known
+    latency_stable_s: float = 0.0
 
 
-@dataclass
-class _Pending:
-    classes: list[int]
-    confidences: list[float]
-    latency_ms: float
-    since: float
+_Pending = tuple[list[int], list[float], float, float]  # classes, confidences, latency_ms, since
 
 
 class ShadowComparer:
@@ -62,38 +61,45 @@ class ShadowComparer:
         unmatched = 0
         for row in rows:
             if row.get("shadow"):
-                self._pending[row["request_id"]] = _Pending(
-                    list(row["classes"]), list(row["confidences"]), float(row["latency_ms"]), now
-                )
+                self._pending[row["request_id"]] = (row["classes"], row["confidences"], float(row["latency_ms"]), now)
         while len(self._pending) > self.max_pending:  # oldest first (dicts keep insertion order)
             del self._pending[next(iter(self._pending))]
             unmatched += 1
         if self._pending:
-            pairs, waiting_over = self._compare(now)
+            tallies, waiting_over = self._compare(now)
             unmatched += waiting_over
-            if pairs:
-                self.observer.shadow_compared(pairs)
+            if tallies:
+                self.observer.shadow_compared(tallies)
         if unmatched:
             self.observer.shadow_unmatched(unmatched)
 
-    def _compare(self, now: float) -> tuple[list[ShadowPair], int]:
+    def _compare(self, now: float) -> tuple[list[ShadowTally], int]:
         ids = list(self._pending)
         found: dict[str, Any] = {}
         for start in range(0, len(ids), _LOOKUP_CHUNK):
             found.update(self.store.lookup(self.model, ids[start : start + _LOOKUP_CHUNK]))
-        pairs, unmatched = [], 0
+        tallies: dict[str, ShadowTally] = {}
+        unmatched = 0
         for request_id, stable in found.items():
-            mine = self._pending.pop(request_id)
-            if len(stable.classes) != len(mine.classes):
+            classes, confidences, latency_ms, _since = self._pending.pop(request_id)
+            if len(stable.classes) != len(classes):
                 unmatched += 1
                 continue
-            agreed = sum(int(a == b) for a, b in zip(mine.classes, stable.classes, strict=True))
-            confidence = None
-            if len(stable.confidences) == len(mine.confidences):
-                confidence = (sum(mine.confidences), sum(stable.confidences))
-            latency = (mine.latency_ms, float(stable.latency_ms)) if stable.latency_ms is not None else None
-            pairs.append(ShadowPair(str(stable.model_version), len(mine.classes), agreed, confidence, latency))
-        for request_id in [rid for rid, p in self._pending.items() if now - p.since > self.wait_s]:
-            del self._pending[request_id]
+            version = str(stable.model_version)
+            tally = tallies.get(version) or tallies.setdefault(version, ShadowTally(version))
+            tally.requests += 1
+            tally.rows += len(classes)
+            tally.agreed += sum(a == b for a, b in zip(classes, stable.classes, strict=True))
+            if len(stable.confidences) == len(confidences):
+                tally.confidence_candidate += sum(confidences)
+                tally.confidence_stable += sum(stable.confidences)
+            if stable.latency_ms is not None:
+                tally.latency_candidate_s += latency_ms / 1000
+                tally.latency_stable_s += float(stable.latency_ms) / 1000
+        while self._pending:  # oldest first: the copies that waited too long are at the front
+            oldest = next(iter(self._pending))
+            if now - self._pending[oldest][3] <= self.wait_s:
+                break
+            del self._pending[oldest]
             unmatched += 1
-        return pairs, unmatched
+        return list(tallies.values()), unmatched

@@ -234,7 +234,21 @@ def test_the_prediction_log_row_is_judged_against_log_off_and_is_no_nginx_front(
     logged = _m("digits-cnn", "bento-predlog", "project", "rest-json", SATURATED, 6_900, baseline="bento")
     table = build_table([*RECORDED, logged], LIMITS)
     verdicts = {t.name: t for t in judge_targets(table, [])}
-    target = verdicts["prediction log on: share of log-off throughput (digits-cnn V2 REST JSON)"]
+    target = verdicts[
+        "prediction log, drift and shadow diff on: share of throughput with them off (digits-cnn V2 REST JSON)"
+    ]
     assert target.value == pytest.approx(690 / 732) and target.passed is True
     assert verdicts["nginx in front: share of direct throughput"].value == pytest.approx(600 / 732)
-    assert "(0.94x of log off)" in markdown_table(table, {})
+    assert "(0.94x of them off)" in markdown_table(table, {})
+
+
+def test_the_features_cost_measured_in_turns_is_preferred_to_the_table_row():
+    from bench.live_traffic import InTurns
+
+    logged = _m("digits-cnn", "bento-predlog", "project", "rest-json", SATURATED, 6_900, baseline="bento")
+    turns = InTurns(off=(1000.0, 1200.0), on=(880.0, 1100.0), seconds=10)
+    assert turns.ratio == pytest.approx(1980 / 2200)
+    name = "prediction log, drift and shadow diff on: share of throughput with them off (digits-cnn V2 REST JSON)"
+    target = {t.name: t for t in judge_targets(build_table([*RECORDED, logged], LIMITS), [], turns.ratio)}[name]
+    assert target.value == pytest.approx(0.9) and target.passed is True and "in turns" in target.detail
+    assert "1,000/880, 1,200/1,100" in turns.markdown() and "**0.90**" in turns.markdown()

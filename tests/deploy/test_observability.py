@@ -216,7 +216,7 @@ _EXPOSE = textwrap.dedent(
     """
     import prometheus_client
     from service.core.model import ModelCard
-    from service.core.shadow_compare import ShadowPair
+    from service.core.shadow_compare import ShadowTally
     from service.metrics import ServiceMetrics
 
     card = ModelCard("digits", "3", "ab" * 32, (), (), "logits", "logits", lineage={"architecture": "cnn"})
@@ -228,7 +228,7 @@ _EXPOSE = textwrap.dedent(
     metrics.cache_event("hit", 1)
     metrics.predictions([1, 7], [0.9, 0.6])
     metrics.input_drift(0.02, 500)
-    metrics.shadow_compared([ShadowPair("2", 1, 1, (0.9, 0.8), (4.0, 3.0))])
+    metrics.shadow_compared([ShadowTally("2", 1, 1, 1, 0.9, 0.8, 0.004, 0.003)])
     metrics.shadow_unmatched(1)
     for family in prometheus_client.REGISTRY.collect():
         for sample in family.samples:
