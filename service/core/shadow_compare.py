@@ -74,28 +74,26 @@ class ShadowComparer:
             self.observer.shadow_unmatched(unmatched)
 
     def _compare(self, now: float) -> tuple[list[ShadowTally], int]:
+        """Pair every pending copy whose stable answer is logged by now; the copies that
+        waited longer than `wait_s` count as unmatched. A store with `compare_shadow` (Redis)
+        pairs them itself, in one call per chunk; any other store is asked for the answers."""
         ids = list(self._pending)
-        found: dict[str, Any] = {}
-        for start in range(0, len(ids), _LOOKUP_CHUNK):
-            found.update(self.store.lookup(self.model, ids[start : start + _LOOKUP_CHUNK]))
         tallies: dict[str, ShadowTally] = {}
         unmatched = 0
-        for request_id, stable in found.items():
-            classes, confidences, latency_ms, _since = self._pending.pop(request_id)
-            if len(stable.classes) != len(classes):
-                unmatched += 1
-                continue
-            version = str(stable.model_version)
-            tally = tallies.get(version) or tallies.setdefault(version, ShadowTally(version))
-            tally.requests += 1
-            tally.rows += len(classes)
-            tally.agreed += sum(a == b for a, b in zip(classes, stable.classes, strict=True))
-            if len(stable.confidences) == len(confidences):
-                tally.confidence_candidate += sum(confidences)
-                tally.confidence_stable += sum(stable.confidences)
-            if stable.latency_ms is not None:
-                tally.latency_candidate_s += latency_ms / 1000
-                tally.latency_stable_s += float(stable.latency_ms) / 1000
+        compare = getattr(self.store, "compare_shadow", None)
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start : start + _LOOKUP_CHUNK]
+            if compare is not None:
+                paired, done, mismatched = compare(self.model, [(i, *self._pending[i][:3]) for i in chunk])
+            else:
+                paired, done, mismatched = pair_with_stable(
+                    self.store.lookup(self.model, chunk), {i: self._pending[i] for i in chunk}
+                )
+            for request_id in done:
+                del self._pending[request_id]
+            unmatched += mismatched
+            for tally in paired:
+                merge_tally(tallies, tally)
         while self._pending:  # oldest first: the copies that waited too long are at the front
             oldest = next(iter(self._pending))
             if now - self._pending[oldest][3] <= self.wait_s:
@@ -103,3 +101,36 @@ class ShadowComparer:
             del self._pending[oldest]
             unmatched += 1
         return list(tallies.values()), unmatched
+
+
+def merge_tally(into: dict[str, ShadowTally], tally: ShadowTally) -> None:
+    mine = into.get(tally.stable_version)
+    if mine is None:
+        into[tally.stable_version] = tally
+        return
+    for name in ShadowTally.__slots__[1:]:  # type: ignore[attr-defined]
+        setattr(mine, name, getattr(mine, name) + getattr(tally, name))
+
+
+def pair_with_stable(found: dict[str, Any], pending: dict[str, _Pending]) -> tuple[list[ShadowTally], list[str], int]:
+    """Copies against the stable answers `found` for them: (tallies per stable version, the
+    ids that are done, how many of those had another number of rows than stable's answer)."""
+    tallies: dict[str, ShadowTally] = {}
+    mismatched = 0
+    for request_id, stable in found.items():
+        classes, confidences, latency_ms, _since = pending[request_id]
+        if len(stable.classes) != len(classes):
+            mismatched += 1
+            continue
+        version = str(stable.model_version)
+        tally = tallies.get(version) or tallies.setdefault(version, ShadowTally(version))
+        tally.requests += 1
+        tally.rows += len(classes)
+        tally.agreed += sum(a == b for a, b in zip(classes, stable.classes, strict=True))
+        if len(stable.confidences) == len(confidences):
+            tally.confidence_candidate += sum(confidences)
+            tally.confidence_stable += sum(stable.confidences)
+        if stable.latency_ms is not None:
+            tally.latency_candidate_s += latency_ms / 1000
+            tally.latency_stable_s += float(stable.latency_ms) / 1000
+    return list(tallies.values()), list(found), mismatched

@@ -33,6 +33,7 @@ from redis.retry import Retry
 
 from service.core.feedback import JudgedLabel, LoggedPrediction, Tally
 from service.core.predlog import ROW_FIELDS
+from service.core.shadow_compare import ShadowTally
 
 _LIST_FIELDS = ("classes", "confidences", "input_shape")
 _PAGE = 1000
@@ -78,6 +79,52 @@ for _, values in ipairs(rows) do
 end
 return #rows
 """
+# The shadow diff, done where stable's answers are: each copy [id, classes, confidences,
+# latency_ms] against the index key stable's log wrote for the same id. ARGV: index key prefix,
+# model, copies (JSON). Returns JSON {"tallies": {version: [requests, rows, agreed, confidence
+# candidate, confidence stable, latency candidate s, latency stable s]}, "done": [copy index],
+# "mismatched": n}; a copy whose id has no answer yet is not done (it waits).
+_COMPARE_SHADOW = """
+local copies = cjson.decode(ARGV[3])
+local tallies, done, mismatched = {}, {}, 0
+for i, copy in ipairs(copies) do
+  local blob = redis.call('GET', ARGV[1] .. copy[1])
+  if blob then
+    local stable = cjson.decode(blob)
+    if stable.model == ARGV[2] then
+      done[#done + 1] = i - 1
+      local mine, theirs = copy[2], stable.classes
+      if #theirs ~= #mine then
+        mismatched = mismatched + 1
+      else
+        local version = tostring(stable.model_version)
+        local t = tallies[version]
+        if not t then
+          t = {0, 0, 0, 0, 0, 0, 0}
+          tallies[version] = t
+        end
+        t[1] = t[1] + 1
+        t[2] = t[2] + #mine
+        for k = 1, #mine do
+          if mine[k] == theirs[k] then t[3] = t[3] + 1 end
+        end
+        local sc, mc = stable.confidences, copy[3]
+        if type(sc) == 'table' and type(mc) == 'table' and #sc == #mc then
+          for k = 1, #sc do
+            t[4] = t[4] + mc[k]
+            t[5] = t[5] + sc[k]
+          end
+        end
+        if type(stable.latency_ms) == 'number' then
+          t[6] = t[6] + copy[4] / 1000
+          t[7] = t[7] + stable.latency_ms / 1000
+        end
+      end
+    end
+  end
+end
+return cjson.encode({tallies = tallies, done = done, mismatched = mismatched})
+"""
 # Store a label once: SET NX (idempotent), then count it in the tally, atomically.
 _ADD_LABEL = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
@@ -122,6 +169,7 @@ class RedisPredictionStore:
         )  # fmt: skip
         self._add_label = self._client.register_script(_ADD_LABEL)
         self._write_rows = self._client.register_script(_WRITE_ROWS)
+        self._compare_shadow = self._client.register_script(_COMPARE_SHADOW)
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}:{kind}:{name}"
@@ -152,6 +200,17 @@ class RedisPredictionStore:
                     tuple(entry.get("confidences") or ()), entry.get("latency_ms"),
                 )  # fmt: skip
         return found
+
+    def compare_shadow(
+        self, model: str, copies: list[tuple[str, list[int], list[float], float]]
+    ) -> tuple[list[ShadowTally], list[str], int]:
+        """The shadow diff's pairing (`service.core.shadow_compare.pair_with_stable`) in one
+        script call: (tallies per stable version, ids done, how many had other row counts)."""
+        answer = orjson.loads(self._compare_shadow(args=[self._key("req", ""), model, orjson.dumps(copies)]))
+        tallies = answer["tallies"] or {}  # cjson writes an empty table as {}
+        done = [copies[int(i)][0] for i in (answer["done"] or ())]
+        paired = [ShadowTally(str(v), int(t[0]), int(t[1]), int(t[2]), *map(float, t[3:])) for v, t in tallies.items()]
+        return paired, done, int(answer["mismatched"])
 
     def labels_of(self, ids: list[str]) -> dict[str, tuple[int, ...]]:
         blobs = self._client.mget([self._key("label", i) for i in ids])

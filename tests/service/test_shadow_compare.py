@@ -16,7 +16,7 @@ from service.core.feedback import LoggedPrediction
 from service.core.shadow_compare import ShadowComparer, ShadowTally
 from service.sinks import open_store
 from tests.support.predlog import INFER, RecordingObserver, logged_server, wait_until
-from tests.support.redis_server import RedisProcess
+from tests.support.redis_server import RedisProcess, redis_server  # noqa: F401
 from tests.support.tiny_model import digits_rows
 
 
@@ -108,3 +108,44 @@ def test_a_copy_waits_for_stables_answer_then_counts_as_unmatched():
     store.answers["4"] = LoggedPrediction("digits", "1", "blue", (0,))
     comparer.after_cycle([])
     assert observer.pairs[-1] == ShadowTally("1", requests=1, rows=1, agreed=1)
+
+
+class LookupOnly:
+    """The same store seen through `lookup` only: the comparer pairs in Python (PostgreSQL's way)."""
+
+    def __init__(self, store) -> None:
+        self.lookup = store.lookup
+
+
+def test_redis_pairs_the_copies_itself_exactly_as_python_does(redis_server):  # noqa: F811
+    """Stable's answers of every kind (agreeing, disagreeing, two rows, another row count, no
+    confidences, another model, two stable versions, not logged yet): the script's tallies,
+    done ids and unmatched counts equal the Python pairing's on the same store."""
+    store = open_store(redis_server.url)
+    stable = [  # (id, model, version, classes, confidences, latency)
+        ("same", "digits", "1", [3], [0.75], 2.5), ("differs", "digits", "1", [4], [0.5], 3.0),
+        ("two", "digits", "2", [1, 2], [0.25, 0.125], 5.0), ("rows", "digits", "1", [7], [0.5], 1.0),
+        ("other-model", "letters", "1", [3], [0.5], 1.0), ("no-confidences", "digits", "1", [2], [], None),
+    ]  # fmt: skip
+    store.write([{**shadow_row(i, c), "shadow": False, "model": m, "model_version": v, "slot": "blue",
+                  "confidences": conf, "latency_ms": lat, "time": 1.0, "protocol": "rest", "rows": len(c),
+                  "input_datatype": "FP32", "input_shape": [len(c), 64], "input_sha256": "", "input_b64": None}
+                 for i, m, v, c, conf, lat in stable])  # fmt: skip
+    copies = [shadow_row("same", [3]), shadow_row("differs", [9]), shadow_row("two", [1, 5]),
+              shadow_row("rows", [7, 7]), shadow_row("other-model", [3]), shadow_row("late", [0]),
+              shadow_row("no-confidences", [2])]  # fmt: skip
+    results = []
+    for seen_by in (store, LookupOnly(store)):
+        observer, now = RecordingShadow(), [0.0]
+        comparer = ShadowComparer(seen_by, "digits", observer, wait_s=10.0, clock=lambda now=now: now[0])
+        comparer.after_cycle(copies)
+        first = (sorted(observer.pairs, key=lambda t: t.stable_version), observer.unmatched, sorted(comparer._pending))
+        now[0] = 11.0
+        comparer.after_cycle([])
+        results.append((first, observer.unmatched))
+    assert results[0] == results[1]
+    (tallies, unmatched, waiting), later = results[0]
+    assert [(t.stable_version, t.requests, t.rows, t.agreed) for t in tallies] == [("1", 3, 3, 2), ("2", 1, 2, 1)]
+    assert tallies[0].confidence_stable == pytest.approx(1.25) and tallies[0].confidence_candidate == pytest.approx(1.0)
+    assert tallies[0].latency_stable_s == pytest.approx(0.0055) and tallies[1].latency_stable_s == pytest.approx(0.005)
+    assert unmatched == 1 and waiting == ["late", "other-model"] and later == 3
