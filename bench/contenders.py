@@ -22,7 +22,13 @@ from typing import Protocol
 import numpy as np
 
 from bench.alternatives import ONNX_PATH_ENV
-from bench.live_traffic import LIVE_TRAFFIC_NOTE, as_shadow_copies, closing_notes, seed_stable_answers
+from bench.live_traffic import (
+    LIVE_TRAFFIC_NOTE,
+    LOG_AND_DRIFT_NOTE,
+    as_shadow_copies,
+    closing_notes,
+    seed_stable_answers,
+)
 from bench.payloads import Payload, to_grpc, to_mlflow, to_plain_bentoml, to_v2_binary, to_v2_json
 from bench.prepare import PreparedModel
 from bench.processes import new_children, own_children, stop_tree
@@ -98,8 +104,9 @@ class ProjectBento:
     """This project's Bento via `bentoml serve` (deploy.process.served_bento): V2 REST JSON,
     V2 REST binary and V2 gRPC; service settings left at their defaults. With
     precision="int8" it serves the model's int8 export (`canary export --quantize int8`);
-    with prediction_log=True the prediction log, input drift and the shadow diff run on every
-    request (bench/live_traffic.py), so its rows against `bento` are their cost."""
+    with prediction_log=True the prediction log and input drift run on every request, and with
+    shadow_copies=True too every REST request is a shadow copy that the shadow diff pairs with
+    stable's answer (bench/live_traffic.py), so its rows against `bento` are their cost."""
 
     cache_url: str | None = None
     name: str = "bento"
@@ -108,6 +115,7 @@ class ProjectBento:
     baseline: str | None = None
     precision: str = "fp32"
     prediction_log: bool = False
+    shadow_copies: bool = True  # with prediction_log: every REST request a shadow copy (the worst case)
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
@@ -135,8 +143,9 @@ class ProjectBento:
             sink_pids = tuple(new_children(before))  # the log's redis-server: its CPU is the log's too
             before = own_children()
             if sink_url:
-                seed_stable_answers(sink_url, "digits", ctx.rows)
                 env["CANARY_SERVICE_PREDICTION_LOG_URL"] = sink_url
+            if sink_url and self.shadow_copies:
+                seed_stable_answers(sink_url, "digits", ctx.rows)
                 rest_json, rest_binary = as_shadow_copies(rest_json), as_shadow_copies(rest_binary)
             with served_bento(model.bento_tag, free_port(), log, env, timeout=START_TIMEOUT_S) as base:
                 pid = new_children(before)[0]
@@ -152,7 +161,7 @@ class ProjectBento:
                     (
                         "service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
                         "ONNX Runtime threads = cores / workers)",
-                        *((LIVE_TRAFFIC_NOTE,) if sink_url else ()),
+                        *((LIVE_TRAFFIC_NOTE if self.shadow_copies else LOG_AND_DRIFT_NOTE,) if sink_url else ()),
                     ),
                     extra_pids=sink_pids,
                     closing_notes=(lambda: closing_notes(base)) if sink_url else None,

@@ -246,7 +246,7 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
                 prepared["digits-cnn"], run.context(rows), config.turns, config.duration_s, config.connections,
                 run.workdir / "in-turns", say,
             )  # fmt: skip
-            say(f"  on/off = {in_turns.ratio:.3f}")
+            say(f"  log + drift / off = {in_turns.log_drift_ratio:.3f}; all three / off = {in_turns.ratio:.3f}")
         except Exception as exc:  # noqa: BLE001 - a failed section is a finding, not a crash
             run.failures.append(f"live-traffic cost in turns: {_brief(exc)}")
             say(f"  FAILED: {_brief(exc)}")

@@ -246,9 +246,9 @@ def test_the_features_cost_measured_in_turns_is_preferred_to_the_table_row():
     from bench.live_traffic import InTurns
 
     logged = _m("digits-cnn", "bento-predlog", "project", "rest-json", SATURATED, 6_900, baseline="bento")
-    turns = InTurns(off=(1000.0, 1200.0), on=(880.0, 1100.0), seconds=10)
-    assert turns.ratio == pytest.approx(1980 / 2200)
+    turns = InTurns(off=(1000.0, 1200.0), log_drift=(990.0, 1100.0), all_on=(880.0, 1100.0), seconds=10)
+    assert turns.ratio == pytest.approx(1980 / 2200) and turns.log_drift_ratio == pytest.approx(2090 / 2200)
     name = "prediction log, drift and shadow diff on: share of throughput with them off (digits-cnn V2 REST JSON)"
     target = {t.name: t for t in judge_targets(build_table([*RECORDED, logged], LIMITS), [], turns.ratio)}[name]
     assert target.value == pytest.approx(0.9) and target.passed is True and "in turns" in target.detail
-    assert "1,000/880, 1,200/1,100" in turns.markdown() and "**0.90**" in turns.markdown()
+    assert "1,000/990/880, 1,200/1,100/1,100" in turns.markdown() and "all three / off = **0.90**" in turns.markdown()

@@ -34,3 +34,15 @@ def test_copies_carry_the_mirror_header_and_a_rotating_id_only_when_asked():
     assert f'"bench-" .. (sent % {REQUEST_IDS})' in lua_script(paced=False, request_ids=copy.request_ids)
     static = lua_script(paced=False, request_ids=plain.request_ids)
     assert "function request()" not in static  # wrk's static request: no Lua per request
+
+
+def test_the_three_servers_in_turns_never_share_a_log_file_or_metrics():
+    from bench.live_traffic import MODES, in_turns_contenders
+
+    contenders = in_turns_contenders()
+    assert tuple(contenders) == MODES and len({c.name for c in contenders.values()}) == 3
+    assert [(c.prediction_log, c.prediction_log and c.shadow_copies) for c in contenders.values()] == [
+        (False, False),
+        (True, False),
+        (True, True),
+    ]
