@@ -87,7 +87,11 @@ class BenchRun:
                     self.measurements.append(m)
                     self.say(f"    {endpoint.protocol:<11} {describe(m)}")
                 if served.closing_notes is not None:  # the server's own account of the run, before it stops
-                    for note in served.closing_notes():
+                    try:
+                        closing = served.closing_notes()
+                    except Exception as exc:  # noqa: BLE001 - the measurements stand; the account is missing
+                        closing = (f"its own counts could not be read: {_brief(exc)}",)
+                    for note in closing:
                         self.notes.append(f"{contender.name} {model.architecture} {mode}: {note}")
                         self.say(f"    {note}")
         except SkipContender as skip:

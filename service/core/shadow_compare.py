@@ -16,6 +16,7 @@ the same pairs from the log itself.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,34 +62,45 @@ class ShadowComparer:
         unmatched = 0
         for row in rows:
             if row.get("shadow"):
+                self._pending.pop(row["request_id"], None)  # a repeated id goes to the back, with its new time
                 self._pending[row["request_id"]] = (row["classes"], row["confidences"], float(row["latency_ms"]), now)
         while len(self._pending) > self.max_pending:  # oldest first (dicts keep insertion order)
             del self._pending[next(iter(self._pending))]
             unmatched += 1
+        failure: Exception | None = None
         if self._pending:
-            tallies, waiting_over = self._compare(now)
+            tallies, waiting_over, failure = self._compare(now)
             unmatched += waiting_over
             if tallies:
                 self.observer.shadow_compared(tallies)
         if unmatched:
             self.observer.shadow_unmatched(unmatched)
+        if failure is not None:  # counted what could be; the log's writer warns about the rest
+            raise failure
 
-    def _compare(self, now: float) -> tuple[list[ShadowTally], int]:
+    def _compare(self, now: float) -> tuple[list[ShadowTally], int, Exception | None]:
         """Pair every pending copy whose stable answer is logged by now; the copies that
         waited longer than `wait_s` count as unmatched. A store with `compare_shadow` (Redis)
-        pairs them itself, in one call per chunk; any other store is asked for the answers."""
+        pairs them itself, in one call per chunk; any other store is asked for the answers.
+        A store that fails ends the pairing for this cycle (the copies of the chunks already
+        paired are counted, the rest wait) and is handed back, after the expiry ran."""
         ids = list(self._pending)
         tallies: dict[str, ShadowTally] = {}
         unmatched = 0
+        failure: Exception | None = None
         compare = getattr(self.store, "compare_shadow", None)
         for start in range(0, len(ids), _LOOKUP_CHUNK):
             chunk = ids[start : start + _LOOKUP_CHUNK]
-            if compare is not None:
-                paired, done, mismatched = compare(self.model, [(i, *self._pending[i][:3]) for i in chunk])
-            else:
-                paired, done, mismatched = pair_with_stable(
-                    self.store.lookup(self.model, chunk), {i: self._pending[i] for i in chunk}
-                )
+            try:
+                if compare is not None:
+                    paired, done, mismatched = compare(self.model, [(i, *self._pending[i][:3]) for i in chunk])
+                else:
+                    paired, done, mismatched = pair_with_stable(
+                        self.store.lookup(self.model, chunk), {i: self._pending[i] for i in chunk}
+                    )
+            except Exception as exc:  # noqa: BLE001 - handed back to the writer, which warns
+                failure = exc
+                break
             for request_id in done:
                 del self._pending[request_id]
             unmatched += mismatched
@@ -100,7 +112,11 @@ class ShadowComparer:
                 break
             del self._pending[oldest]
             unmatched += 1
-        return list(tallies.values()), unmatched
+        return list(tallies.values()), unmatched, failure
+
+
+def _finite(values: Any) -> bool:
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
 
 
 def merge_tally(into: dict[str, ShadowTally], tally: ShadowTally) -> None:
@@ -127,7 +143,7 @@ def pair_with_stable(found: dict[str, Any], pending: dict[str, _Pending]) -> tup
         tally.requests += 1
         tally.rows += len(classes)
         tally.agreed += sum(a == b for a, b in zip(classes, stable.classes, strict=True))
-        if len(stable.confidences) == len(confidences):
+        if len(stable.confidences) == len(confidences) and _finite(confidences) and _finite(stable.confidences):
             tally.confidence_candidate += sum(confidences)
             tally.confidence_stable += sum(stable.confidences)
         if stable.latency_ms is not None:

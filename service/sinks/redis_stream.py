@@ -6,17 +6,18 @@ Keys (prefix `canary:predlog`, setting `prediction_log_key`):
 | key | type | holds |
 |---|---|---|
 | `<prefix>:stream` | Stream, `XADD MAXLEN ~ cap` | one entry per row; every field a string: numbers as text, lists as JSON, `shadow` 0/1, `input_b64` empty when off |
-| `<prefix>:req:<request id>` | string, EX label window | JSON `{"model", "model_version", "slot", "classes"}` of the prediction (not of shadow copies) |
+| `<prefix>:req:<request id>` | string, EX label window | JSON `{"model", "model_version", "slot", "classes", "confidences", "latency_ms"}` of the prediction (not of shadow copies) |
 | `<prefix>:label:<request id>` | string, EX label window | the label, a JSON list of classes: a second post of it is a duplicate |
 | `<prefix>:tally:<model>` | hash | `<version>:labels` and `<version>:correct`: labelled rows and correct rows |
 
 Stream entry ids are Redis' clock in milliseconds, so a time range is one `XRANGE`.
 
 A batch is written by one Lua script call (`_WRITE_ROWS`): the writer thread only serialises
-the rows to one JSON array (orjson) and Redis turns each into its entry and index key. Per
-row that is about a tenth of the client's CPU that one `XADD` + `SET` per row cost through
+the rows to one JSON array (orjson; the list fields as JSON text, written as Python writes
+them: shortest exact repr, NaN kept) and Redis turns each into its entry and index key. Per row
+that is under a tenth of the client's CPU that one `XADD` + `SET` per row cost through
 redis-py, and the writer shares the serving process's interpreter, so its CPU is taken from
-requests (`make bench`, contender `bento-predlog`). Numbers are written as Lua formats them:
+requests (`make bench`, contender `bento-predlog`). Scalars are written as Lua formats them:
 `time` with microseconds, other numbers to 14 significant digits.
 """
 
@@ -39,20 +40,27 @@ _LIST_FIELDS = ("classes", "confidences", "input_shape")
 _PAGE = 1000
 _CLOCK_MARGIN_S = 60.0  # a row's time is the slot's clock; its entry id Redis' a little later
 _FIELD_NAMES = json.dumps(ROW_FIELDS)
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options builds one a call
+
+
+def _list_text(value: Any) -> str:
+    """A list field as the stream keeps it: JSON, floats at full precision (shortest repr),
+    NaN as NaN. orjson first (it writes NaN and infinity as null: then the stdlib's)."""
+    text = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    return _JSON.encode(value) if b"null" in text else text.decode()
+
+
 # One batch of rows: an entry per row in the capped stream and, except for shadow copies, the
 # row's index key for the feedback join. KEYS[1] stream; ARGV: cap, label window (s), index key
-# prefix, field names (JSON), rows (JSON, each a list of values in field-name order).
+# prefix, field names (JSON), rows (JSON, each a list of values in field-name order; the list
+# fields already JSON text, written as Python wrote them: full precision, NaN kept).
 _WRITE_ROWS = """
 local names = cjson.decode(ARGV[4])
 local rows = cjson.decode(ARGV[5])
 local LISTS = {classes = true, confidences = true, input_shape = true}
-local function list_json(v)
-  if type(v) ~= 'table' or next(v) == nil then return '[]' end
-  return cjson.encode(v)
-end
 local function text(name, v)
+  if LISTS[name] then return type(v) == 'string' and v or 'null' end
   if v == nil or v == cjson.null then return '' end
-  if LISTS[name] then return list_json(v) end
   if type(v) == 'boolean' then return v and '1' or '0' end
   if type(v) == 'number' then
     if name == 'time' then return string.format('%.6f', v) end
@@ -85,6 +93,13 @@ return #rows
 # candidate, confidence stable, latency candidate s, latency stable s]}, "done": [copy index],
 # "mismatched": n}; a copy whose id has no answer yet is not done (it waits).
 _COMPARE_SHADOW = """
+local function finite_list(v)  -- a list of finite numbers (NaN, inf, null: not summed)
+  if type(v) ~= 'table' then return false end
+  for _, x in ipairs(v) do
+    if type(x) ~= 'number' or x ~= x or x == math.huge or x == -math.huge then return false end
+  end
+  return true
+end
 local copies = cjson.decode(ARGV[3])
 local tallies, done, mismatched = {}, {}, 0
 for i, copy in ipairs(copies) do
@@ -109,7 +124,7 @@ for i, copy in ipairs(copies) do
           if mine[k] == theirs[k] then t[3] = t[3] + 1 end
         end
         local sc, mc = stable.confidences, copy[3]
-        if type(sc) == 'table' and type(mc) == 'table' and #sc == #mc then
+        if finite_list(sc) and finite_list(mc) and #sc == #mc then
           for k = 1, #sc do
             t[4] = t[4] + mc[k]
             t[5] = t[5] + sc[k]
@@ -137,7 +152,7 @@ return 0
 
 
 def from_fields(fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """Inverse of `to_fields`."""
+    """A stream entry back as a row (every field was written as text)."""
     text = {k.decode(): v.decode() for k, v in fields.items()}
     row: dict[str, Any] = dict(text)
     for name in _LIST_FIELDS:
@@ -180,7 +195,10 @@ class RedisPredictionStore:
         `max_len`), and each non-shadow row indexed by its request id for the label window."""
         if not rows:
             return
-        values = orjson.dumps([[row[name] for name in ROW_FIELDS] for row in rows], option=orjson.OPT_SERIALIZE_NUMPY)
+        values = orjson.dumps(
+            [[_list_text(row[n]) if n in _LIST_FIELDS else row[n] for n in ROW_FIELDS] for row in rows],
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
         self._write_rows(keys=[self.stream], args=[self.max_len, self.label_window_s, self._key("req", ""),
                                                    _FIELD_NAMES, values])  # fmt: skip
 
@@ -193,7 +211,7 @@ class RedisPredictionStore:
         for request_id, blob in zip(ids, self._client.mget([self._key("req", i) for i in ids]), strict=True):
             if blob is None:
                 continue
-            entry = orjson.loads(blob)
+            entry = json.loads(blob)  # (not orjson: a NaN confidence is written as NaN)
             if entry["model"] == model:
                 found[request_id] = LoggedPrediction(
                     entry["model"], entry["model_version"], entry["slot"], tuple(entry["classes"]),

@@ -189,28 +189,31 @@ def test_a_batch_written_by_the_script_reads_back_field_for_field(redis_server):
     now = time.time()
     rows = [
         {"request_id": "plain-1", "time": now, "slot": "blue", "model": "digits", "model_version": "7",
-         "protocol": "rest", "shadow": False, "rows": 2, "classes": [3, 9], "confidences": [0.875, 0.123456789012],
+         "protocol": "rest", "shadow": False, "rows": 2, "classes": [3, 9], "confidences": [0.875, 0.12345678901234568],
          "latency_ms": 4.125, "input_datatype": "FP32", "input_shape": [2, 64], "input_sha256": "ab" * 32,
          "input_b64": None},
         {"request_id": "copy-1", "time": now + 0.000123, "slot": "green", "model": "digits", "model_version": "8",
-         "protocol": "grpc", "shadow": True, "rows": 1, "classes": [0], "confidences": [1.0], "latency_ms": 0.0,
+         "protocol": "grpc", "shadow": True, "rows": 1, "classes": [0], "confidences": [float("nan")], "latency_ms": 0.0,
          "input_datatype": "FP32", "input_shape": [], "input_sha256": "cd" * 32, "input_b64": "AAAA"},
     ]  # fmt: skip
     store.write(rows)
     back = logged_rows(store)
     assert set(back) == {"plain-1", "copy-1"}
+    assert np.isnan(back["copy-1"].pop("confidences")[0])  # a broken model's NaN stays NaN, not null
+    rows[1] = {k: v for k, v in rows[1].items() if k != "confidences"}
     for row in rows:
         got = back[row["request_id"]]
         assert got["time"] == pytest.approx(row["time"], abs=1e-6)
         assert {k: v for k, v in got.items() if k != "time"} == {
             **{k: str(v) for k, v in row.items() if k not in ("time", "classes", "confidences", "input_shape")},
             "rows": row["rows"], "latency_ms": row["latency_ms"], "shadow": row["shadow"],
-            "classes": row["classes"], "confidences": row["confidences"], "input_shape": row["input_shape"],
+            "classes": row["classes"], "input_shape": row["input_shape"],
+            **({"confidences": row["confidences"]} if "confidences" in row else {}),
             "input_b64": row["input_b64"],
         }  # fmt: skip
     found = store.lookup("digits", ["plain-1", "copy-1"])
     assert list(found) == ["plain-1"]  # a shadow copy is never what a label is joined to
-    assert found["plain-1"].classes == (3, 9) and found["plain-1"].confidences == (0.875, 0.123456789012)
+    assert found["plain-1"].classes == (3, 9) and found["plain-1"].confidences == (0.875, 0.12345678901234568)
     assert found["plain-1"].model_version == "7" and found["plain-1"].latency_ms == 4.125
     store.write([])  # nothing to write is not a call
     assert redis_server.client().xlen(STREAM) == 2

@@ -126,6 +126,7 @@ def test_redis_pairs_the_copies_itself_exactly_as_python_does(redis_server):  # 
         ("same", "digits", "1", [3], [0.75], 2.5), ("differs", "digits", "1", [4], [0.5], 3.0),
         ("two", "digits", "2", [1, 2], [0.25, 0.125], 5.0), ("rows", "digits", "1", [7], [0.5], 1.0),
         ("other-model", "letters", "1", [3], [0.5], 1.0), ("no-confidences", "digits", "1", [2], [], None),
+        ("nan", "digits", "2", [6], [float("nan")], 1.0),
     ]  # fmt: skip
     store.write([{**shadow_row(i, c), "shadow": False, "model": m, "model_version": v, "slot": "blue",
                   "confidences": conf, "latency_ms": lat, "time": 1.0, "protocol": "rest", "rows": len(c),
@@ -133,7 +134,7 @@ def test_redis_pairs_the_copies_itself_exactly_as_python_does(redis_server):  # 
                  for i, m, v, c, conf, lat in stable])  # fmt: skip
     copies = [shadow_row("same", [3]), shadow_row("differs", [9]), shadow_row("two", [1, 5]),
               shadow_row("rows", [7, 7]), shadow_row("other-model", [3]), shadow_row("late", [0]),
-              shadow_row("no-confidences", [2])]  # fmt: skip
+              shadow_row("no-confidences", [2]), shadow_row("nan", [6])]  # fmt: skip
     results = []
     for seen_by in (store, LookupOnly(store)):
         observer, now = RecordingShadow(), [0.0]
@@ -145,7 +146,32 @@ def test_redis_pairs_the_copies_itself_exactly_as_python_does(redis_server):  # 
         results.append((first, observer.unmatched))
     assert results[0] == results[1]
     (tallies, unmatched, waiting), later = results[0]
-    assert [(t.stable_version, t.requests, t.rows, t.agreed) for t in tallies] == [("1", 3, 3, 2), ("2", 1, 2, 1)]
+    assert [(t.stable_version, t.requests, t.rows, t.agreed) for t in tallies] == [("1", 3, 3, 2), ("2", 2, 3, 2)]
     assert tallies[0].confidence_stable == pytest.approx(1.25) and tallies[0].confidence_candidate == pytest.approx(1.0)
-    assert tallies[0].latency_stable_s == pytest.approx(0.0055) and tallies[1].latency_stable_s == pytest.approx(0.005)
+    assert tallies[0].latency_stable_s == pytest.approx(0.0055) and tallies[1].latency_stable_s == pytest.approx(0.006)
+    assert tallies[1].confidence_stable == pytest.approx(0.375)  # a NaN answer is compared, its confidence not summed
     assert unmatched == 1 and waiting == ["late", "other-model"] and later == 3
+
+
+def test_a_store_failing_mid_cycle_costs_no_copy_that_was_already_paired():
+    """1,500 copies pending: the first chunk of 1,000 is paired and counted, the store then
+    fails; the other 500 wait for the next cycle and the failure reaches the log's writer."""
+
+    class FailingSecondTime(StandInStore):
+        calls = 0
+
+        def lookup(self, model, ids):
+            FailingSecondTime.calls += 1
+            if FailingSecondTime.calls == 2:
+                raise ConnectionError("store went away")
+            return super().lookup(model, ids)
+
+    store, observer = FailingSecondTime(), RecordingShadow()
+    for i in range(1500):
+        store.answers[str(i)] = LoggedPrediction("digits", "1", "blue", (0,), (0.5,), 3.0)
+    comparer = ShadowComparer(store, "digits", observer, clock=lambda: 0.0)
+    with pytest.raises(ConnectionError):
+        comparer.after_cycle([shadow_row(str(i), [0]) for i in range(1500)])
+    assert sum(t.requests for t in observer.pairs) == 1000 and len(comparer._pending) == 500
+    comparer.after_cycle([])  # the store is back
+    assert sum(t.requests for t in observer.pairs) == 1500 and not comparer._pending and observer.unmatched == 0

@@ -68,3 +68,10 @@ def test_a_dead_sink_drops_batches_counts_them_and_warns_once(redis_server, capl
     assert observer.written == 0
     warnings = [r for r in caplog.records if "prediction log sink failing" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_row_fields_name_every_key_of_a_row_in_order():
+    from service.core.predlog import ROW_FIELDS, LogIdentity, Prediction, to_row
+
+    p = Prediction("r", 1.0, "rest", False, 0.001, np.zeros((1, 64), np.float32), "FP32", [0], [0.5])
+    assert tuple(to_row(p, LogIdentity("blue", "digits", "1"), keep_inputs=True)) == ROW_FIELDS
