@@ -18,7 +18,8 @@ them: shortest exact repr, NaN kept) and Redis turns each into its entry and ind
 that is under a tenth of the client's CPU that one `XADD` + `SET` per row cost through
 redis-py, and the writer shares the serving process's interpreter, so its CPU is taken from
 requests (`make bench`, contender `bento-predlog`). Scalars are written as Lua formats them:
-`time` with microseconds, other numbers to 14 significant digits.
+`time` exactly (17 significant digits: a window's bounds compare with it), other numbers to
+14 significant digits.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ local function text(name, v)
   if v == nil or v == cjson.null then return '' end
   if type(v) == 'boolean' then return v and '1' or '0' end
   if type(v) == 'number' then
-    if name == 'time' then return string.format('%.6f', v) end
+    if name == 'time' then return string.format('%.17g', v) end  -- exact: windows compare it
     if v == math.floor(v) and math.abs(v) < 1e15 then return string.format('%d', v) end
     return string.format('%.14g', v)
   end
