@@ -28,20 +28,19 @@ from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field, SecretStr
 
 from service.core.cache import NullCache, RedisCache, ResponseCache
-from service.core.drift import DriftMonitor, DriftReference
 from service.core.errors import InferenceError, InvalidInput
 from service.core.faults import FaultPlan
 from service.core.feedback import FeedbackDesk
 from service.core.inference import BatchingConfig, InferenceCore
 from service.core.model import ModelCard
 from service.core.observer import CoreObserver
-from service.core.predlog import LogIdentity, PredictionLog, RequestTrace
+from service.core.predlog import PredictionLog, RequestTrace
 from service.core.request_id import request_id_from
 from service.core.runner import OnnxRunner
-from service.core.shadow_compare import ShadowComparer
 from service.logs import install_json_logs
+from service.predlog_process import LogSpec, ProcessPredictionLog, build_in_thread
 from service.settings import ServiceSettings
-from service.sinks import PredictionLogStore, open_store
+from service.sinks import PredictionLogStore
 from service.v2.rest import build_v2_app
 
 if TYPE_CHECKING:
@@ -108,22 +107,17 @@ def build_prediction_log(
     the shadow copies it logged with stable's answers."""
     if not settings.prediction_log_url:
         return None, None
-    reference = DriftReference.load(model_folder) if model_folder is not None else None
-    drift = None
-    if reference is not None:
-        drift = DriftMonitor(reference, settings.drift_window, max(1, settings.drift_window // 5), observer)
-    store = open_store(
-        settings.prediction_log_url, password=secret_text(settings.prediction_log_password),
-        max_len=settings.prediction_log_cap, label_window_s=settings.prediction_log_label_window_s,
-        timeout_s=settings.prediction_log_timeout_ms / 1000, key_prefix=settings.prediction_log_key,
+    spec = LogSpec(
+        settings.prediction_log_url, secret_text(settings.prediction_log_password), settings.prediction_log_key,
+        settings.prediction_log_cap, settings.prediction_log_label_window_s, settings.prediction_log_timeout_ms / 1000,
+        settings.slot, card.name, card.version, settings.prediction_log_buffer, settings.prediction_log_buffer_bytes,
+        settings.prediction_log_batch, settings.prediction_log_flush_interval_s, settings.prediction_log_inputs,
+        str(model_folder) if model_folder is not None else None, settings.drift_window,
     )  # fmt: skip
-    predlog = PredictionLog(
-        store, LogIdentity(settings.slot, card.name, card.version), max_records=settings.prediction_log_buffer,
-        max_bytes=settings.prediction_log_buffer_bytes, batch_size=settings.prediction_log_batch,
-        flush_interval_s=settings.prediction_log_flush_interval_s, keep_inputs=settings.prediction_log_inputs,
-        observer=observer, on_inputs=drift.update if drift is not None else None,
-        on_written=ShadowComparer(store, card.name, observer).after_cycle,
-    )  # fmt: skip
+    store = spec.open_store()  # the feedback desk's (the writer, in its process or thread, opens its own)
+    predlog = (
+        ProcessPredictionLog(spec, observer) if settings.prediction_log_process else build_in_thread(spec, observer)
+    )
     return predlog, store
 
 

@@ -92,6 +92,10 @@ class ServiceSettings(BaseSettings):
     prediction_log_label_window_s: int = Field(
         default=86_400, ge=1, description="How long after its answer a prediction can be labelled through feedback."
     )
+    prediction_log_process: bool = Field(
+        default=True, description="Write the log (rows, input drift, shadow diff) from a process of its own, so its "
+        "CPU is not taken from requests under the interpreter lock; off: a thread of the serving process.",
+    )  # fmt: skip
     # -- the Bento's own V2 REST listener (the hot path; BentoML's port keeps the native API)
     rest_port: int = Field(
         default=8000, ge=0, le=65535, description="V2 REST port outside BentoML's HTTP stack (Triton's 8000); 0 = off."

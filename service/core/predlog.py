@@ -98,7 +98,7 @@ def input_bytes(array: np.ndarray) -> bytes | memoryview:
     """The input as little-endian, row-major bytes (a view when it is already so)."""
     little = array.dtype.newbyteorder("<")
     contiguous = np.ascontiguousarray(array, dtype=little)
-    return memoryview(contiguous).cast("B")  # type: ignore[arg-type]
+    return memoryview(contiguous.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # (cast refuses empty arrays)
 
 
 ROW_FIELDS = (

@@ -40,10 +40,15 @@ def logged_rows(store) -> dict[str, dict]:
     return {row["request_id"]: row for row in store.read_range(0, 4e9)}
 
 
-def test_every_answer_of_a_burst_is_logged_under_the_id_its_client_got(tmp_path, redis_server):  # noqa: F811
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_every_answer_of_a_burst_is_logged_under_the_id_its_client_got(tmp_path, redis_server, writer):  # noqa: F811
     store = open_store(redis_server.url)
     x = digits_rows(1000, seed=1)
-    with logged_server(tmp_path, store) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    process_url = redis_server.url if writer == "process" else None
+    with (
+        logged_server(tmp_path, store, process_url=process_url) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
 
         def call(i: int) -> tuple[str, int, int]:
             headers = {"X-Request-Id": f"client-{i}"} if i % 2 else {}  # half bring their own id
@@ -85,12 +90,17 @@ def test_request_ids_are_kept_when_sane_made_when_missing_and_echoed(tmp_path, r
     assert set(logged_rows(open_store(redis_server.url))) >= {made.json()["id"], "order-17.a:b_c", "rid-1"}
 
 
-def test_inputs_are_logged_when_asked_in_a_form_a_replay_can_read(tmp_path, redis_server):  # noqa: F811
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_inputs_are_logged_when_asked_in_a_form_a_replay_can_read(tmp_path, redis_server, writer):  # noqa: F811
     import base64
 
     rows = digits_rows(3, seed=4)
     store = open_store(redis_server.url)
-    with logged_server(tmp_path, store, keep_inputs=True) as server, httpx.Client(base_url=server.url) as client:
+    process_url = redis_server.url if writer == "process" else None
+    with (
+        logged_server(tmp_path, store, keep_inputs=True, process_url=process_url) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         rid = client.post(INFER, json=body(rows)).headers["x-request-id"]
         wait_until(lambda: server.observer.written == 1, 10, "the row")
     row = logged_rows(store)[rid]

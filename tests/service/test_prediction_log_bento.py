@@ -9,6 +9,7 @@ import time
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 from tritonclient.grpc import service_pb2 as pb2
 from tritonclient.grpc import service_pb2_grpc as pb2_grpc
@@ -57,6 +58,10 @@ def test_every_protocol_is_logged_under_its_id_and_labels_become_online_accuracy
     assert {name: rows[rid]["classes"] for name, rid in ids.items()} == {k: [v] for k, v in predicted.items()}
     assert {(r["slot"], r["model_version"]) for r in rows.values()} == {("test", version)}
     assert total(scrape(serving.url), "canary_prediction_log_written_total") >= written_before + 4
+    # written by the slot's log writer process, a child of the worker that answered
+    port = int(serving.v2.rsplit(":", 1)[1])
+    worker = next(psutil.Process(c.pid) for c in psutil.net_connections("tcp") if c.laddr.port == port and c.pid)
+    assert [" ".join(c.cmdline()[-2:]) for c in worker.children()] == ["-m service.predlog_process"]
 
     labels = [{"id": ids[name], "label": predicted[name]} for name in ("v2", "mount", "grpc")]
     labels.append({"id": ids["native"], "label": (predicted["native"] + 1) % 10})  # one wrong

@@ -16,6 +16,7 @@ from typing import Any
 from service.core.feedback import FeedbackDesk
 from service.core.observer import CoreObserver
 from service.core.predlog import LogIdentity, PredictionLog
+from service.predlog_process import LogSpec, ProcessPredictionLog
 from service.v2.rest import V2RestApp
 from tests.support.tiny_model import tiny_core
 from tests.support.v2_listener import listening
@@ -68,6 +69,15 @@ class RecordingObserver(CoreObserver):
             self.online[version] = (labels, correct)
 
 
+def process_spec(url: str, **overrides: Any) -> LogSpec:
+    """A process log's settings: the served slot's defaults, tightened for tests."""
+    spec = {"url": url, "password": None, "key_prefix": "canary:predlog", "max_len": 100_000,
+            "label_window_s": 86_400, "timeout_s": 1.0, "slot": "blue", "model": "digits", "model_version": "1",
+            "max_records": 10_000, "max_bytes": 64 << 20, "batch_size": 500, "flush_interval_s": 0.05,
+            "keep_inputs": False}  # fmt: skip
+    return LogSpec(**{**spec, **overrides})
+
+
 @dataclass
 class LoggedServer:
     url: str
@@ -78,13 +88,20 @@ class LoggedServer:
 
 @contextlib.contextmanager
 def logged_server(
-    tmp_path: Path, store: Any, *, version: str = "1", slot: str = "blue", seed: int = 0, **log_options: Any
-) -> Iterator[LoggedServer]:
+    tmp_path: Path, store: Any, *, version: str = "1", slot: str = "blue", seed: int = 0,
+    process_url: str | None = None, **log_options: Any,
+) -> Iterator[LoggedServer]:  # fmt: skip
     """The tiny model (version `version`) behind the real V2 listener, logging every answer
-    to `store` (and joining labels against it), until the block ends."""
+    to `store` (and joining labels against it), until the block ends. With `process_url` the
+    log's writer is a process of its own writing to that store (`ProcessPredictionLog`)."""
     observer = RecordingObserver()
     options = {"flush_interval_s": 0.05, **log_options}
-    predlog = PredictionLog(store, LogIdentity(slot, "digits", version), observer=observer, **options)
+    predlog: PredictionLog
+    if process_url:  # the writer in a process of its own, as a served slot runs it
+        spec = process_spec(process_url, slot=slot, model_version=version, **options)
+        predlog = ProcessPredictionLog(spec, observer, restart_interval_s=0.2, hang_timeout_s=1.0)
+    else:
+        predlog = PredictionLog(store, LogIdentity(slot, "digits", version), observer=observer, **options)
     core = tiny_core(tmp_path, version=version, seed=seed, observer=observer, predlog=predlog)
     predlog.start()
     app = V2RestApp(8 << 20, core, FeedbackDesk(store, "digits", observer))
