@@ -112,7 +112,8 @@ def build_prediction_log(
         settings.prediction_log_cap, settings.prediction_log_label_window_s, settings.prediction_log_timeout_ms / 1000,
         settings.slot, card.name, card.version, settings.prediction_log_buffer, settings.prediction_log_buffer_bytes,
         settings.prediction_log_batch, settings.prediction_log_flush_interval_s, settings.prediction_log_inputs,
-        str(model_folder) if model_folder is not None else None, settings.drift_window,
+        str(model_folder) if model_folder is not None else None, settings.drift_window, settings.json_logs,
+        settings.prediction_log_nice,
     )  # fmt: skip
     store = spec.open_store()  # the feedback desk's (the writer, in its process or thread, opens its own)
     predlog = (

@@ -67,6 +67,8 @@ class LogSpec:
     keep_inputs: bool
     model_folder: str | None = None  # where the drift reference is, if the model has one
     drift_window: int = 1000
+    json_logs: bool = False  # the writer process logs as the slot does
+    nice: int = 5  # the writer's CPU priority below the serving process's (0: the same)
 
     def open_store(self) -> PredictionLogStore:
         return open_store(
@@ -309,6 +311,12 @@ def main() -> int:
     if first is None:
         return 0
     spec = LogSpec(**orjson.loads(first))
+    if spec.nice > 0:
+        os.nice(spec.nice)  # background work: under saturation requests come first, the log falls behind
+    if spec.json_logs:
+        from service.logs import install_json_logs
+
+        install_json_logs(spec.slot, spec.model, spec.model_version)
     predlog = build_in_thread(spec, _Relay(stdout))
     predlog.start()
     try:

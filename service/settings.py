@@ -92,6 +92,10 @@ class ServiceSettings(BaseSettings):
     prediction_log_label_window_s: int = Field(
         default=86_400, ge=1, description="How long after its answer a prediction can be labelled through feedback."
     )
+    prediction_log_nice: int = Field(
+        default=5, ge=0, le=19, description="The log writer process's CPU priority below the serving process's "
+        "(nice): under saturation requests come first and the writer catches up after.",
+    )  # fmt: skip
     prediction_log_process: bool = Field(
         default=True, description="Write the log (rows, input drift, shadow diff) from a process of its own, so its "
         "CPU is not taken from requests under the interpreter lock; off: a thread of the serving process.",
