@@ -6,6 +6,10 @@ Nothing here starts a process or reads a clock: the smoke test feeds it recorded
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.cache_mix import CacheMix
 
 SATURATED, FIXED, CACHE_HIT = "saturated", "fixed", "cache-hit"
 
@@ -174,7 +178,9 @@ def _best_project(table: list[TableRow], model: str) -> TableRow | None:
     return max(rows, key=lambda r: r.rows_per_s, default=None)
 
 
-def judge_targets(table: list[TableRow], cache: list[CacheResult], in_turns: float | None = None) -> list[Target]:
+def judge_targets(
+    table: list[TableRow], cache: list[CacheResult], in_turns: float | None = None, cache_mix: CacheMix | None = None
+) -> list[Target]:
     """The issue's targets (issue 7), each passed / failed / not measured. `in_turns`: the
     live-traffic features' on/off throughput measured in turns, preferred to the table's
     `bento-predlog` row (one window each, minutes apart)."""
@@ -206,6 +212,15 @@ def judge_targets(table: list[TableRow], cache: list[CacheResult], in_turns: flo
             ">= 3.0x",
             (heavy_cache.ratio >= 3.0) if heavy_cache else None,
             f"{heavy_cache.hits} redis hits" if heavy_cache else "not measured",
+        )
+    )
+    targets.append(
+        Target(
+            "cache hits next to misses at saturation: hit p50 / miss p50",
+            cache_mix.ratio if cache_mix else None,
+            "<= 0.33",
+            (cache_mix.ratio <= 1 / 3) if cache_mix else None,
+            f"{cache_mix.model}, hits {cache_mix.hit_share:.0%} of the requests" if cache_mix else "not measured",
         )
     )
     fronted = [r for r in table if r.vs_baseline is not None and r.contender != PREDLOG_CONTENDER]

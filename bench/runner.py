@@ -256,8 +256,21 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
             say(f"  FAILED: {_brief(exc)}")
 
     step("5/5 response cache: hits vs misses (this project, digits-heavy)")
+    cache_mix = None  # issue 16: hits next to misses at saturation (bench/cache_mix.py)
     if config.cache and "digits-heavy" in prepared and "bento" in config.contenders:
         run.run_cache(prepared["digits-heavy"], rows)
+        from bench.cache_mix import measure_cache_mix
+
+        say("  hits next to misses, at once (half the connections each)")
+        run.wait_quiet()
+        try:
+            cache_mix = measure_cache_mix(
+                prepared["digits-heavy"], run.context(rows), config.duration_s, config.connections,
+                run.workdir / "cache-mix", say,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a failed section is a finding, not a crash
+            run.failures.append(f"cache hits next to misses: {_brief(exc)}")
+            say(f"  FAILED: {_brief(exc)}")
     else:
         say("  skipped")
 
@@ -280,7 +293,7 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     limit_rates = {arch: v["samples_per_s"] for arch, v in limits.items()}
     table = build_table(run.measurements, limit_rates)
     cache = cache_results(run.measurements, run.redis_counts)
-    targets = judge_targets(table, cache, in_turns.ratio if in_turns else None)
+    targets = judge_targets(table, cache, in_turns.ratio if in_turns else None, cache_mix)
     machine_info = {**stamp.machine(), "load_average_at_start": machine_before["load_average"]}
     notes = [*run.notes, f"total run time {time.monotonic() - t0:.0f} s"]
     skipped = [name for name in CONTENDER_NAMES if name not in config.contenders]
@@ -302,9 +315,13 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
         report["batch_scoring"] = scoring.as_dict()
     if in_turns is not None:
         report["live_traffic_cost"] = in_turns.as_dict()
+    if cache_mix is not None:
+        report["cache_mix"] = cache_mix.as_dict()
     markdown = render_markdown(report, table, cache, targets)
     if in_turns is not None:
         markdown += "\n" + in_turns.markdown()
+    if cache_mix is not None:
+        markdown += "\n" + cache_mix.markdown()
     if scoring is not None:
         markdown += "\n" + scoring.markdown()
     paths = write_report(config.report_dir, report, markdown, table)

@@ -110,8 +110,9 @@ end
 """
 
 
-def lua_script(paced: bool, request_ids: int = 0) -> str:
-    ids = REQUEST_IDS % {"count": request_ids} if request_ids > 0 else ""
+def lua_script(paced: bool, request_ids: int = 0, lua_request: str = "") -> str:
+    """The script; `lua_request` is a `request()` of the caller's (e.g. a body per request)."""
+    ids = REQUEST_IDS % {"count": request_ids} if request_ids > 0 else lua_request
     return LUA_SCRIPT % {"pacing": PACING if paced else "", "ids": ids, "prefix": RESULT_PREFIX}
 
 
@@ -211,11 +212,12 @@ def run_wrk(
     connections: int,
     rate: float = 0.0,
     threads: int = 1,
+    lua_request: str = "",
 ) -> LoadResult:
     """One wrk run against `url`; `rate` > 0 paces it (requests/s in total)."""
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / ("paced.lua" if rate > 0 else "saturate.lua")
-    script.write_text(lua_script(paced=rate > 0, request_ids=payload.request_ids))
+    script.write_text(lua_script(paced=rate > 0, request_ids=payload.request_ids, lua_request=lua_request))
     body = workdir / "body.bin"
     body.write_bytes(payload.body)
     extra = ";".join(f"{k}={v}" for k, v in payload.headers)

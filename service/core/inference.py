@@ -1,9 +1,13 @@
 """`InferenceCore`: the transport-free heart of the service.
 
-It validates a request against the `ModelCard`, sends it through the shared adaptive batcher
-(one per worker, fed by every protocol), looks answers up in and stores them to the response
-cache once per batch, and answers in the same transport-free types. The BentoML, V2 REST
-and V2 gRPC adapters only translate.
+It validates a request against the `ModelCard`, looks its answer up in the response cache,
+sends a miss through the shared adaptive batcher (one per worker, fed by every protocol),
+stores fresh answers to the cache once per batch, and answers in the same transport-free
+types. The BentoML, V2 REST and V2 gRPC adapters only translate.
+
+The cache lookup is a stage of its own, before the model's queue: requests that arrive
+together are looked up with one MGET on a thread of their own, so a hit is answered while a
+model call runs and never waits behind one (a miss then joins the model's queue).
 
 A cached answer is served only if its seal verifies (HMAC with the deployment's cache key)
 and it is what this request asks for: one array per requested output, with the card's dtype
@@ -64,6 +68,7 @@ class _Job:
     outputs: tuple[str, ...]
     rows: int
     use_cache: bool = True
+    key: str = ""  # its cache key, once the lookup stage computed it
     # per row, set on the batch thread for the prediction log (empty without one)
     classes: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
@@ -107,6 +112,14 @@ class InferenceCore:
             on_batch=self._on_batch,
             on_reject=self.observer.rejected,
         )
+        # The cache lookup stage: whatever queued while the last MGET ran goes in the next one.
+        self.lookups: AdaptiveBatcher[_Job, list[np.ndarray] | None] = AdaptiveBatcher(
+            self._look_up,
+            max_batch_size=max(256, config.max_batch_size),
+            max_latency_ms=0.0,
+            max_queue_rows=config.max_queue_rows,
+            on_reject=self.observer.rejected,
+        )
         self.ready = False
 
     def start(self) -> None:
@@ -116,6 +129,7 @@ class InferenceCore:
 
     async def close(self) -> None:
         self.ready = False
+        await self.lookups.close()
         await self.batcher.close()
 
     @property
@@ -188,16 +202,10 @@ class InferenceCore:
 
     # -- the batch function (runs on the batcher's thread) --------------------------------
     def _run_batch(self, jobs: list[_Job]) -> list[list[np.ndarray] | BaseException]:
-        card = self.card
-        keys = [
-            cache_key(card.name, card.version, card.sha256, job.feed, job.outputs) if job.use_cache else ""
-            for job in jobs
-        ]
-        results: list[list[np.ndarray] | BaseException | None] = list(self._cached_answers(jobs, keys))
-        misses = [i for i, r in enumerate(results) if r is None]
+        results: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
         # Requests asking for the same outputs share one model call.
         groups: dict[tuple[str, ...], list[int]] = {}
-        for index in misses:
+        for index in range(len(jobs)):
             groups.setdefault(jobs[index].outputs, []).append(index)
         fresh: list[tuple[str, bytes]] = []
         for outputs, members in groups.items():
@@ -213,8 +221,10 @@ class InferenceCore:
             for position, index in enumerate(members):
                 own = [array[bounds[position] : bounds[position + 1]] for array in arrays]
                 results[index] = own
-                if jobs[index].use_cache and self._cacheable(own, jobs[index]):
-                    fresh.append((keys[index], seal(self._cache_secret, keys[index], encode_arrays(own))))
+                job = jobs[index]
+                if job.use_cache and self._cacheable(own, job):
+                    key = job.key or self._key(job)
+                    fresh.append((key, seal(self._cache_secret, key, encode_arrays(own))))
         if fresh:
             self.cache.put_many(fresh)
         try:
@@ -223,7 +233,25 @@ class InferenceCore:
             log.exception("observing the batch's predictions failed")
         return results  # type: ignore[return-value]
 
-    # -- the response cache (batch thread) ------------------------------------------------
+    # -- the response cache (the lookup stage's thread, and the batch thread's puts) ------
+    def _key(self, job: _Job) -> str:
+        card = self.card
+        return cache_key(card.name, card.version, card.sha256, job.feed, job.outputs)
+
+    def _look_up(self, jobs: list[_Job]) -> list[list[np.ndarray] | BaseException | None]:
+        """The lookup stage's batch function: each job's cached answer, or None (a miss, for
+        the model's queue). The hits' predictions are observed here, as a batch's are."""
+        for job in jobs:
+            job.key = self._key(job)
+        answers = self._cached_answers(jobs, [job.key for job in jobs])
+        hits = [i for i, answer in enumerate(answers) if answer is not None]
+        if hits:
+            try:
+                self._observe_predictions([jobs[i] for i in hits], [answers[i] for i in hits])
+            except Exception:  # metrics must never fail a lookup
+                log.exception("observing the cached answers' predictions failed")
+        return list(answers)
+
     def _cached_answers(self, jobs: list[_Job], keys: list[str]) -> list[list[np.ndarray] | None]:
         """Per job, its cached answer if one is there and passes `_accept`, else None.
         Counts hits, misses and rejections; a rejected entry is a miss, never an error."""
@@ -291,7 +319,9 @@ class InferenceCore:
         to the prediction log, keyed by the trace's request id."""
         job = self.validate(request)
         self.faults.maybe_fail()
-        arrays = await self.batcher.submit(job, job.rows)
+        arrays = await self.lookups.submit(job, job.rows) if job.use_cache else None
+        if arrays is None:
+            arrays = await self.batcher.submit(job, job.rows)
         tensors = [
             InferTensor(name, v2_datatype(array), tuple(array.shape), array)
             for name, array in zip(job.outputs, arrays, strict=True)

@@ -169,3 +169,29 @@ def test_without_a_configured_key_each_core_signs_with_its_own(tmp_path, redis_s
     logits(first, ROWS)
     logits(second, ROWS)
     assert one.events == {"miss": 1, "hit": 1} and two.rejected == {"signature": 1}
+
+
+def test_a_hit_is_answered_while_a_model_call_runs(tmp_path, redis_server, caches):  # noqa: F811
+    """The model is slow (400 ms a batch, injected): a request whose answer is cached is
+    answered from the cache while another request's model call is still running, with the
+    answer the model gave it before; the slow one then gets its own answer."""
+    from service.core.faults import FaultPlan
+
+    cache = RedisCache(redis_server.url, connect_timeout_s=0.5, read_timeout_s=0.5)
+    caches.append(cache)
+    observer = Recording()
+    core = tiny_core(tmp_path, cache=cache, cache_secret=SECRET, observer=observer, faults=FaultPlan(latency_ms=400))
+    x = digits_rows(2, seed=7)
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+        first = (await core.infer(request(x[:1]))).outputs[0].data  # a miss: the model answers, cached
+        slow = asyncio.create_task(core.infer(request(x[1:])))  # another miss: a 400 ms model call
+        await asyncio.sleep(0.05)
+        again = (await core.infer(request(x[:1]))).outputs[0].data
+        running = not slow.done()
+        return first, again, running, (await slow).outputs[0].data
+
+    first, again, running, other = asyncio.run(scenario())
+    assert running, "the cached answer waited for the running model call"
+    np.testing.assert_array_equal(again, first)
+    assert not np.array_equal(other, first) and observer.events == {"miss": 2, "hit": 1}
