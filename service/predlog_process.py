@@ -16,7 +16,9 @@ that met the dead pipe and whatever reaches the pipe before the new child is up 
 and counted (reason "sink"), as a failing store's are. A child that takes no frame for
 `hang_timeout_s` is killed and replaced the same way; meanwhile only the serving process's
 writer thread waits on it, the buffer fills and records are dropped and counted (buffer_full),
-never waited for. The child reads its settings, the store's password among
+never waited for. A replaced writer starts afresh: the drift figure
+waits for its window to fill again and shadow copies the old one held unpaired are neither
+compared nor counted. The child reads its settings, the store's password among
 them, from its stdin, not from its command line or environment; it exits when its stdin
 closes (the serving process stopped or died), after writing what it holds.
 """
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,7 +54,7 @@ class LogSpec:
     """Everything a prediction log is built from (the serving settings' prediction_log_*)."""
 
     url: str
-    password: str | None
+    password: str | None = field(repr=False)
     key_prefix: str
     max_len: int
     label_window_s: int
@@ -113,7 +115,8 @@ class _Child:
         self.stdin: IO[bytes] = self.proc.stdin
         self._fd = self.stdin.fileno()
         os.set_blocking(self._fd, False)  # frames are written with os.write, never through the buffer
-        self.shipped = self.accounted = 0
+        self.shipped = self.accounted = self.buffered = 0  # buffered: its log's backlog, last reported
+        self.closed = False
         self.send(orjson.dumps(dataclasses.asdict(spec)))
         self.reader = threading.Thread(
             target=self._relay, args=(self.proc.stdout, on_report), name="prediction-log-reports", daemon=True
@@ -137,13 +140,17 @@ class _Child:
                 report = orjson.loads(line)
                 if report[0] == "log":
                     self.accounted += report[1] + sum(report[2].values())
+                    self.buffered = report[3]
                 on_report(report)
             except Exception:  # noqa: BLE001 - a report is a figure; the relay must go on
                 log.exception("prediction log writer report not understood: %r", line[:200])
 
     def close(self, timeout_s: float) -> int:
         """Close its stdin (it writes what it holds, then exits); killed after `timeout_s`.
-        Returns how many records it took and never accounted for."""
+        Returns how many records it took and never accounted for (0 when closed before)."""
+        if self.closed:
+            return 0
+        self.closed = True
         try:
             self.stdin.close()
         except OSError:
@@ -179,10 +186,19 @@ class ProcessPredictionLog(PredictionLog):
         who = LogIdentity(spec.slot, spec.model, spec.model_version)
         super().__init__(sink, who, observer=observer, warn_interval_s=warn_interval_s, **spec.log_options())
         self.spec, self.restart_interval_s, self.hang_timeout_s = spec, restart_interval_s, hang_timeout_s
+        if spec.model_folder:  # a bad reference fails the start here, as the in-thread log's does
+            from service.core.drift import DriftReference
+
+            DriftReference.load(Path(spec.model_folder))
         self._child: _Child | None = None
         self._started_at = float("-inf")
         self._counts_lock = threading.Lock()
-        self.restarts = 0
+        self._children = 0  # writer processes started
+
+    @property
+    def restarts(self) -> int:
+        """Writer processes started after the first (each replaced one that died or hung)."""
+        return max(0, self._children - 1)
 
     @property
     def child_pid(self) -> int | None:
@@ -193,6 +209,8 @@ class ProcessPredictionLog(PredictionLog):
         super().start()
 
     def _ensure_child(self) -> _Child | None:
+        """The running writer process; a dead one is accounted for and replaced (at most once
+        per `restart_interval_s`, and never once the log is closing)."""
         child = self._child
         if child is not None and child.proc.poll() is None:
             return child
@@ -202,7 +220,7 @@ class ProcessPredictionLog(PredictionLog):
             self._lost(child.close(0.0))
             self._child = None
         now = time.monotonic()
-        if now - self._started_at < self.restart_interval_s:
+        if self._stopping or now - self._started_at < self.restart_interval_s:
             return None
         self._started_at = now
         try:
@@ -210,8 +228,7 @@ class ProcessPredictionLog(PredictionLog):
         except OSError as exc:
             self._warn(f"prediction log writer process did not start ({exc})")
             return None
-        if child is not None:
-            self.restarts += 1
+        self._children += 1
         return self._child
 
     def _drain(self, until_empty: bool = False) -> None:
@@ -223,7 +240,7 @@ class ProcessPredictionLog(PredictionLog):
                     raise OSError("no writer process")
                 child.send(pack(batch), self.hang_timeout_s)
                 child.shipped += len(batch)
-            except (OSError, ValueError) as exc:  # a dead pipe; ValueError: closed file
+            except Exception as exc:  # noqa: BLE001 - a dead or hung child, or a batch that cannot travel
                 failed += len(batch)
                 self._warn(f"prediction log writer process unreachable ({type(exc).__name__}: {exc})")
                 if not until_empty:
@@ -239,7 +256,7 @@ class ProcessPredictionLog(PredictionLog):
             with self._counts_lock:
                 self.written += written
                 self.dropped.update(dropped)
-            self.observer.prediction_log(written, dropped, buffered + len(self._buffer))
+            self.observer.prediction_log(written, dropped, buffered + len(self._buffer))  # (the child's + ours)
         elif kind == "drift":
             self.observer.input_drift(*values)
         elif kind == "shadow":
@@ -258,10 +275,28 @@ class ProcessPredictionLog(PredictionLog):
         with self._counts_lock:
             super()._report(written, failed)
 
+    def _buffered(self) -> int:
+        child = self._child
+        return len(self._buffer) + (child.buffered if child is not None else 0)
+
     def close(self, timeout_s: float = 5.0) -> None:
-        super().close(timeout_s)  # ships what is buffered, stops the writer thread
-        if self._child is not None:
-            self._lost(self._child.close(timeout_s))
+        """Stop taking records and ship what is buffered; a writer process that does not take
+        it within `timeout_s` is killed. Then the writer process writes what it holds and exits
+        (killed after another `timeout_s`); what it took unwritten is counted as dropped."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive() and self._child is not None:  # blocked on a writer that takes nothing
+                self._child.proc.kill()
+                thread.join(timeout_s)
+        child = self._child
+        if child is not None and not (thread is not None and thread.is_alive()):
+            self._lost(child.close(timeout_s))  # (only once our thread is done with its pipe)
+        elif child is not None:
+            child.proc.kill()
         log.info("prediction log writer process stopped: %d written, dropped %s", self.written,
                  dict(self.dropped) or "none")  # fmt: skip
 
@@ -305,8 +340,10 @@ def _read_frame(stream: IO[bytes]) -> bytes | None:
 def main() -> int:
     """The child: settings, then one frame per batch on stdin until it closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s (log writer): %(message)s")
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing but reports on the real stdout
+    stdin = sys.stdin.buffer
+    stdout = os.fdopen(os.dup(1), "wb")  # the reports' own descriptor: nothing else writes to it
+    os.dup2(2, 1)  # whatever else writes to fd 1 (print, a C library) goes to stderr
+    sys.stdout = sys.stderr
     first = _read_frame(stdin)
     if first is None:
         return 0

@@ -69,7 +69,10 @@ class ServiceSettings(BaseSettings):
         default=10_000, ge=1, description="Records waiting for the writer; beyond this they are dropped and counted."
     )
     prediction_log_buffer_bytes: int = Field(
-        default=64 << 20, ge=1 << 16, description="Input bytes waiting for the writer; beyond, dropped and counted."
+        default=64 << 20,
+        ge=1 << 16,
+        le=512 << 20,
+        description="Input bytes waiting for the writer; beyond, dropped and counted.",
     )
     prediction_log_batch: int = Field(default=500, ge=1, description="Most records in one write to the sink.")
     prediction_log_flush_interval_s: float = Field(

@@ -304,7 +304,7 @@ class PredictionLog:
     def _report(self, written: int, failed: int) -> None:
         with self._lock:
             overflow, self._overflow = self._overflow, 0
-            buffered = len(self._buffer)
+            buffered = self._buffered()
         if overflow:
             self._warn(f"prediction log buffer full ({self.max_records} records / {self.max_bytes} bytes)")
         self.written += written
@@ -314,6 +314,10 @@ class PredictionLog:
             self.observer.prediction_log(written, dropped, buffered)
         except Exception:  # noqa: BLE001 - metrics must never stop the writer
             log.exception("reporting prediction log counts failed")
+
+    def _buffered(self) -> int:
+        """Records still waiting to be written (under `_lock`)."""
+        return len(self._buffer)
 
     def _warn(
         self, message: str, then: str = "records are dropped and counted (canary_prediction_log_dropped_total)"

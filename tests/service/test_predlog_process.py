@@ -100,7 +100,8 @@ def test_a_hung_writer_is_replaced_and_costs_no_request(tmp_path, redis_server):
     record is written or counted."""
     store = open_store(redis_server.url)
     x = digits_rows(400, seed=3)
-    with logged_server(tmp_path, store, process_url=redis_server.url, batch_size=10, keep_inputs=True) as server, \
+    with logged_server(tmp_path, store, process_url=redis_server.url, batch_size=10, keep_inputs=True,
+                       hang_timeout_s=1.0) as server, \
             httpx.Client(base_url=server.url, timeout=30) as client:  # fmt: skip
         frozen = writer_of(server)
         frozen.send_signal(signal.SIGSTOP)
@@ -115,3 +116,31 @@ def test_a_hung_writer_is_replaced_and_costs_no_request(tmp_path, redis_server):
     assert time.monotonic() - started < 10  # closing waited for nothing frozen
     written = redis_server.client().xlen(STREAM)
     assert 0 < written == server.observer.written < 400 and server.observer.dropped["sink"] > 0
+
+
+def test_closing_with_a_frozen_writer_counts_every_record_once_and_starts_no_other(redis_server):  # noqa: F811
+    """The writer process frozen with more in flight than its pipe holds, then the log closed
+    with a short timeout: close returns, the frozen writer is killed, no writer is started
+    after it, and written + dropped = offered exactly (nothing counted twice)."""
+    from service.core.predlog import Prediction
+    from service.predlog_process import ProcessPredictionLog
+    from tests.support.predlog import RecordingObserver, process_spec
+
+    observer = RecordingObserver()
+    predlog = ProcessPredictionLog(process_spec(redis_server.url, batch_size=20), observer, hang_timeout_s=30.0)
+    predlog.start()
+    frozen = psutil.Process(wait_until(lambda: predlog.child_pid, 10, "the writer process"))
+    rows = digits_rows(1, seed=4)
+    offer = lambda i: predlog.offer(Prediction(f"r{i}", time.time(), "rest", False, 0.001, rows, "FP32", [1], [0.5]))  # noqa: E731
+    assert all(offer(i) for i in range(100))
+    wait_until(lambda: observer.written == 100, 10, "the first 100 rows")
+    frozen.send_signal(signal.SIGSTOP)
+    assert all(offer(i) for i in range(100, 3100))  # ~1 MB of frames: more than the pipe holds
+    time.sleep(0.5)
+    started = time.monotonic()
+    predlog.close(1.0)
+    assert time.monotonic() - started < 10
+    assert frozen.wait(5) is not None or not frozen.is_running()
+    assert predlog.restarts == 0 and not predlog._thread.is_alive()
+    assert observer.written == redis_server.client().xlen(STREAM) and observer.written < 3100
+    assert observer.written + sum(observer.dropped.values()) == 3100, (observer.written, observer.dropped)

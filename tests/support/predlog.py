@@ -89,7 +89,7 @@ class LoggedServer:
 @contextlib.contextmanager
 def logged_server(
     tmp_path: Path, store: Any, *, version: str = "1", slot: str = "blue", seed: int = 0,
-    process_url: str | None = None, **log_options: Any,
+    process_url: str | None = None, hang_timeout_s: float = 5.0, **log_options: Any,
 ) -> Iterator[LoggedServer]:  # fmt: skip
     """The tiny model (version `version`) behind the real V2 listener, logging every answer
     to `store` (and joining labels against it), until the block ends. With `process_url` the
@@ -99,7 +99,7 @@ def logged_server(
     predlog: PredictionLog
     if process_url:  # the writer in a process of its own, as a served slot runs it
         spec = process_spec(process_url, slot=slot, model_version=version, **options)
-        predlog = ProcessPredictionLog(spec, observer, restart_interval_s=0.2, hang_timeout_s=1.0)
+        predlog = ProcessPredictionLog(spec, observer, restart_interval_s=0.2, hang_timeout_s=hang_timeout_s)
     else:
         predlog = PredictionLog(store, LogIdentity(slot, "digits", version), observer=observer, **options)
     core = tiny_core(tmp_path, version=version, seed=seed, observer=observer, predlog=predlog)
