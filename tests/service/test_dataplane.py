@@ -4,6 +4,7 @@ batching across protocols, the Redis cache, metrics, and overload made explicit.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -172,8 +173,16 @@ def test_server_logs_are_json_lines_with_slot_and_model_version(serving, built_p
     import json
 
     httpx.post(f"{serving.url}/v2/models/digits/infer", content=b"{broken", timeout=30)
-    lines = (canary_home.logs / "test-serve.log").read_text().splitlines()
-    entries = [json.loads(line) for line in lines if line.startswith("{")]
+
+    def read_entries() -> list[dict]:
+        lines = (canary_home.logs / "test-serve.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    # the access line is written after the answer went out: under load it can trail the client
+    deadline = time.monotonic() + 15
+    while not any("/v2/models/digits/infer" in e["message"] for e in read_entries()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    entries = read_entries()
     assert entries, "no JSON log lines"
     assert {e["slot"] for e in entries} == {"test"}
     assert {e["model_version"] for e in entries} == {str(built_pipeline.version)}
