@@ -42,6 +42,7 @@ from service.predlog_process import LogSpec, ProcessPredictionLog, build_in_thre
 from service.settings import ServiceSettings
 from service.sinks import PredictionLogStore
 from service.v2.rest import build_v2_app
+from service.workers import WorkerRoster, resolve_workers, shared_folder
 
 if TYPE_CHECKING:
     from service.v2.grpc_server import GrpcEndpoint
@@ -50,9 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bento_canary.service")
 ONNX_FILE = "model.onnx"
 TALLY_REFRESH_S = 5.0  # how often each slot re-reads the online accuracy from the log's store
-# One worker per Bento process: batching needs one queue per process to form batches and the
-# gRPC server binds one port per process; scale out with slots/replicas, not workers.
-WORKERS = 1
 
 
 class BentoArgs(BaseModel):
@@ -67,6 +65,9 @@ def to_bentoml_error(exc: InferenceError) -> BentoMLException:
 
 
 _SETTINGS = ServiceSettings()
+# Worker processes of the slot (service.workers): each runs its own batcher and session and
+# binds the V2 ports with SO_REUSEPORT when there are several.
+WORKERS = resolve_workers(_SETTINGS.workers)
 _ARGS = bentoml.use_arguments(BentoArgs)
 # Stateless until the service instance binds its core in __init__ (BentoML mounts ASGI
 # apps when the class is defined, before any instance exists).
@@ -152,6 +153,8 @@ class DigitsService:
         )
         self.feedback = FeedbackDesk(store, card.name, self.metrics) if store is not None else None
         self.core.start()
+        self.roster = WorkerRoster(shared_folder(), WORKERS)
+        self.core.peers_ready = self.roster.all_ready  # the slot is ready when every worker is
         self.grpc: GrpcEndpoint | None = None
         self.rest: HttpEndpoint | None = None
         self._tally_task: asyncio.Task[None] | None = None
@@ -177,13 +180,15 @@ class DigitsService:
             self._tally_task = asyncio.get_running_loop().create_task(_refresh_tallies(self.feedback))
         if s.grpc_port:
             self.grpc = await start_grpc_server(
-                lambda: self.core, s.grpc_host, s.grpc_port, s.grpc_max_message_bytes, s.grpc_max_concurrent_rpcs
-            )
+                lambda: self.core, s.grpc_host, s.grpc_port, s.grpc_max_message_bytes, s.grpc_max_concurrent_rpcs,
+                reuse_port=WORKERS > 1,
+            )  # fmt: skip
         if s.rest_port:
             self.rest = await start_http_server(
                 v2_app, s.rest_host, s.rest_port, read_timeout_s=s.rest_read_timeout_s,
-                max_connections=s.rest_max_connections,
+                max_connections=s.rest_max_connections, reuse_port=WORKERS > 1,
             )  # fmt: skip
+        self.roster.mark_ready()
         # Everything loaded so far (BentoML, pydantic, grpc, protobuf, the model) lives as long
         # as the process: out of the collector's sight, full collections stop walking it.
         # Measured on digits-cnn gRPC at a fixed load: p50 3.5-3.9 ms vs 5.8-6.0 ms without.
@@ -192,6 +197,7 @@ class DigitsService:
 
     @bentoml.on_shutdown
     async def stop_listeners(self) -> None:
+        self.roster.withdraw()
         if self.rest is not None:
             await self.rest.stop(2.0)
         if self.grpc is not None:
@@ -203,7 +209,7 @@ class DigitsService:
             await asyncio.to_thread(self.predlog.close, 2.0)
 
     def __is_ready__(self) -> bool:
-        return self.core.ready
+        return self.core.is_ready()
 
     @bentoml.api
     async def classify(self, pixels: list[list[float]], ctx: bentoml.Context) -> Classified:

@@ -19,7 +19,15 @@ class ServiceSettings(BaseSettings):
     # -- request limits
     max_rows_per_request: int = Field(default=1024, ge=1, description="Rows one request may carry.")
     max_body_bytes: int = Field(default=8 << 20, ge=1024, description="Largest accepted REST request body.")
-    # -- model runtime
+    # -- worker processes and model runtime
+    workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Worker processes of the slot, each with its own batcher, ONNX Runtime session and log "
+        "writer, sharing the V2 REST and gRPC ports (SO_REUSEPORT) and aggregating metrics; 0 = one per core "
+        "this process may use. The slot is ready when all are.",
+    )
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = one per core."
     )

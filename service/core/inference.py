@@ -21,6 +21,7 @@ import math
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,13 @@ class InferenceCore:
             on_reject=self.observer.rejected,
         )
         self.ready = False
+        # Whether the other workers of the slot are ready too (service.workers); one worker: yes.
+        self.peers_ready: Callable[[], bool] = lambda: True
+
+    def is_ready(self) -> bool:
+        """Readiness as probes see it: this worker warmed up and every sibling worker too.
+        (`ready` alone decides whether this worker takes requests.)"""
+        return self.ready and self.peers_ready()
 
     def start(self) -> None:
         """Warm up, then turn ready: readiness means the first request will be fast."""

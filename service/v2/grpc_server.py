@@ -40,6 +40,8 @@ class Core(Protocol):
     card: ModelCard
     ready: bool
 
+    def is_ready(self) -> bool: ...
+
     @property
     def max_input_elements(self) -> int | None: ...
 
@@ -98,14 +100,14 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     @_mapped
     async def ServerReady(self, request: pb2.ServerReadyRequest, context: Any) -> pb2.ServerReadyResponse:
         core = self._core_provider()
-        return pb2.ServerReadyResponse(ready=bool(core is not None and core.ready))
+        return pb2.ServerReadyResponse(ready=bool(core is not None and core.is_ready()))
 
     @_mapped
     async def ModelReady(self, request: pb2.ModelReadyRequest, context: Any) -> pb2.ModelReadyResponse:
         # An unknown model or version is NOT_FOUND, as on REST (404), not ready=false.
         core = self._core()
         core.check_model(request.name, request.version or None)
-        return pb2.ModelReadyResponse(ready=core.ready)
+        return pb2.ModelReadyResponse(ready=core.is_ready())
 
     @_mapped
     async def ServerMetadata(self, request: pb2.ServerMetadataRequest, context: Any) -> pb2.ServerMetadataResponse:
@@ -167,13 +169,14 @@ def _address(host: str, port: int) -> str:
 
 async def start_grpc_server(
     core_provider: CoreProvider, host: str, port: int, max_message_bytes: int = 8 << 20,
-    max_concurrent_rpcs: int | None = 1024,
+    max_concurrent_rpcs: int | None = 1024, reuse_port: bool = False,
 ) -> GrpcEndpoint:  # fmt: skip
     """Start the V2 gRPC server in the running event loop and return its endpoint.
 
     `port=0` binds a free port (see `GrpcEndpoint.port`). Messages over `max_message_bytes`
     either way are refused by gRPC with RESOURCE_EXHAUSTED, and so are calls beyond
-    `max_concurrent_rpcs` in flight. Health starts SERVING if the
+    `max_concurrent_rpcs` in flight. `reuse_port` lets the slot's worker processes share the
+    port (SO_REUSEPORT; the kernel spreads connections over them). Health starts SERVING if the
     core is already ready, NOT_SERVING otherwise (call `set_serving(True)` once it is).
     Raises OSError if the address cannot be bound (e.g. the port is taken).
     """
@@ -181,8 +184,9 @@ async def start_grpc_server(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpc enables SO_REUSEPORT by default on Linux: a second server on a taken port
-        # would then bind "successfully" and silently share traffic with the first one.
-        ("grpc.so_reuseport", 0),
+        # would then bind "successfully" and silently share traffic with the first one. Only
+        # the workers of one slot share a port, on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core_provider), server)

@@ -102,10 +102,12 @@ class HttpEndpoint:
                 await asyncio.wait_for(self._task, 1.0)
 
 
-def _bind(host: str, port: int, backlog: int) -> socket.socket:
+def _bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart over TIME_WAIT; no SO_REUSEPORT
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart over TIME_WAIT
+    if reuse_port:  # the slot's workers share the port; never a port some other server holds
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -118,12 +120,13 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
 
 async def start_http_server(
     app: Any, host: str, port: int, *, keep_alive_s: float = 5.0, backlog: int = 2048,
-    read_timeout_s: float = 10.0, max_connections: int | None = 1024,
+    read_timeout_s: float = 10.0, max_connections: int | None = 1024, reuse_port: bool = False,
 ) -> HttpEndpoint:  # fmt: skip
     """Serve `app` on host:port from the running event loop; returns once it accepts.
 
-    Raises OSError if the address cannot be bound (a taken port is never shared)."""
-    sock = _bind(host, port, backlog)
+    Raises OSError if the address cannot be bound (a taken port is never shared, except
+    among the slot's own workers with `reuse_port`: SO_REUSEPORT)."""
+    sock = _bind(host, port, backlog, reuse_port)
     config = uvicorn.Config(
         app,
         http=_timed_protocol(read_timeout_s),

@@ -151,7 +151,8 @@ class V2RestApp:
             core = self._core()
             core.check_model(name, version)
             if action == "/ready":
-                return Reply.json({"name": core.card.name, "ready": core.ready}, 200 if core.ready else 503)
+                ready = core.is_ready()
+                return Reply.json({"name": core.card.name, "ready": ready}, 200 if ready else 503)
             return Reply.json(model_metadata_body(core), headers={"x-model-version": core.card.version})
         except Exception as exc:  # noqa: BLE001 - the boundary maps every error once
             return _error(exc)
@@ -192,7 +193,7 @@ class V2RestApp:
         if path == "/v2/health/live":
             return Reply.json({"live": True})
         if path == "/v2/health/ready":
-            ready = bool(self.core is not None and self.core.ready)
+            ready = bool(self.core is not None and self.core.is_ready())
             return Reply.json({"ready": ready}, 200 if ready else 503)
         raise ModelNotFound(f"no V2 route {path}")
 
