@@ -33,22 +33,21 @@ class DigitsCNN(nn.Module):
 
 class DigitsHeavy(nn.Module):
     """Same task, deliberately compute-heavy (wide convolutions at full 8x8 resolution):
-    about 5 ms per sample at batch 1 on one core, so benchmarks are compute-bound."""
+    about 5 ms per sample at batch 1 on one core, so benchmarks are compute-bound.
+
+    Each convolution is followed by batch normalisation: without it eight plain conv+ReLU
+    layers learnt slowly and unevenly (73-79% test accuracy after 3 epochs, depending on the
+    CPU); with it the network is a real model (95%+) in a few epochs. The export folds every
+    normalisation into its convolution (the ONNX graph has Conv + Relu only), so serving cost
+    is unchanged."""
 
     def __init__(self, width: int = 256, depth: int = 7) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU()]
-        for _ in range(depth):
-            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        layers: list[nn.Module] = []
+        for inputs in (1, *[width] * depth):
+            layers += [nn.Conv2d(inputs, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(width, 10))
-        # He initialisation: with PyTorch's default, eight plain conv+ReLU layers shrink the
-        # signal until training sits at chance (seen: 10% after 2 epochs; 52% with this).
-        for layer in self.features:
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels / PIXEL_MAX).reshape(-1, 1, 8, 8)

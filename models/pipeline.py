@@ -50,6 +50,7 @@ def train_and_register(home: CanaryHome, config: TrainConfig, say: Say = _quiet)
                 "seed": config.seed,
                 "batch_size": config.batch_size,
                 "learning_rate": config.learning_rate,
+                "lr_schedule": config.lr_schedule,
                 "train_size": len(split.x_train),
             }
         )

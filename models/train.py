@@ -16,6 +16,7 @@ from models.data import DigitsSplit
 from models.errors import CanaryError
 
 SKLEARN_ARCHITECTURES = ("digits-linear",)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 64
     learning_rate: float = 2e-3
+    # "constant", or "cosine": the rate decays to 0 over the run (per batch), so the last
+    # epochs settle instead of jumping between minima (digits-heavy's batch-normalised layers)
+    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         from models.nets import TORCH_ARCHITECTURES
@@ -36,6 +40,10 @@ class TrainConfig:
             raise CanaryError(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             raise CanaryError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise CanaryError(
+                f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,10 @@ def _train_torch(config: TrainConfig, split: DigitsSplit, on_epoch: OnEpoch) -> 
     x = torch.from_numpy(split.x_train)
     y = torch.from_numpy(split.y_train)
     order = torch.Generator().manual_seed(config.seed)
+    steps = config.epochs * -(-len(x) // config.batch_size)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps) if config.lr_schedule == "cosine" else None
+    )
     trained = TrainedModel(config, "pytorch", model)
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -106,6 +118,8 @@ def _train_torch(config: TrainConfig, split: DigitsSplit, on_epoch: OnEpoch) -> 
             loss = loss_fn(model(x[batch]), y[batch])
             loss.backward()
             optimiser.step()
+            if schedule is not None:
+                schedule.step()
             total += loss.item() * len(batch)
             seen += len(batch)
         model.eval()

@@ -56,7 +56,44 @@ def test_scaling_lives_inside_the_model():
         assert not torch.equal(model(raw), model(raw / 16.0))
 
 
-@pytest.mark.parametrize("bad", [TrainConfig(epochs=0), TrainConfig(model="resnet-9000"), TrainConfig(batch_size=0)])
+def test_the_heavy_networks_normalisation_folds_into_its_convolutions(tmp_path):
+    """digits-heavy trains with batch normalisation; the exported graph must not pay for it
+    (Conv + Relu only) and must still compute what the network does."""
+    import onnx
+    import onnxruntime as ort
+
+    from models.export import export_onnx
+    from models.nets import DigitsHeavy
+
+    torch.manual_seed(0)
+    model = DigitsHeavy(width=16, depth=2)
+    for layer in model.features:  # running statistics far from the identity, so folding shows
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+            layer.weight.data.uniform_(0.5, 2)
+            layer.bias.data.uniform_(-1, 1)
+    model.eval()
+    path = tmp_path / "heavy.onnx"
+    contract = export_onnx("pytorch", model, path)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    x = np.random.default_rng(0).uniform(0, 16, (8, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {contract.input_name: x})[0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        TrainConfig(epochs=0),
+        TrainConfig(model="resnet-9000"),
+        TrainConfig(batch_size=0),
+        TrainConfig(lr_schedule="step"),
+    ],
+)
 def test_bad_training_config_is_refused(bad, split):
     from models.errors import CanaryError
 
