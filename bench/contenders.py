@@ -116,6 +116,7 @@ class ProjectBento:
     precision: str = "fp32"
     prediction_log: bool = False
     shadow_copies: bool = True  # with prediction_log: every REST request a shadow copy (the worst case)
+    workers: int | None = None  # the slot's worker processes (CANARY_SERVICE_WORKERS); None: the run's
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
@@ -128,10 +129,11 @@ class ProjectBento:
             model = model.int8
 
         grpc_port, rest_port = free_port(), free_port()
+        workers = self.workers or ctx.workers
         env = {
             "CANARY_SERVICE_GRPC_PORT": str(grpc_port),
             "CANARY_SERVICE_REST_PORT": str(rest_port),
-            **_workers_override("digits-service", ctx.workers),
+            "CANARY_SERVICE_WORKERS": str(workers),  # the service's own setting: ports shared when > 1
             **ctx.extra_env,
         }
         if self.cache_url:
@@ -160,7 +162,7 @@ class ProjectBento:
                     log,
                     (
                         "service settings at their defaults (adaptive batching max_batch_size 64, max_latency_ms 2; "
-                        "ONNX Runtime threads = cores / workers)",
+                        "ONNX Runtime threads = cores / workers)" + (f"; {workers} workers" if self.workers else ""),
                         *((LIVE_TRAFFIC_NOTE if self.shadow_copies else LOG_AND_DRIFT_NOTE,) if sink_url else ()),
                     ),
                     extra_pids=sink_pids,
@@ -324,6 +326,8 @@ class MlflowServe:
 
 def build_contenders(names: tuple[str, ...]) -> list[Contender]:
     """The contenders to run, in order; `names` filters (see config.CONTENDER_NAMES)."""
+    from bench.peers import peer_contenders
+
     int8 = ProjectBento(name="bento-int8", label="bento-canary, int8 export", precision="int8")
     every: list[Contender] = [
         ProjectBento(),
@@ -335,8 +339,10 @@ def build_contenders(names: tuple[str, ...]) -> list[Contender]:
             baseline="bento",
             prediction_log=True,
         ),  # fmt: skip
+        ProjectBento(name="bento-2w", label="bento-canary, 2 workers", baseline="bento", workers=2),
         PlainBentoML(),
         HandWrittenFastAPI(),
         MlflowServe(),
+        *peer_contenders(),  # MLServer, KServe, LitServe: the V2 servers users choose, each in its own venv
     ]
     return [c for c in every if c.name in names]

@@ -118,6 +118,7 @@ def to_measurement(
         server_cpu_share=cpu.server_s / span / CORES,
         other_cpu_share=other / span / CORES,
         baseline=contender.baseline,
+        server_cpu_s=cpu.server_s,
     )
 
 

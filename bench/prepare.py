@@ -63,8 +63,11 @@ def _prepared(home: BenchHome, version: int) -> PreparedModel:
     )
 
 
-def find_reusable(home: BenchHome, architecture: str, precision: str = "fp32") -> PreparedModel | None:
-    """The newest registered version of `architecture` whose export (of `precision`) and Bento exist."""
+def find_reusable(
+    home: BenchHome, architecture: str, precision: str = "fp32", recipe: str | None = None
+) -> PreparedModel | None:
+    """The newest registered version of `architecture` whose export (of `precision`) and Bento
+    exist, trained by `recipe` when one is given (see `training_recipe`)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -79,6 +82,9 @@ def find_reusable(home: BenchHome, architecture: str, precision: str = "fp32") -
     for version in sorted(
         (int(v.version) for v in versions if (v.tags or {}).get("architecture") == architecture), reverse=True
     ):
+        marker = _recipe_file(home, version)
+        if recipe is not None and (not marker.is_file() or marker.read_text().strip() != recipe):
+            continue  # trained another way (or by an older network definition): not this run's model
         try:
             bentoml.bentos.get(f"digits-service:v{version}")
             prepared = _prepared(home, version)
@@ -105,9 +111,26 @@ def _source_file(home: BenchHome, version: int) -> Path:
     return home.home / "bench-bentos" / f"v{version}.source-sha256"
 
 
+def _recipe_file(home: BenchHome, version: int) -> Path:
+    return home.home / "bench-bentos" / f"v{version}.recipe-sha256"
+
+
+def training_recipe(config: object) -> str:
+    """sha256 of how a model is trained: the training config and the code that defines the
+    networks and the loop. A reused model must have been trained the same way."""
+    import hashlib
+
+    from models.home import REPO_ROOT
+
+    digest = hashlib.sha256(repr(config).encode())
+    for name in ("nets.py", "train.py"):
+        digest.update((REPO_ROOT / "models" / name).read_bytes())
+    return digest.hexdigest()
+
+
 def prepare_model(
     home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, int8: bool = False,
-    learning_rate: float | None = None,
+    learning_rate: float | None = None, lr_schedule: str = "constant",
 ) -> PreparedModel:  # fmt: skip
     """`prepare_one` for fp32 and, with `int8`, again for an int8 export of the same
     (deterministic) training run, attached as `.int8`."""
@@ -115,11 +138,20 @@ def prepare_model(
 
     from models.errors import CanaryError
 
-    fp32 = prepare_one(home, architecture, epochs, fresh, say, learning_rate=learning_rate)
+    fp32 = prepare_one(home, architecture, epochs, fresh, say, learning_rate=learning_rate, lr_schedule=lr_schedule)
     if not int8:
         return fp32
     try:
-        int8_model = prepare_one(home, architecture, epochs, fresh, say, precision="int8", learning_rate=learning_rate)
+        int8_model = prepare_one(
+            home,
+            architecture,
+            epochs,
+            fresh,
+            say,
+            precision="int8",
+            learning_rate=learning_rate,
+            lr_schedule=lr_schedule,
+        )
     except CanaryError as exc:  # the export's accuracy check said no: a finding, the fp32 rows still run
         say(f"int8 export refused: {exc}")
         return replace(fp32, int8_refused=str(exc))
@@ -128,7 +160,7 @@ def prepare_model(
 
 def prepare_one(
     home: BenchHome, architecture: str, epochs: int, fresh: bool, say: Say, precision: str = "fp32",
-    learning_rate: float | None = None,
+    learning_rate: float | None = None, lr_schedule: str = "constant",
 ) -> PreparedModel:  # fmt: skip
     """Reuse, or train -> register -> export -> build one architecture. A reused model's
     Bento is rebuilt when the serving code changed since it was built (never a stale Bento)."""
@@ -136,8 +168,12 @@ def prepare_one(
     from models.pipeline import export_version, train_and_register
     from models.train import TrainConfig
 
+    config = TrainConfig(model=architecture, epochs=epochs, seed=0, lr_schedule=lr_schedule)
+    if learning_rate:
+        config = dataclasses.replace(config, learning_rate=learning_rate)
+    recipe = training_recipe(config)
     source = serving_source_digest()
-    reusable = None if fresh else find_reusable(home, architecture, precision)
+    reusable = None if fresh else find_reusable(home, architecture, precision, recipe)
     if reusable is not None:
         marker = _source_file(home, reusable.version)
         if not marker.exists() or marker.read_text().strip() != source:
@@ -150,13 +186,11 @@ def prepare_one(
             f"reusing {architecture}: registry version {reusable.version}, Bento {reusable.bento_tag} (--fresh retrains)"
         )
         return reusable
-    config = TrainConfig(model=architecture, epochs=epochs, seed=0)
-    if learning_rate:
-        config = dataclasses.replace(config, learning_rate=learning_rate)
     trained = train_and_register(home, config, say)
     export_version(home, version=trained.ref.version, say=say, quantize=precision)
     build_bento(home, version=trained.ref.version, say=say)
     marker = _source_file(home, trained.ref.version)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(source)
+    _recipe_file(home, trained.ref.version).write_text(recipe)
     return _prepared(home, trained.ref.version)

@@ -43,9 +43,14 @@ def _pct(value: float) -> str:
     return f"{value:.0%}"
 
 
-def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> str:
+def markdown_table(
+    table: list[TableRow], limits: dict[str, dict[str, Any]], refused: list[dict[str, str]] | None = None
+) -> str:
+    """One table per model; a server that could not be served (e.g. an int8 export its accuracy
+    check refused) keeps its row, with the reason under the table."""
     lines = []
-    for model in dict.fromkeys(r.model for r in table):
+    refused = refused or []
+    for model in dict.fromkeys([*(r.model for r in table), *(r["model"] for r in refused)]):
         limit = limits.get(model, {})
         head = f"### {model}"
         if limit:
@@ -53,20 +58,52 @@ def markdown_table(table: list[TableRow], limits: dict[str, dict[str, Any]]) -> 
         lines += [
             head,
             "",
-            "| server | protocol | req/s | rows/s | p50 ms | p99 ms | at req/s | errors | vs best alt | vs limit | load-gen CPU | other CPU |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| server | protocol | req/s | rows/s | p50 ms | p99 ms | at req/s | errors | vs best alt | vs limit | server CPU-s / 1k req | load-gen CPU | other CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in (r for r in table if r.model == model):
             name = f"**{r.label}**" if r.kind == "project" else r.label
-            of = "them off" if r.contender == PREDLOG_CONTENDER else "direct"
+            of = {PREDLOG_CONTENDER: "them off", "bento-2w": "1 worker"}.get(r.contender, "direct")
             extra = f" ({_ratio(r.vs_baseline)} of {of})" if r.vs_baseline is not None else ""
             lines.append(
                 f"| {name}{extra} | {r.protocol} | {_num(r.rps)} | {_num(r.rows_per_s)} | {_num(r.p50_ms, '.1f')} | "
                 f"{_num(r.p99_ms, '.1f')} | {_num(r.fixed_rps)} | {r.errors} | {_ratio(r.vs_best_alternative)} | "
-                f"{_share(r.vs_limit)} | {_pct(r.loadgen_cpu_share)} | {_pct(r.other_cpu_share)} |"
+                f"{_share(r.vs_limit)} | {_num(r.server_cpu_s_per_1k, '.2f')} | {_pct(r.loadgen_cpu_share)} | "
+                f"{_pct(r.other_cpu_share)} |"
             )
+        gone = [r for r in refused if r["model"] == model]
+        lines += [f"| **{r['label']}** | - | refused | | | | | | | | | | |" for r in gone]
+        lines += ["", *(f"{r['label']}: refused, {r['reason']}" for r in gone)] if gone else []
         lines.append("")
     return "\n".join(lines)
+
+
+SCALE_OUT_RATE = 10_000  # requests/s: the rate the scale-out table sizes for
+
+
+def markdown_scale_out(table: list[TableRow], rate: float = SCALE_OUT_RATE) -> str:
+    """Cores (of this machine's kind) each project row needs for `rate` requests/s.
+
+    CPU-bound arithmetic from the saturated run's server CPU per request: it holds while the
+    work spreads over cores (workers, slots or pods) and the load balancer in front has room;
+    it leaves out the load generator, nginx (its own row shows what it adds) and headroom.
+    """
+    rows = [r for r in table if r.kind == "project" and r.cores_for(rate)]
+    if not rows:
+        return ""
+    lines = [
+        f"### Scale-out: cores for {rate:,.0f} requests/s",
+        "",
+        "| model | server | protocol | server CPU-s / 1k req | cores | 1-worker slots at this row's req/s |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        slots = math.ceil(rate / r.rps) if r.rps else None
+        lines.append(
+            f"| {r.model} | {r.label} | {r.protocol} | {_num(r.server_cpu_s_per_1k, '.2f')} | "
+            f"{_num(r.cores_for(rate), '.1f')} | {_num(slots, ',d') if slots else '-'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown_cache(cache: list[CacheResult]) -> str:
@@ -101,7 +138,8 @@ def render_markdown(
     notes = [n.format(cores=m["cores"], **c) for n in METHOD_NOTES] + list(report.get("notes", []))
     parts = [
         "## Serving benchmark", "", stamp, "",
-        markdown_table(table, report["limits"]), markdown_cache(cache), markdown_targets(targets),
+        markdown_table(table, report["limits"], report.get("refused")), markdown_scale_out(table), markdown_cache(cache),
+        markdown_targets(targets),
         "Method:", "", *[f"- {n}" for n in notes], "",
     ]  # fmt: skip
     return "\n".join(parts)

@@ -40,6 +40,12 @@ class Measurement:
     server_cpu_share: float = 0.0
     other_cpu_share: float = 0.0  # everything else on the machine (other users' tests: noise)
     baseline: str | None = None
+    server_cpu_s: float = 0.0  # CPU seconds the server's process tree burnt in the window
+
+    @property
+    def server_cpu_s_per_1k(self) -> float | None:
+        """Server CPU-seconds per 1,000 answered requests (= CPU ms per request)."""
+        return 1000 * self.server_cpu_s / self.requests if self.requests and self.server_cpu_s > 0 else None
 
     @property
     def rps(self) -> float:
@@ -76,6 +82,11 @@ class TableRow:
     loadgen_cpu_share: float
     server_cpu_share: float
     other_cpu_share: float  # the worse of the two runs
+    server_cpu_s_per_1k: float | None = None  # at saturation
+
+    def cores_for(self, rps: float) -> float | None:
+        """Cores of this machine's kind this server needs for `rps` requests/s (CPU-bound)."""
+        return rps * self.server_cpu_s_per_1k / 1000 if self.server_cpu_s_per_1k else None
 
 
 INT8_CONTENDER = "bento-int8"
@@ -131,6 +142,7 @@ def build_table(measurements: list[Measurement], limits: dict[str, float]) -> li
                 loadgen_cpu_share=sat.loadgen_cpu_share,
                 server_cpu_share=sat.server_cpu_share,
                 other_cpu_share=max(sat.other_cpu_share, fixed.other_cpu_share if fixed else 0.0),
+                server_cpu_s_per_1k=sat.server_cpu_s_per_1k,
             )
         )
     return rows

@@ -32,6 +32,7 @@ class BenchRun:
         self.measurements: list[Measurement] = []
         self.failures: list[str] = []
         self.notes: list[str] = []
+        self.refused: list[dict[str, str]] = []  # rows that could not be served, each with the reason
         self.redis_counts: dict[str, tuple[int, int]] = {}
         self.workdir = home.home / "work"
         self.quiet_waited = 0.0  # seconds spent waiting for other processes to pause
@@ -193,15 +194,17 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
             int8 = arch in config.int8_models and "bento-int8" in config.contenders
             prepared[arch] = prepare_model(
                 home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}"), int8=int8,
-                learning_rate=config.learning_rates.get(arch),
+                learning_rate=config.learning_rates.get(arch), lr_schedule=config.lr_schedules.get(arch, "constant"),
             )  # fmt: skip
             for variant in (prepared[arch], prepared[arch].int8):
                 if variant is not None:
                     run.notes.append(
                         f"{arch} {variant.precision} (registry version {variant.version}): {variant.accuracy}"
                     )
-            if prepared[arch].int8_refused:  # reported, and the int8 row says why it is missing
-                run.notes.append(f"{arch} int8: export refused, no bento-int8 row: {prepared[arch].int8_refused}")
+            if prepared[arch].int8_refused:  # a row of its own in the table, with the reason
+                run.refused.append(
+                    {"model": arch, "label": "bento-canary, int8 export", "reason": prepared[arch].int8_refused}
+                )
         except Exception as exc:  # noqa: BLE001
             run.failures.append(f"{arch} preparation: {_brief(exc)}")
             say(f"  {arch}: preparation FAILED: {_brief(exc)}")
@@ -317,6 +320,7 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
         report["live_traffic_cost"] = in_turns.as_dict()
     if cache_mix is not None:
         report["cache_mix"] = cache_mix.as_dict()
+    report["refused"] = run.refused
     markdown = render_markdown(report, table, cache, targets)
     if in_turns is not None:
         markdown += "\n" + in_turns.markdown()

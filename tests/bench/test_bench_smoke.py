@@ -156,6 +156,24 @@ def test_targets_are_judged_from_the_ratios():
     assert verdicts["503 / UNAVAILABLE below saturation (project rows)"].passed is False
 
 
+def test_server_cpu_per_request_sizes_the_scale_out():
+    """CPU-seconds per 1,000 requests come from the saturated window's server CPU; the
+    scale-out table turns them into cores for 10,000 requests/s (project rows only)."""
+    from dataclasses import replace
+
+    from bench.report import markdown_scale_out
+
+    busy = replace(RECORDED[0], server_cpu_s=9.0)  # 9 CPU-s for 7,320 requests
+    table = build_table([busy, *RECORDED[1:]], LIMITS)
+    row = next(r for r in table if (r.contender, r.protocol) == ("bento", "rest-json") and r.model == "digits-cnn")
+    assert row.server_cpu_s_per_1k == pytest.approx(9_000 / 7_320)
+    assert row.cores_for(10_000) == pytest.approx(10 * 9_000 / 7_320)
+    text = markdown_scale_out(table)
+    assert "| digits-cnn | bento | rest-json | 1.23 | 12.3 | 14 |" in text  # 10,000 / 732 req/s -> 14 slots
+    assert "fastapi" not in text  # alternatives are not sized
+    assert next(r for r in table if r.protocol == "grpc").server_cpu_s_per_1k is None  # no CPU recorded: no claim
+
+
 def test_the_int8_row_is_judged_against_fp32_alternatives_and_its_own_limit():
     """An int8 export counts as a project path for the heavy targets: throughput against the
     fp32 alternatives (what a user would otherwise run), compute share against the int8 graph's
@@ -186,7 +204,7 @@ def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):
         config, machine, versions, "2026-11-22T06:00:00+00:00", limits, RECORDED, table, cache, targets, [], []
     )
     markdown = render_markdown(report, table, cache, targets)
-    assert "| **bento** | grpc | 772 | 772 | 5.1 | 11.0 | 183 | 0 | 0.38x | 0.3% | 4% | 0% |" in markdown
+    assert "| **bento** | grpc | 772 | 772 | 5.1 | 11.0 | 183 | 0 | 0.38x | 0.3% | - | 4% | 0% |" in markdown
     assert "| digits-heavy | 235 | 520 | 2.21x | 52,000 |" in markdown
     assert "AMD EPYC, 2 cores" in markdown and "bentoml 1.4.39" in markdown
     paths = write_report(tmp_path, report, markdown, table)

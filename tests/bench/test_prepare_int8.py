@@ -19,7 +19,7 @@ FP32 = PreparedModel("digits-heavy", 3, "models:/digits/3", "digits:v3", "digits
 def int8_fails_with(monkeypatch, error: Exception) -> None:
     """prepare_one stand-in: the fp32 model prepares, the int8 export raises `error`."""
 
-    def prepare_one(home, architecture, epochs, fresh, say, precision="fp32", learning_rate=None):
+    def prepare_one(home, architecture, epochs, fresh, say, precision="fp32", **recipe):
         if precision == "int8":
             raise error
         return FP32
@@ -43,3 +43,13 @@ def test_other_failures_of_the_int8_path_still_fail(monkeypatch):
     int8_fails_with(monkeypatch, RuntimeError("training crashed"))
     with pytest.raises(RuntimeError, match="training crashed"):
         prepare.prepare_model(None, "digits-heavy", 3, False, print, int8=True)
+
+
+def test_a_refused_int8_export_is_a_row_of_the_table_with_its_reason():
+    from bench.report import markdown_table
+
+    refused = [{"model": "digits-heavy", "label": "bento-canary, int8 export", "reason": "int8 lost 0.56 points"}]
+    text = markdown_table([], {}, refused)
+    assert "### digits-heavy" in text
+    assert "| **bento-canary, int8 export** | - | refused |" in text
+    assert "bento-canary, int8 export: refused, int8 lost 0.56 points" in text
