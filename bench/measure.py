@@ -1,7 +1,8 @@
 """Step 3: one measured window against one endpoint, with the right load generator.
 
-REST goes through wrk (a warm-up run first, then the measured run); gRPC through the
-multi-process `grpcload`. The server's process-tree CPU is read at the window's edges.
+REST goes through wrk (a warm-up run first, then the measured run); gRPC at saturation
+through h2load (C, `bench/h2grpc.py`), at a fixed offered load through the multi-process
+`grpcload` (it paces each call). The server's process-tree CPU is read at the window's edges.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from bench.contenders import Contender, Endpoint
 from bench.cpu import machine_busy_seconds, tree_cpu_seconds
 from bench.grpcload import STARTUP_S, run_grpc_load
+from bench.h2grpc import h2load_path, run_h2load_grpc
+from bench.h2grpc import shape as h2grpc_shape
 from bench.results import Measurement
 from bench.wrk import LoadResult, run_wrk
 
@@ -62,7 +65,13 @@ def load_endpoint(
 ) -> tuple[LoadResult, CpuWindow, str]:
     """Run the load; returns (result, CPU burnt in the window by the `server_pids` trees,
     load generator name)."""
-    if endpoint.protocol == "grpc":
+    if endpoint.protocol == "grpc" and rate <= 0 and h2load_path():
+        # saturation: h2load (C) so the load generator is not what limits the server
+        before = _cpu_now(server_pids)
+        result = run_h2load_grpc(endpoint.target, endpoint.payload, workdir, duration_s, connections, warmup_s)
+        clients, streams = h2grpc_shape(connections)
+        return result, _since(before, _cpu_now(server_pids)), f"h2load {clients}x{streams}"
+    if endpoint.protocol == "grpc":  # a fixed offered load: grpcload paces each call
         start_at = time.time() + STARTUP_S
         window = (start_at + warmup_s, start_at + warmup_s + duration_s)
         cpu: dict[str, CpuWindow] = {}

@@ -17,6 +17,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the load generator of `make bench`
+# h2load (nghttp2-client): `make bench`'s gRPC load generator, in C (bench/h2grpc.py)
+pkgs+=(nghttp2-client)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # The prediction log's production sink: tests start a throwaway server (initdb + postgres, as
 # the postgres user when run as root); Debian keeps the binaries in /usr/lib/postgresql/<major>/bin.
 pkgs+=(postgresql)
