@@ -276,20 +276,37 @@ def _versions_note(peer: PeerEnv, stamp: dict[str, Any], extra: tuple[str, ...])
 
 
 @dataclass(frozen=True)
-class MLServerPeer:
+class _VenvPeer:
+    """What the three peers share: a venv of their own (`package==version` + onnxruntime),
+    made once, and a log per model."""
+
+    name: str = ""
+    label: str = ""
+    version: str = ""
+    package: str = ""
+    kind: str = "alternative"
+    baseline: str | None = None
+    say: Say = field(default=_stderr_say, compare=False)
+
+    def env(self, root: Path) -> PeerEnv:
+        return PeerEnv(self.name, self.version, (f"{self.package}=={self.version}",), root, our_onnxruntime())
+
+    def _prepare(self, model: PreparedModel, ctx: ServeContext) -> tuple[PeerEnv, dict[str, Any], Path]:
+        """The peer's venv (made on first use), its install stamp, and this model's log path."""
+        peer = self.env(peers_root(ctx))
+        return peer, peer.ensure(self.say), ctx.logs / f"bench-{self.name}-{model.architecture}.log"
+
+
+@dataclass(frozen=True)
+class MLServerPeer(_VenvPeer):
     """MLServer with a custom runtime (`mlserver_runtime.OrtDigits`: ORT on the decoded
     input), adaptive batching (max_batch_size 64, max_batch_time 2 ms), parallel_workers 0;
     V2 REST JSON and V2 gRPC."""
 
     name: str = "mlserver"
     label: str = f"MLServer {MLSERVER_VERSION} (custom ORT runtime, adaptive batching)"
-    kind: str = "alternative"
-    baseline: str | None = None
     version: str = MLSERVER_VERSION
-    say: Say = field(default=_stderr_say, compare=False)
-
-    def env(self, root: Path) -> PeerEnv:
-        return PeerEnv("mlserver", self.version, (f"mlserver=={self.version}",), root, our_onnxruntime())
+    package: str = "mlserver"
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
@@ -297,15 +314,13 @@ class MLServerPeer:
         from bench.payloads import to_grpc, to_v2_json
         from deploy.process import free_port
 
-        peer = self.env(peers_root(ctx))
-        stamp = peer.ensure(self.say)
+        peer, stamp, log = self._prepare(model, ctx)
         http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
         repo = write_mlserver_repo(
             peers_root(ctx) / "run" / f"mlserver-{model.architecture}", Path(model.onnx_path), http_port, grpc_port,
             metrics_port,
         )  # fmt: skip
         env = {"PYTHONPATH": str(ALTERNATIVES_DIR), ONNX_PATH_ENV: str(model.onnx_path)}  # imports mlserver_runtime
-        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
         base = f"http://127.0.0.1:{http_port}"
         argv = [str(peer.bin / "mlserver"), "start", str(repo)]
         with _peer_process(argv, f"{base}/v2/models/{MODEL_NAME}/ready", log, env, cwd=repo) as pid:
@@ -331,18 +346,13 @@ class MLServerPeer:
 
 
 @dataclass(frozen=True)
-class KServePeer:
+class KServePeer(_VenvPeer):
     """`kserve.ModelServer` with a `kserve.Model` running ORT; V2 REST JSON and V2 gRPC, one worker."""
 
     name: str = "kserve"
     label: str = f"KServe {KSERVE_VERSION} ModelServer (ORT model)"
-    kind: str = "alternative"
-    baseline: str | None = None
     version: str = KSERVE_VERSION
-    say: Say = field(default=_stderr_say, compare=False)
-
-    def env(self, root: Path) -> PeerEnv:
-        return PeerEnv("kserve", self.version, (f"kserve=={self.version}",), root, our_onnxruntime())
+    package: str = "kserve"
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
@@ -350,15 +360,13 @@ class KServePeer:
         from bench.payloads import to_grpc, to_v2_json
         from deploy.process import free_port
 
-        peer = self.env(peers_root(ctx))
-        stamp = peer.ensure(self.say)
+        peer, stamp, log = self._prepare(model, ctx)
         http_port, grpc_port = free_port(), free_port()
         argv = [
             str(peer.interpreter), str(ALTERNATIVES_DIR / "kserve_app.py"), "--onnx", str(model.onnx_path),
             "--http_port", str(http_port), "--grpc_port", str(grpc_port), "--workers", "1",
             "--enable_latency_logging", "false", "--quiet-requests",
         ]  # fmt: skip
-        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
         base = f"http://127.0.0.1:{http_port}"
         with _peer_process(argv, f"{base}/v2/models/{MODEL_NAME}/ready", log, {}) as pid:
             yield Served(
@@ -382,19 +390,14 @@ class KServePeer:
 
 
 @dataclass(frozen=True)
-class LitServePeer:
+class LitServePeer(_VenvPeer):
     """LitServe with batching (max_batch_size 64, batch_timeout 2 ms); a `LitAPI` that takes
     and answers V2-shaped JSON at /v2/models/digits/infer; REST only."""
 
     name: str = "litserve"
     label: str = f"LitServe {LITSERVE_VERSION} (ORT LitAPI, batching)"
-    kind: str = "alternative"
-    baseline: str | None = None
     version: str = LITSERVE_VERSION
-    say: Say = field(default=_stderr_say, compare=False)
-
-    def env(self, root: Path) -> PeerEnv:
-        return PeerEnv("litserve", self.version, (f"litserve=={self.version}",), root, our_onnxruntime())
+    package: str = "litserve"
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
@@ -402,14 +405,12 @@ class LitServePeer:
         from bench.payloads import to_v2_json
         from deploy.process import free_port
 
-        peer = self.env(peers_root(ctx))
-        stamp = peer.ensure(self.say)
+        peer, stamp, log = self._prepare(model, ctx)
         port = free_port()
         argv = [
             str(peer.interpreter), str(ALTERNATIVES_DIR / "litserve_app.py"), "--onnx", str(model.onnx_path),
             "--port", str(port), "--max-batch-size", str(MAX_BATCH_SIZE), "--batch-timeout", str(MAX_BATCH_TIME_S),
         ]  # fmt: skip
-        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
         base = f"http://127.0.0.1:{port}"
         with _peer_process(argv, f"{base}/health", log, {}) as pid:
             yield Served(
