@@ -39,6 +39,11 @@ def h2load_path() -> str | None:
     return shutil.which("h2load")
 
 
+def h2load_duration(seconds: float) -> str:
+    """h2load takes whole numbers with a unit ("500ms"); "0.5" or "0.5s" is a value error."""
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 def grpc_frame(message: bytes) -> bytes:
     """gRPC's length-prefixed message: 1 byte uncompressed flag, 4 bytes big-endian length."""
     return b"\x00" + len(message).to_bytes(4, "big") + message
@@ -117,8 +122,9 @@ def run_h2load_grpc(
     ]  # fmt: skip
     url = f"http://{target}{METHOD}"
     if warmup_s > 0:  # a run of its own: h2load's --warm-up-time still counts the warm-up's bytes
-        _run(common + ["-D", f"{warmup_s:g}", url], workdir / "h2load-warmup.log", warmup_s)
-    run = _run(common + ["-D", f"{duration_s:g}", f"--log-file={request_log}", url], workdir / "h2load.log", duration_s)
+        _run(common + ["-D", h2load_duration(warmup_s), url], workdir / "h2load-warmup.log", warmup_s)
+    argv = common + ["-D", h2load_duration(duration_s), f"--log-file={request_log}", url]
+    run = _run(argv, workdir / "h2load.log", duration_s)
     result = parse_h2load(run.output, _read_log(request_log), answer_bytes, duration_s)
     return replace(result, loadgen_cpu_s=run.cpu_s)
 

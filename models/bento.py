@@ -72,7 +72,8 @@ def build_bento(
     archive.unlink(missing_ok=True)
     bentoml.bentos.export_bento(bento.tag, str(archive))
     size = archive.stat().st_size
-    say(f"built {bento.tag} ({size / 1e6:.2f} MB archive at {archive.relative_to(REPO_ROOT)})")
+    shown = archive.relative_to(REPO_ROOT) if archive.is_relative_to(REPO_ROOT) else archive  # a home elsewhere
+    say(f"built {bento.tag} ({size / 1e6:.2f} MB archive at {shown})")
     return BuildResult(str(bento.tag), stored.tag, archive, size, requirements)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.h2grpc import grpc_frame, h2load_path, parse_h2load, run_h2load_grpc, shape
+from bench.h2grpc import grpc_frame, h2load_duration, h2load_path, parse_h2load, run_h2load_grpc, shape
 from bench.payloads import to_grpc
 from service.core.faults import FaultPlan
 from tests.service.v2.test_grpc import serving
@@ -33,8 +33,9 @@ def test_calls_whose_answer_carries_no_message_are_grpc_errors():
         parse_h2load("connection refused", rows, 112, 5.0)
 
 
-def test_the_frame_and_the_connection_shape():
+def test_the_frame_the_connection_shape_and_the_durations():
     assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+    assert (h2load_duration(0.5), h2load_duration(10.0)) == ("500ms", "10000ms")  # h2load refuses "0.5"
     assert shape(32) == (8, 4) and shape(4) == (4, 1) and shape(1) == (1, 1)
 
 
@@ -51,7 +52,7 @@ def test_real_load_counts_every_answer_by_its_grpc_status(h2load, tmp_path: Path
     core = tiny_core(tmp_path, faults=FaultPlan(error_ratio=error_ratio, after_requests=1))
     with serving(lambda: core) as served:
         try:
-            result = run_h2load_grpc(served.url, to_grpc(digits_rows(1)), tmp_path / "load", 1.0, 8, 0.0)
+            result = run_h2load_grpc(served.url, to_grpc(digits_rows(1)), tmp_path / "load", 1.0, 8, 0.5)
         finally:
             served.run(core.close())
     assert result.requests > 50 and result.loadgen_cpu_s > 0
