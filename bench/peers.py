@@ -271,6 +271,17 @@ def _peer_process(
         yield pid
 
 
+def _v2_endpoints(base: str, grpc_port: int, ctx: ServeContext) -> tuple:
+    """A peer's V2 REST JSON endpoint at `base` and its V2 gRPC endpoint on `grpc_port`."""
+    from bench.contenders import Endpoint
+    from bench.payloads import to_grpc, to_v2_json
+
+    return (
+        Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),
+        Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows, MODEL_NAME)),
+    )
+
+
 def _versions_note(peer: PeerEnv, stamp: dict[str, Any], extra: tuple[str, ...]) -> str:
     return f"own venv {peer.path}: {describe_versions(stamp, peer.packages, extra)}"
 
@@ -310,8 +321,7 @@ class MLServerPeer(_VenvPeer):
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
-        from bench.contenders import Endpoint, Served
-        from bench.payloads import to_grpc, to_v2_json
+        from bench.contenders import Served
         from deploy.process import free_port
 
         peer, stamp, log = self._prepare(model, ctx)
@@ -325,10 +335,7 @@ class MLServerPeer(_VenvPeer):
         argv = [str(peer.bin / "mlserver"), "start", str(repo)]
         with _peer_process(argv, f"{base}/v2/models/{MODEL_NAME}/ready", log, env, cwd=repo) as pid:
             yield Served(
-                (
-                    Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),
-                    Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows, MODEL_NAME)),
-                ),
+                _v2_endpoints(base, grpc_port, ctx),
                 pid,
                 log,
                 (
@@ -356,8 +363,7 @@ class KServePeer(_VenvPeer):
 
     @contextmanager
     def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
-        from bench.contenders import Endpoint, Served
-        from bench.payloads import to_grpc, to_v2_json
+        from bench.contenders import Served
         from deploy.process import free_port
 
         peer, stamp, log = self._prepare(model, ctx)
@@ -370,10 +376,7 @@ class KServePeer(_VenvPeer):
         base = f"http://127.0.0.1:{http_port}"
         with _peer_process(argv, f"{base}/v2/models/{MODEL_NAME}/ready", log, {}) as pid:
             yield Served(
-                (
-                    Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),
-                    Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows, MODEL_NAME)),
-                ),
+                _v2_endpoints(base, grpc_port, ctx),
                 pid,
                 log,
                 (

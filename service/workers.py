@@ -18,6 +18,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import psutil  # a BentoML dependency, so in every Bento
+
 READY_FOLDER = "canary-ready"
 
 
@@ -37,16 +39,6 @@ def resolve_workers(setting: int) -> int:
 def shared_folder() -> Path:
     """The folder this worker and its siblings share: one per spawning (arbiter) process."""
     return Path(tempfile.gettempdir()) / READY_FOLDER / str(os.getppid())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class WorkerRoster:
@@ -76,7 +68,7 @@ class WorkerRoster:
         """Live processes that marked themselves ready (a dead worker's mark does not count)."""
         if not self.folder.is_dir():
             return 0
-        return sum(1 for mark in self.folder.iterdir() if mark.name.isdigit() and _alive(int(mark.name)))
+        return sum(1 for mark in self.folder.iterdir() if mark.name.isdigit() and psutil.pid_exists(int(mark.name)))
 
     def all_ready(self) -> bool:
         """True with one worker (nothing to wait for) or once `expected` live workers are ready."""
