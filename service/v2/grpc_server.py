@@ -143,6 +143,25 @@ def _request_id(context: Any) -> str:
     return request_id_from(None)
 
 
+class SlotHealth(health.aio.HealthServicer):
+    """`grpc.health.v1.Health` whose Check also follows the whole slot: a SERVING answer
+    becomes NOT_SERVING while the core is not ready, e.g. while a sibling worker of a
+    multi-worker slot is gone (each worker holds its own health table; the connection reaches
+    one of them). Watch streams report the table as set by `GrpcEndpoint.set_serving`."""
+
+    def __init__(self, core_provider: CoreProvider) -> None:
+        super().__init__()
+        self._core_provider = core_provider
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        response = await super().Check(request, context)
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            core = self._core_provider()
+            if core is None or not core.is_ready():
+                return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return response
+
+
 class GrpcEndpoint:
     """A running gRPC server: `port` is the bound one (useful after binding port 0)."""
 
@@ -190,7 +209,7 @@ async def start_grpc_server(
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core_provider), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = SlotHealth(core_provider)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = _address(host, port)
     try:

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb2
 from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
@@ -107,21 +108,38 @@ def _one_worker_scores(v2_url: str, x: np.ndarray) -> list[list[float]]:
     return np.asarray(answer.json()["outputs"][0]["data"]).reshape(len(x), -1).tolist()
 
 
+def _grpc_health(port: int) -> str:
+    """grpc.health.v1 Check over a new connection (the kernel picks the worker)."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
 def test_the_slot_is_not_ready_while_one_of_its_workers_is_gone(two_workers):
-    base, rest_port, _ = two_workers
+    """REST readiness and the gRPC health service both follow the whole slot: whichever
+    worker answers, the slot is not ready while its sibling is gone."""
+    base, rest_port, grpc_port = two_workers
     workers = sorted(_listeners(rest_port))
     assert len(workers) == 2
+    assert _grpc_health(grpc_port) == "SERVING"
     psutil.Process(workers[0]).send_signal(signal.SIGKILL)  # a worker of the server this test started
-    seen = []
+    seen, health = [], []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             seen.append(httpx.get(f"{base}/v2/health/ready", timeout=5).status_code)
         except httpx.TransportError:
             seen.append(0)
-        if 503 in seen and seen[-1] == 200 and len(_listeners(rest_port)) == 2:
-            break
+        health.append(_grpc_health(grpc_port))
+        if 503 in seen and "NOT_SERVING" in health and seen[-1] == 200 and len(_listeners(rest_port)) == 2:
+            if health[-1] == "SERVING":
+                break
         time.sleep(0.05)
     assert 503 in seen, f"readiness never dropped: {seen[:20]}"
+    assert "NOT_SERVING" in health, f"gRPC health never dropped: {health[:20]}"
     assert seen[-1] == 200, f"the replaced worker never made the slot ready again: {seen[-20:]}"
+    assert health[-1] == "SERVING", f"gRPC health never came back: {health[-20:]}"
     assert workers[0] not in _listeners(rest_port)  # a new process took its place

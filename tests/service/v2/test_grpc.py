@@ -362,6 +362,29 @@ def test_loading_is_unavailable_until_the_core_is_ready(core):
         client.close()
 
 
+def test_health_follows_the_whole_slot(tmp_path):
+    """A worker whose sibling is gone (peers not ready) answers NOT_SERVING to health checks
+    and not ready to ServerReady, though its own table says SERVING; back to SERVING after."""
+    slot = {"siblings": False}
+    worker = tiny_core(tmp_path, max_rows=MAX_ROWS)
+    worker.peers_ready = lambda: slot["siblings"]
+    with serving(lambda: worker) as running:
+        running.run(running.endpoint.set_serving(True))
+        client = triton.InferenceServerClient(running.url)
+        for service in ("", "inference.GRPCInferenceService"):
+            assert health_status(running.url, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not client.is_server_ready()
+        assert_answers(client, worker)  # this worker itself still takes requests
+        slot["siblings"] = True
+        for service in ("", "inference.GRPCInferenceService"):
+            assert health_status(running.url, service) == health_pb2.HealthCheckResponse.SERVING
+        assert client.is_server_ready()
+        with pytest.raises(grpc.RpcError) as info:  # an unknown service stays NOT_FOUND
+            health_status(running.url, "no.such.Service")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        client.close()
+
+
 @pytest.mark.parametrize("holder", ["grpc-server", "plain-socket"])
 def test_taken_port_is_a_clear_error(served, holder):
     with contextlib.ExitStack() as stack:
