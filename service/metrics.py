@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Sequence
+from typing import Any
 
 from service.core.model import ModelCard
 from service.core.observer import CoreObserver
@@ -29,6 +30,8 @@ class ServiceMetrics(CoreObserver):
         names = list(base)
         self._base = base
         self._request_children: dict[tuple[str, str], tuple] = {}
+        self._batch_children: tuple | None = None
+        self._queue_child: Any = None
         self._requests = prom.Counter(
             "canary_requests", "Requests by protocol and status.", [*names, "protocol", "status"]
         )
@@ -126,12 +129,19 @@ class ServiceMetrics(CoreObserver):
         children[1].observe(seconds)
 
     def batch(self, rows: int, items: int, seconds: float) -> None:
-        self._batch_rows.labels(**self._base).observe(rows)
-        self._batch_requests.labels(**self._base).observe(items)
-        self._inference.labels(**self._base).observe(seconds)
+        if self._batch_children is None:  # label lookups cost more than the updates: once
+            self._batch_children = tuple(
+                m.labels(**self._base) for m in (self._batch_rows, self._batch_requests, self._inference)
+            )
+        batch_rows, batch_requests, inference = self._batch_children
+        batch_rows.observe(rows)
+        batch_requests.observe(items)
+        inference.observe(seconds)
 
     def queue_depth(self, rows: int) -> None:
-        self._queue.labels(**self._base).set(rows)
+        if self._queue_child is None:
+            self._queue_child = self._queue.labels(**self._base)
+        self._queue_child.set(rows)
 
     def rejected(self) -> None:
         self._rejected.labels(**self._base).inc()
