@@ -11,8 +11,8 @@ from models.home import REPO_ROOT
 DEFAULT_HOME = REPO_ROOT / ".canary" / "bench"
 ARCHITECTURES = ("digits-cnn", "digits-heavy")
 CONTENDER_NAMES = (
-    "bento", "bento-int8", "bento-nginx", "bento-predlog", "bento-2w", "bentoml-plain", "fastapi", "mlflow",
-    "mlserver", "kserve", "litserve",
+    "bento", "bento-int8", "bento-nginx", "bento-predlog", "bento-2w", "bento-int8-2w", "bentoml-plain", "fastapi", "mlflow",
+    "mlserver", "kserve", "litserve", "grpc-ceiling",
 )  # fmt: skip
 
 

@@ -296,6 +296,35 @@ class HandWrittenFastAPI:
 
 
 @dataclass(frozen=True)
+class GrpcCeiling:
+    """grpcio's own ceiling: a `grpc.aio` server answering a fixed answer (no model, no
+    validation), one process; the project's gRPC row is read against it (kind "ceiling": never
+    an alternative to beat)."""
+
+    name: str = "grpc-ceiling"
+    label: str = "grpc.aio with an empty handler (the library's ceiling)"
+    kind: str = "ceiling"
+    baseline: str | None = None
+
+    @contextmanager
+    def serve(self, model: PreparedModel, ctx: ServeContext) -> Iterator[Served]:
+        if model.architecture != "digits-cnn":  # no model runs: one measurement, next to the fast model's rows
+            raise SkipContender("the library's ceiling is measured once, with digits-cnn")
+        grpc_port, http_port = free_port(), free_port()
+        argv = [sys.executable, "-m", "bench.alternatives.grpc_ceiling", str(grpc_port), str(http_port)]
+        log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
+        repo = Path(__file__).resolve().parents[1]
+        ready = f"http://127.0.0.1:{http_port}/ready"
+        with _spawned(argv, ready, log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=repo) as pid:
+            yield Served(
+                (Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows)),),
+                pid,
+                log,
+                ("the project's gRPC server library and servicer class, a handler that only returns an answer",),
+            )
+
+
+@dataclass(frozen=True)
 class MlflowServe:
     """`mlflow models serve --env-manager local` of the registered version (the torch pyfunc)."""
 
@@ -328,10 +357,9 @@ def build_contenders(names: tuple[str, ...]) -> list[Contender]:
     """The contenders to run, in order; `names` filters (see config.CONTENDER_NAMES)."""
     from bench.peers import peer_contenders
 
-    int8 = ProjectBento(name="bento-int8", label="bento-canary, int8 export", precision="int8")
     every: list[Contender] = [
         ProjectBento(),
-        int8,
+        ProjectBento(name="bento-int8", label="bento-canary, int8 export", precision="int8"),
         NginxFrontedBento(),
         ProjectBento(
             name="bento-predlog",
@@ -340,9 +368,17 @@ def build_contenders(names: tuple[str, ...]) -> list[Contender]:
             prediction_log=True,
         ),  # fmt: skip
         ProjectBento(name="bento-2w", label="bento-canary, 2 workers", baseline="bento", workers=2),
+        ProjectBento(
+            name="bento-int8-2w",
+            label="bento-canary, int8 export, 2 workers",
+            baseline="bento-int8",
+            precision="int8",
+            workers=2,
+        ),  # fmt: skip
         PlainBentoML(),
         HandWrittenFastAPI(),
         MlflowServe(),
         *peer_contenders(),  # MLServer, KServe, LitServe: the V2 servers users choose, each in its own venv
+        GrpcCeiling(),
     ]
     return [c for c in every if c.name in names]

@@ -65,7 +65,9 @@ def markdown_table(
         ]
         for r in (r for r in table if r.model == model):
             name = f"**{r.label}**" if r.kind == "project" else r.label
-            of = {PREDLOG_CONTENDER: "them off", "bento-2w": "1 worker"}.get(r.contender, "direct")
+            of = {PREDLOG_CONTENDER: "them off", "bento-2w": "1 worker", "bento-int8-2w": "1 worker"}.get(
+                r.contender, "direct"
+            )
             extra = f" ({_ratio(r.vs_baseline)} of {of})" if r.vs_baseline is not None else ""
             lines.append(
                 f"| {name}{extra} | {r.protocol} | {_num(r.rps)} | {_num(r.rows_per_s)} | {_num(r.p50_ms, '.1f')} | "
@@ -123,7 +125,12 @@ def markdown_cache(cache: list[CacheResult]) -> str:
 
 def markdown_targets(targets: list[Target]) -> str:
     mark = {True: "pass", False: "**FAIL**", None: "not measured"}
-    lines = ["### Targets (issue 7)", "", "| target | value | needs | verdict | detail |", "|---|---:|---|---|---|"]
+    lines = [
+        "### Targets (issues 7 and 16)",
+        "",
+        "| target | value | needs | verdict | detail |",
+        "|---|---:|---|---|---|",
+    ]
     lines += [f"| {t.name} | {_num(t.value, '.2f')} | {t.threshold} | {mark[t.passed]} | {t.detail} |" for t in targets]
     return "\n".join(lines) + "\n"
 

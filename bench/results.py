@@ -90,6 +90,11 @@ class TableRow:
 
 
 INT8_CONTENDER = "bento-int8"
+INT8_CONTENDERS = (INT8_CONTENDER, "bento-int8-2w")  # measured against the int8 graph's own limit
+SLOT_CONTENDERS = {"fp32": ("bento", "bento-2w"), "int8": INT8_CONTENDERS}  # the project's slots, 1 and 2 workers
+PEER_CONTENDERS = ("mlserver", "kserve", "litserve")
+GRPC_CEILING = "grpc-ceiling"  # grpc.aio answering a fixed answer: the library's own ceiling  # the V2 servers users choose (bench/peers.py)
+NGINX_CONTENDER = "bento-nginx"  # the direct Bento behind nginx (baseline: bento)
 PREDLOG_CONTENDER = "bento-predlog"  # the direct Bento with log, drift and shadow diff on (baseline: bento)
 PROJECT_DIRECT = ("bento", INT8_CONTENDER)  # the project called directly (fp32 or int8 export)
 
@@ -120,7 +125,7 @@ def build_table(measurements: list[Measurement], limits: dict[str, float]) -> li
         fixed = _find(measurements, sat.model, sat.contender, sat.protocol, FIXED)
         best = best_alternative(measurements, sat.model)
         base = _find(measurements, sat.model, sat.baseline, sat.protocol, SATURATED) if sat.baseline else None
-        limit = limits.get(f"{sat.model}:int8") if sat.contender == INT8_CONTENDER else limits.get(sat.model)
+        limit = limits.get(f"{sat.model}:int8") if sat.contender in INT8_CONTENDERS else limits.get(sat.model)
         rows.append(
             TableRow(
                 model=sat.model,
@@ -212,7 +217,10 @@ def judge_targets(
 
     heavy, cnn = _best_project(table, "digits-heavy"), _best_project(table, "digits-cnn")
     ratio_target("digits-heavy throughput vs best alternative", heavy, "vs_best_alternative", 2.0, ">= 2.0x")
-    ratio_target("digits-heavy throughput vs in-process limit", heavy, "vs_limit", 0.70, ">= 0.70")
+    for precision, slots in SLOT_CONTENDERS.items():  # issue 16: each precision keeps its share of the machine
+        best = max((r for r in table if r.model == "digits-heavy" and r.contender in slots and r.vs_limit is not None),
+                   key=lambda r: r.vs_limit or 0.0, default=None)  # fmt: skip
+        ratio_target(f"digits-heavy {precision} throughput vs its in-process limit", best, "vs_limit", 0.70, ">= 0.70")
     ratio_target(
         "digits-cnn throughput vs best alternative", cnn, "vs_best_alternative", 1.0, "> 1.0x (aim 1.5x)", strict=True
     )
@@ -235,7 +243,7 @@ def judge_targets(
             f"{cache_mix.model}, hits {cache_mix.hit_share:.0%} of the requests" if cache_mix else "not measured",
         )
     )
-    fronted = [r for r in table if r.vs_baseline is not None and r.contender != PREDLOG_CONTENDER]
+    fronted = [r for r in table if r.vs_baseline is not None and r.contender == NGINX_CONTENDER]
     worst_front = min(fronted, key=lambda r: r.vs_baseline or 0.0, default=None)
     targets.append(
         Target(
@@ -283,4 +291,49 @@ def judge_targets(
             unavailable == 0 if project else None,
         )
     )
+    targets += _issue16_targets(table)
+    return targets
+
+
+def _protocol_family(protocol: str) -> str:
+    return "gRPC" if protocol == "grpc" else "REST"
+
+
+def _issue16_targets(table: list[TableRow]) -> list[Target]:
+    """gRPC against the same slot's REST on digits-cnn, and the one-worker fp32 slot against the
+    best V2 peer per model and protocol family (like for like: one process each)."""
+    targets = []
+    ceiling = next((r for r in table if (r.model, r.contender) == ("digits-cnn", GRPC_CEILING)), None)
+    for slot, shown in (("bento", "1 worker"), ("bento-2w", "2 workers")):
+        rows = [r for r in table if r.model == "digits-cnn" and r.contender == slot]
+        grpc = next((r for r in rows if r.protocol == "grpc"), None)
+        rest = max((r for r in rows if r.protocol != "grpc"), key=lambda r: r.rps, default=None)
+        value = grpc.rps / rest.rps if grpc and rest and rest.rps else None
+        detail = f"grpc {grpc.rps:,.0f} / {rest.protocol} {rest.rps:,.0f}" if grpc and rest else "not measured"
+        if grpc and rest and grpc.loadgen_cpu_share is not None:
+            detail += f"; h2load CPU {grpc.loadgen_cpu_share:.0%} of the machine"
+        if grpc and ceiling and slot == "bento":
+            detail += (f"; grpc.aio with an empty handler: {ceiling.rps:,.0f} calls/s, "
+                       f"this gRPC path {grpc.rps / ceiling.rps:.0%} of it")  # fmt: skip
+        targets.append(
+            Target(f"digits-cnn gRPC calls/s vs the same slot's REST req/s ({shown})", value, ">= 0.60",
+                   None if value is None else value >= 0.60, detail)
+        )  # fmt: skip
+    for model in dict.fromkeys(r.model for r in table):
+        for family in ("REST", "gRPC"):
+            ours = [
+                r
+                for r in table
+                if (r.model, r.contender) == (model, "bento") and _protocol_family(r.protocol) == family
+            ]
+            peers = [r for r in table if r.model == model and r.contender in PEER_CONTENDERS
+                     and _protocol_family(r.protocol) == family]  # fmt: skip
+            mine = max(ours, key=lambda r: r.rows_per_s, default=None)
+            peer = max(peers, key=lambda r: r.rows_per_s, default=None)
+            value = mine.rows_per_s / peer.rows_per_s if mine and peer and peer.rows_per_s else None
+            targets.append(
+                Target(f"{model} V2 {family}: one worker vs the best V2 peer", value, "> 1.0x",
+                       None if value is None else value > 1.0,
+                       f"bento {mine.protocol} vs {peer.label} {peer.protocol}" if mine and peer else "no peer ran")
+            )  # fmt: skip
     return targets

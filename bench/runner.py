@@ -178,7 +178,7 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     from bench.payloads import sample_rows
     from bench.prepare import prepare_model
     from bench.report import build_report, render_markdown, write_report
-    from bench.results import FIXED, SATURATED, build_table, cache_results, fixed_rate, judge_targets
+    from bench.results import FIXED, INT8_CONTENDERS, SATURATED, build_table, cache_results, fixed_rate, judge_targets
 
     machine_before = stamp.machine()
     step(f"bench home {home.home}; {config.workers} worker(s) per server; {'QUICK' if config.quick else 'full'} run")
@@ -191,7 +191,7 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     prepared: dict[str, PreparedModel] = {}
     for arch in config.models:
         try:
-            int8 = arch in config.int8_models and "bento-int8" in config.contenders
+            int8 = arch in config.int8_models and bool(set(INT8_CONTENDERS) & set(config.contenders))
             prepared[arch] = prepare_model(
                 home, arch, config.epochs.get(arch, 1), config.fresh, lambda m: say(f"  {m}"), int8=int8,
                 learning_rate=config.learning_rates.get(arch), lr_schedule=config.lr_schedules.get(arch, "constant"),

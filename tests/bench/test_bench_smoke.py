@@ -104,7 +104,7 @@ def _m(
 RECORDED = [
     _m("digits-cnn", "bento", "project", "rest-json", SATURATED, 7_320),
     _m("digits-cnn", "bento", "project", "grpc", SATURATED, 7_720),
-    _m("digits-cnn", "nginx", "project", "rest-json", SATURATED, 6_000, baseline="bento"),
+    _m("digits-cnn", "bento-nginx", "project", "rest-json", SATURATED, 6_000, baseline="bento"),
     _m("digits-cnn", "bentoml-plain", "alternative", "rest-json", SATURATED, 5_610),
     _m("digits-cnn", "fastapi", "alternative", "rest-json", SATURATED, 20_540),
     _m("digits-cnn", "mlflow", "alternative", "rest-json", SATURATED, 3_660),
@@ -132,7 +132,7 @@ def test_table_ratios_against_the_best_alternative_the_limit_and_the_baseline():
     assert grpc.vs_best_alternative == pytest.approx(772 / 2054)
     assert grpc.vs_limit == pytest.approx(772 / 240_758)
     assert table["digits-cnn", "fastapi", "rest-json"].vs_best_alternative == pytest.approx(1.0)
-    assert table["digits-cnn", "nginx", "rest-json"].vs_baseline == pytest.approx(600 / 732)
+    assert table["digits-cnn", "bento-nginx", "rest-json"].vs_baseline == pytest.approx(600 / 732)
     rest = table["digits-cnn", "bento", "rest-json"]
     assert (rest.p50_ms, rest.p99_ms, rest.fixed_rps, rest.unavailable_fixed) == (5.2, 82.9, 183.0, 2)
     assert table["digits-cnn", "mlflow", "rest-json"].p50_ms is None  # no fixed-load run recorded
@@ -145,7 +145,8 @@ def test_targets_are_judged_from_the_ratios():
     assert cache[0].ratio == pytest.approx(520 / 235)
     verdicts = {t.name: t for t in judge_targets(table, cache)}
     assert verdicts["digits-heavy throughput vs best alternative"].passed is False
-    assert verdicts["digits-heavy throughput vs in-process limit"].value == pytest.approx(235 / 379)
+    assert verdicts["digits-heavy fp32 throughput vs its in-process limit"].value == pytest.approx(235 / 379)
+    assert verdicts["digits-heavy int8 throughput vs its in-process limit"].passed is None  # no int8 row
     assert (
         verdicts["digits-cnn throughput vs best alternative"].detail
         == "best project path: bento grpc; best alternative: fastapi rest-json"
@@ -186,7 +187,42 @@ def test_the_int8_row_is_judged_against_fp32_alternatives_and_its_own_limit():
     verdicts = {t.name: t for t in judge_targets(table, [])}
     heavy = verdicts["digits-heavy throughput vs best alternative"]
     assert heavy.passed is True and heavy.detail.startswith("best project path: bento-int8 rest-json")
-    assert verdicts["digits-heavy throughput vs in-process limit"].value == pytest.approx(0.75)
+    assert verdicts["digits-heavy int8 throughput vs its in-process limit"].value == pytest.approx(0.75)
+
+
+def test_issue16_targets_grpc_against_its_own_rest_and_the_slot_against_the_v2_peers():
+    """gRPC is judged against the same slot's best REST row (1 and 2 workers apart), the
+    one-worker slot against the best V2 peer of the same protocol family; the 2-worker int8 slot
+    counts for the int8 share of the limit, and a 2-worker row is never "nginx in front"."""
+    rows = [
+        *RECORDED,
+        _m("digits-cnn", "bento-2w", "project", "rest-json", SATURATED, 9_000, baseline="bento"),
+        _m("digits-cnn", "bento-2w", "project", "grpc", SATURATED, 5_600, baseline="bento"),
+        _m("digits-cnn", "kserve", "alternative", "rest-json", SATURATED, 1_200),
+        _m("digits-cnn", "kserve", "alternative", "grpc", SATURATED, 8_000),
+        _m("digits-cnn", "mlserver", "alternative", "grpc", SATURATED, 900),
+        _m("digits-cnn", "grpc-ceiling", "ceiling", "grpc", SATURATED, 30_000),
+        _m("digits-heavy", "bento-int8", "project", "rest-json", SATURATED, 5_000),
+        _m("digits-heavy", "bento-int8-2w", "project", "rest-json", SATURATED, 6_400, baseline="bento-int8"),
+    ]
+    table = build_table(rows, {**LIMITS, "digits-heavy:int8": 800.0})
+    verdicts = {t.name: t for t in judge_targets(table, [])}
+    one = verdicts["digits-cnn gRPC calls/s vs the same slot's REST req/s (1 worker)"]
+    assert one.value == pytest.approx(7_720 / 7_320) and one.passed is True
+    assert one.detail.endswith("grpc.aio with an empty handler: 3,000 calls/s, this gRPC path 26% of it")
+    two = verdicts["digits-cnn gRPC calls/s vs the same slot's REST req/s (2 workers)"]
+    assert two.value == pytest.approx(5_600 / 9_000) and two.passed is True
+    rest = verdicts["digits-cnn V2 REST: one worker vs the best V2 peer"]
+    assert rest.value == pytest.approx(7_320 / 1_200) and rest.passed is True
+    grpc = verdicts["digits-cnn V2 gRPC: one worker vs the best V2 peer"]
+    assert grpc.value == pytest.approx(7_720 / 8_000) and grpc.passed is False
+    assert grpc.detail == "bento grpc vs kserve grpc"  # the ceiling is never an alternative to beat
+    ours = next(r for r in table if (r.model, r.contender, r.protocol) == ("digits-cnn", "bento", "grpc"))
+    assert ours.vs_best_alternative == pytest.approx(772 / 2054)  # fastapi's 2,054, not the ceiling's 3,000
+    assert verdicts["digits-heavy V2 REST: one worker vs the best V2 peer"].passed is None  # no peer ran
+    int8 = verdicts["digits-heavy int8 throughput vs its in-process limit"]
+    assert int8.value == pytest.approx(640 / 800) and "bento-int8-2w" in int8.detail
+    assert verdicts["nginx in front: share of direct throughput"].detail == "bento-nginx rest-json"
 
 
 def test_report_files_carry_the_table_the_stamp_and_a_chart(tmp_path):
