@@ -35,6 +35,7 @@ from bench.processes import new_children, own_children, stop_tree
 from deploy.process import free_port, serving_home, spawn, venv_bin, wait_http_ok
 
 ALTERNATIVES_DIR = Path(__file__).resolve().parent / "alternatives"
+REPO_DIR = Path(__file__).resolve().parents[1]  # where `python -m bench.alternatives...` resolves
 START_TIMEOUT_S = 180.0
 V2_INFER = "/v2/models/digits/infer"
 
@@ -282,8 +283,7 @@ class HandWrittenFastAPI:
         ]  # fmt: skip
         log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
         base = f"http://127.0.0.1:{port}"
-        repo = Path(__file__).resolve().parents[1]
-        with _spawned(argv, base + "/v2/health/ready", log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=repo) as pid:
+        with _spawned(argv, base + "/v2/health/ready", log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=REPO_DIR) as pid:
             yield Served(
                 (Endpoint("rest-json", base + V2_INFER, to_v2_json(ctx.rows)),),
                 pid,
@@ -313,9 +313,8 @@ class GrpcCeiling:
         grpc_port, http_port = free_port(), free_port()
         argv = [sys.executable, "-m", "bench.alternatives.grpc_ceiling", str(grpc_port), str(http_port)]
         log = ctx.logs / f"bench-{self.name}-{model.architecture}.log"
-        repo = Path(__file__).resolve().parents[1]
         ready = f"http://127.0.0.1:{http_port}/ready"
-        with _spawned(argv, ready, log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=repo) as pid:
+        with _spawned(argv, ready, log, {ONNX_PATH_ENV: str(model.onnx_path)}, cwd=REPO_DIR) as pid:
             yield Served(
                 (Endpoint("grpc", f"127.0.0.1:{grpc_port}", to_grpc(ctx.rows)),),
                 pid,

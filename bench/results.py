@@ -92,8 +92,8 @@ class TableRow:
 INT8_CONTENDER = "bento-int8"
 INT8_CONTENDERS = (INT8_CONTENDER, "bento-int8-2w")  # measured against the int8 graph's own limit
 SLOT_CONTENDERS = {"fp32": ("bento", "bento-2w"), "int8": INT8_CONTENDERS}  # the project's slots, 1 and 2 workers
-PEER_CONTENDERS = ("mlserver", "kserve", "litserve")
-GRPC_CEILING = "grpc-ceiling"  # grpc.aio answering a fixed answer: the library's own ceiling  # the V2 servers users choose (bench/peers.py)
+PEER_CONTENDERS = ("mlserver", "kserve", "litserve")  # the V2 servers users choose (bench/peers.py)
+GRPC_CEILING = "grpc-ceiling"  # grpc.aio answering a fixed answer: the library's own ceiling
 NGINX_CONTENDER = "bento-nginx"  # the direct Bento behind nginx (baseline: bento)
 PREDLOG_CONTENDER = "bento-predlog"  # the direct Bento with log, drift and shadow diff on (baseline: bento)
 PROJECT_DIRECT = ("bento", INT8_CONTENDER)  # the project called directly (fp32 or int8 export)
