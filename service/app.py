@@ -181,7 +181,7 @@ class DigitsService:
         if s.grpc_port:
             self.grpc = await start_grpc_server(
                 lambda: self.core, s.grpc_host, s.grpc_port, s.grpc_max_message_bytes, s.grpc_max_concurrent_rpcs,
-                reuse_port=WORKERS > 1,
+                reuse_port=WORKERS > 1, transport=s.grpc_transport,
             )  # fmt: skip
         if s.rest_port:
             self.rest = await start_http_server(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -133,6 +135,11 @@ class ServiceSettings(BaseSettings):
     )
     grpc_max_concurrent_rpcs: int = Field(
         default=1024, ge=1, description="Calls in flight on the gRPC server; RESOURCE_EXHAUSTED beyond."
+    )
+    grpc_transport: Literal["lean", "grpcio"] = Field(
+        default="lean",
+        description="gRPC server: 'lean' (HTTP/2 framed in the worker's event loop, unary RPCs and health "
+        "Check; ~1/4 of grpcio's CPU per call) or 'grpcio' (grpc.aio; health Watch too).",
     )
 
     # -- fault injection (tests and chaos drills only; settable only here, at start)

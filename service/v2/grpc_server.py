@@ -1,10 +1,12 @@
-"""Open Inference Protocol (V2) over gRPC: a thin `grpc.aio` adapter over the core.
+"""Open Inference Protocol (V2) over gRPC: a thin adapter over the core.
 
 `InferenceServicer` implements the core RPCs of `inference.GRPCInferenceService`
 (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer) with
 tritonclient's generated classes; every other RPC (ModelConfig, ModelStreamInfer, ...)
-answers UNIMPLEMENTED through the generated base class. `start_grpc_server` runs it, with
-the standard `grpc.health.v1.Health` service, inside the caller's running event loop.
+answers UNIMPLEMENTED. `start_grpc_server` runs it, with the standard `grpc.health.v1.Health`
+Check, inside the caller's running event loop, on `service.v2.h2_server` (the default: HTTP/2
+framed in the loop's own protocol, a quarter of grpcio's CPU per call) or on `grpc.aio`
+(`transport="grpcio"`, which also serves health Watch streams).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from service.core.request_id import request_id_from
 from service.core.tensors import InferRequest, InferResponse
 from service.v2 import SERVER_NAME, SERVER_VERSION
 from service.v2.grpc_codec import from_model_infer_request, to_model_infer_response, to_model_metadata_response
+from service.v2.h2_server import H2GrpcServer, UnaryMethod
 
 log = logging.getLogger("bento_canary.v2.grpc")
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
@@ -162,10 +165,14 @@ class SlotHealth(health.aio.HealthServicer):
         return response
 
 
+class _Stoppable(Protocol):
+    async def stop(self, grace: float | None) -> Any: ...
+
+
 class GrpcEndpoint:
     """A running gRPC server: `port` is the bound one (useful after binding port 0)."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, server: _Stoppable, port: int, health_servicer: health.aio.HealthServicer) -> None:
         self.server = server
         self.port = port
         self._health = health_servicer
@@ -186,11 +193,30 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+UNARY_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
+
+
+def unary_methods(servicer: InferenceServicer, health_servicer: SlotHealth) -> dict[str, UnaryMethod]:
+    """The lean server's routing table: the V2 RPCs this adapter implements and health Check;
+    any other path (ModelConfig, ModelStreamInfer, health Watch, ...) answers UNIMPLEMENTED."""
+    service = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    table = {f"/{SERVICE_NAME}/{name}": UnaryMethod(getattr(servicer, name),
+                                                    getattr(pb2, service.methods_by_name[name].input_type.name))
+             for name in UNARY_RPCS}  # fmt: skip
+    table[HEALTH_CHECK_PATH] = UnaryMethod(health_servicer.Check, health_pb2.HealthCheckRequest)
+    return table
+
+
 async def start_grpc_server(
     core_provider: CoreProvider, host: str, port: int, max_message_bytes: int = 8 << 20,
-    max_concurrent_rpcs: int | None = 1024, reuse_port: bool = False,
+    max_concurrent_rpcs: int | None = 1024, reuse_port: bool = False, transport: str = "lean",
 ) -> GrpcEndpoint:  # fmt: skip
     """Start the V2 gRPC server in the running event loop and return its endpoint.
+
+    `transport` "lean" is `service.v2.h2_server` (HTTP/2 framed in the loop's own protocol;
+    unary RPCs and health Check), "grpcio" is `grpc.aio` (health Watch too; ~4x the CPU per
+    call). Same servicers, same limits, same answers.
 
     `port=0` binds a free port (see `GrpcEndpoint.port`). Messages over `max_message_bytes`
     either way are refused by gRPC with RESOURCE_EXHAUSTED, and so are calls beyond
@@ -199,6 +225,33 @@ async def start_grpc_server(
     core is already ready, NOT_SERVING otherwise (call `set_serving(True)` once it is).
     Raises OSError if the address cannot be bound (e.g. the port is taken).
     """
+    servicer, health_servicer = InferenceServicer(core_provider), SlotHealth(core_provider)
+    address = _address(host, port)
+    if transport == "lean":
+        lean = H2GrpcServer(unary_methods(servicer, health_servicer), max_message_bytes, max_concurrent_rpcs)
+        try:
+            bound = await lean.listen(host, port, reuse_port)
+        except OSError as exc:
+            raise OSError(
+                f"cannot bind the gRPC server to {address}: port taken or address unavailable ({exc})"
+            ) from None
+        endpoint = GrpcEndpoint(lean, bound, health_servicer)
+    elif transport == "grpcio":
+        endpoint = _start_grpcio(servicer, health_servicer, address, max_message_bytes, max_concurrent_rpcs, reuse_port)
+    else:
+        raise ValueError(f"unknown gRPC transport {transport!r} (lean or grpcio)")
+    core = core_provider()
+    await endpoint.set_serving(core is not None and core.ready)
+    if isinstance(endpoint.server, grpc.aio.Server):
+        await endpoint.server.start()
+    log.info("V2 gRPC server (%s) listening on %s", transport, _address(host, endpoint.port))
+    return endpoint
+
+
+def _start_grpcio(
+    servicer: InferenceServicer, health_servicer: SlotHealth, address: str, max_message_bytes: int,
+    max_concurrent_rpcs: int | None, reuse_port: bool,
+) -> GrpcEndpoint:  # fmt: skip
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -208,19 +261,12 @@ async def start_grpc_server(
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
-    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core_provider), server)
-    health_servicer = SlotHealth(core_provider)
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = _address(host, port)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpcio raises instead of returning 0 in recent versions
         raise OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable ({exc})") from None
     if not bound:
         raise OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable")
-    endpoint = GrpcEndpoint(server, bound, health_servicer)
-    core = core_provider()
-    await endpoint.set_serving(core is not None and core.ready)
-    await server.start()
-    log.info("V2 gRPC server listening on %s", _address(host, bound))
-    return endpoint
+    return GrpcEndpoint(server, bound, health_servicer)

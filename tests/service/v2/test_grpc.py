@@ -49,13 +49,16 @@ class Served:
 
 @contextlib.contextmanager
 def serving(
-    core_provider: Callable[[], Any], port: int = 0, max_concurrent_rpcs: int | None = 1024
-) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
+    core_provider: Callable[[], Any], port: int = 0, max_concurrent_rpcs: int | None = 1024,
+    transport: str = "lean", loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> Iterator[Served]:  # fmt: skip
+    loop = loop_factory()
     thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
     thread.start()
     try:
-        start = start_grpc_server(core_provider, "127.0.0.1", port, MAX_MESSAGE_BYTES, max_concurrent_rpcs)
+        start = start_grpc_server(
+            core_provider, "127.0.0.1", port, MAX_MESSAGE_BYTES, max_concurrent_rpcs, transport=transport
+        )
         endpoint = asyncio.run_coroutine_threadsafe(start, loop).result(TIMEOUT)
         served = Served(endpoint, loop, f"127.0.0.1:{endpoint.port}")
         try:

@@ -1,0 +1,316 @@
+"""The lean gRPC server (service/v2/h2_server.py) at the HTTP/2 level: flow control, deadlines,
+resets and hostile bytes, with a raw HTTP/2 client written here (hpack encodes its headers),
+then tritonclient to show the server still answers correctly. The RPC-level behaviour (codes,
+metadata, limits, health) is tests/service/v2/test_grpc.py's, run on this server by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+import grpc
+import hpack
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as pb2
+
+from service.v2 import h2_server as h2
+from tests.service.v2.test_grpc import TIMEOUT, assert_answers, health_status, raw_request, serving, tin
+from tests.support.tiny_model import digits_rows, tiny_core
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    return tiny_core(tmp_path_factory.mktemp("h2-model"), max_rows=64)
+
+
+@pytest.fixture(scope="module")
+def served(core):
+    with serving(lambda: core) as running:
+        yield running
+
+
+class RawClient:
+    """A bare HTTP/2 client: frames in, frames out, nothing hidden."""
+
+    def __init__(self, url: str, settings_payload: bytes = b"") -> None:
+        host, port = url.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+        self.sock.sendall(h2.PREFACE + h2._frame(h2.SETTINGS, 0, 0, settings_payload))
+        self.encoder, self.decoder, self.buffer = hpack.Encoder(), hpack.Decoder(), b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        self.sock.sendall(h2._frame(kind, flags, stream_id, payload))
+
+    def call(self, stream_id: int, message: bytes, path: str = INFER, extra: tuple = ()) -> None:
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "test"),
+                   ("content-type", "application/grpc"), ("te", "trailers"), *extra]  # fmt: skip
+        self.send(h2.HEADERS, h2.END_HEADERS, stream_id, self.encoder.encode(headers))
+        self.send(h2.DATA, h2.END_STREAM, stream_id, b"\x00" + struct.pack(">I", len(message)) + message)
+
+    def frame(self, timeout: float = TIMEOUT) -> tuple[int, int, int, bytes] | None:
+        """The next frame, or None when the server closed the connection."""
+        self.sock.settimeout(timeout)
+        while len(self.buffer) < 9 or len(self.buffer) < 9 + int.from_bytes(self.buffer[:3], "big"):
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        length = int.from_bytes(self.buffer[:3], "big")
+        kind, flags, stream_id = self.buffer[3], self.buffer[4], int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
+        payload, self.buffer = self.buffer[9 : 9 + length], self.buffer[9 + length :]
+        return kind, flags, stream_id, payload
+
+    def answer(self, stream_id: int, window_updates: bool = False) -> dict[str, Any]:
+        """Read until `stream_id` ends: its headers, DATA payloads and trailers."""
+        got: dict[str, Any] = {"headers": [], "data": [], "frames": []}
+        while True:
+            frame = self.frame()
+            assert frame is not None, f"connection closed before stream {stream_id} ended: {got}"
+            kind, flags, sid, payload = frame
+            if kind == h2.SETTINGS and not flags & h2.ACK:
+                self.send(h2.SETTINGS, h2.ACK, 0)
+            if sid != stream_id:
+                continue
+            got["frames"].append((kind, len(payload)))
+            if kind == h2.HEADERS:
+                got["headers"].append(dict(self.decoder.decode(payload)))
+            elif kind == h2.DATA:
+                got["data"].append(payload)
+                if window_updates:  # give back exactly what was used, on the stream and the connection
+                    for target in (stream_id, 0):
+                        self.send(h2.WINDOW_UPDATE, 0, target, struct.pack(">I", len(payload)))
+            elif kind == h2.RST_STREAM:
+                got["reset"] = struct.unpack(">I", payload)[0]
+                return got
+            if flags & h2.END_STREAM:
+                return got
+
+    def goaway(self) -> int | None:
+        """The error code of the server's GOAWAY (None if it closed without one)."""
+        while (frame := self.frame()) is not None:
+            if frame[0] == h2.GOAWAY:
+                return struct.unpack(">II", frame[3][:8])[1]
+        return None
+
+
+def grpc_status(answer: dict[str, Any]) -> str:
+    return answer["headers"][-1].get("grpc-status", "")
+
+
+def test_an_answer_waits_for_the_clients_window_and_respects_its_frame_size(served, core):
+    """A client allowing 16 bytes in flight gets the answer 16 bytes at a time, each after its
+    window update, and the reassembled message is the model's answer."""
+    rows = digits_rows(8, seed=3)
+    client = RawClient(served.url, struct.pack(">HI", h2.S_INITIAL_WINDOW_SIZE, 16))
+    try:
+        client.call(1, raw_request(rows).SerializeToString())
+        answer = client.answer(1, window_updates=True)
+    finally:
+        client.close()
+    assert grpc_status(answer) == "0", answer["headers"]
+    data = [size for kind, size in answer["frames"] if kind == h2.DATA]
+    assert max(data) <= 16 and len(data) > 10, data
+    body = b"".join(answer["data"])
+    message = pb2.ModelInferResponse.FromString(body[5:])
+    got = np.frombuffer(message.raw_output_contents[0], "<f4").reshape(8, 10)
+    np.testing.assert_allclose(got, core.runner.run({"input": rows}, ["logits"])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grpc_timeout_is_enforced_by_the_server_and_the_call_is_cancelled(core):
+    cancelled = threading.Event()
+
+    class SlowCore:
+        card, ready, max_input_elements = core.card, True, core.max_input_elements
+
+        def is_ready(self) -> bool:
+            return True
+
+        def check_model(self, name, version=None):
+            pass
+
+        async def infer(self, request, trace=None):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    with serving(lambda: SlowCore()) as running:
+        client = RawClient(running.url)
+        try:
+            started = time.monotonic()
+            client.call(1, raw_request(digits_rows(1)).SerializeToString(), extra=(("grpc-timeout", "300m"),))
+            answer = client.answer(1)
+        finally:
+            client.close()
+    assert grpc_status(answer) == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]), answer["headers"]
+    assert time.monotonic() - started < 10 and cancelled.wait(TIMEOUT)
+
+
+def test_a_reset_call_gives_its_place_back(core):
+    """With one call allowed in flight, a held call the client resets is cancelled on the
+    server, and the next call is answered instead of refused RESOURCE_EXHAUSTED."""
+    cancelled = threading.Event()
+
+    class HoldsTwoRows:
+        card, ready, max_input_elements = core.card, True, core.max_input_elements
+
+        def is_ready(self) -> bool:
+            return True
+
+        def check_model(self, name, version=None):
+            pass
+
+        async def infer(self, request, trace=None):
+            if request.inputs[0].shape[0] == 2:
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+            return await core.infer(request, trace)
+
+    with serving(lambda: HoldsTwoRows(), max_concurrent_rpcs=1) as running:
+        raw = RawClient(running.url)
+        client = triton.InferenceServerClient(running.url)
+        try:
+            raw.call(1, raw_request(digits_rows(2)).SerializeToString())
+            time.sleep(0.3)  # the call is in flight
+            with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+                client.infer("digits", [tin(digits_rows(1))], client_timeout=TIMEOUT)
+            raw.send(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.CANCEL))
+            assert cancelled.wait(TIMEOUT)
+            assert_answers(client, core, n=1)
+        finally:
+            raw.close()
+            client.close()
+
+
+@pytest.mark.parametrize(
+    ("what", "send", "code"),
+    [
+        ("a frame over 16 KiB", lambda c: c.send(0xFA, 0, 0, b"x" * 20000), h2.FRAME_SIZE_ERROR),
+        ("undecodable HPACK", lambda c: c.send(h2.HEADERS, h2.END_HEADERS, 1, b"\xff\xff\xff\xff\xff"), h2.COMPRESSION_ERROR),
+        ("DATA on an idle stream", lambda c: c.send(h2.DATA, 0, 7, b"abc"), h2.PROTOCOL_ERROR),
+        ("HEADERS on stream 0", lambda c: c.send(h2.HEADERS, h2.END_HEADERS, 0, b"\x82"), h2.PROTOCOL_ERROR),
+        ("a client's push", lambda c: c.send(h2.PUSH_PROMISE, 0, 1, b"\x00\x00\x00\x02"), h2.PROTOCOL_ERROR),
+        ("an interrupted header block", lambda c: (c.send(h2.HEADERS, 0, 1, b"\x82"), c.send(h2.PING, 0, 0, b"x" * 8)),
+         h2.PROTOCOL_ERROR),
+        ("a bad PING", lambda c: c.send(h2.PING, 0, 0, b"abc"), h2.FRAME_SIZE_ERROR),
+    ],
+)  # fmt: skip
+def test_protocol_violations_close_the_connection_with_goaway_and_nothing_else(served, core, what, send, code):
+    client = RawClient(served.url)
+    try:
+        send(client)
+        assert client.goaway() == code, what
+    finally:
+        client.close()
+    assert_answers(triton.InferenceServerClient(served.url), core)
+
+
+@pytest.mark.parametrize(
+    "opening", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
+)
+def test_http1_and_tls_openings_are_closed(served, core, opening):
+    with socket.create_connection(served.url.rsplit(":", 1)) as sock:  # type: ignore[arg-type]
+        sock.settimeout(TIMEOUT)
+        sock.sendall(opening)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert b"HTTP/1.1 200" not in received  # closed, never answered as if it were a call
+    assert_answers(triton.InferenceServerClient(served.url), core)
+
+
+def test_a_streaming_rpc_and_an_unknown_method_are_unimplemented(served):
+    client = RawClient(served.url)
+    try:
+        client.call(1, b"", path="/grpc.health.v1.Health/Watch")
+        assert grpc_status(client.answer(1)) == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+        client.call(3, b"", path="/no.Such/Method")
+        assert grpc_status(client.answer(3)) == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    finally:
+        client.close()
+
+
+def test_a_compressed_message_is_unimplemented_and_a_broken_one_internal(served):
+    client = RawClient(served.url)
+    try:
+        message = raw_request(digits_rows(1)).SerializeToString()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", INFER), (":authority", "t"),
+                   ("content-type", "application/grpc"), ("grpc-encoding", "gzip")]  # fmt: skip
+        client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode(headers))
+        client.send(h2.DATA, h2.END_STREAM, 1, b"\x01" + struct.pack(">I", len(message)) + message)
+        assert grpc_status(client.answer(1)) == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+        client.send(h2.HEADERS, h2.END_HEADERS, 3, client.encoder.encode(headers[:5]))
+        client.send(h2.DATA, h2.END_STREAM, 3, b"\x00\x00\x00\x00\x09abc")  # declares 9 bytes, holds 3
+        assert grpc_status(client.answer(3)) == str(grpc.StatusCode.INTERNAL.value[0])
+    finally:
+        client.close()
+
+
+def test_the_lean_server_runs_on_uvloop_as_in_the_bento(core):
+    uvloop = pytest.importorskip("uvloop")
+    with serving(lambda: core, loop_factory=uvloop.new_event_loop) as running:
+        client = triton.InferenceServerClient(running.url)
+        assert_answers(client, core, n=5)
+        assert health_status(running.url, "") == health_pb2.HealthCheckResponse.SERVING
+        client.close()
+
+
+def test_grpcio_remains_a_choice_with_the_same_answers(core):
+    with serving(lambda: core, transport="grpcio") as running:
+        client = triton.InferenceServerClient(running.url)
+        assert_answers(client, core, n=4)
+        assert health_status(running.url, "inference.GRPCInferenceService") == health_pb2.HealthCheckResponse.SERVING
+        client.close()
+
+
+def test_a_timeout_header_parses_as_grpc_defines_it():
+    assert h2.parse_timeout("100m") == pytest.approx(0.1)
+    assert h2.parse_timeout("5S") == 5.0 and h2.parse_timeout("2H") == 7200.0
+    assert [h2.parse_timeout(v) for v in ("", "m", "12", "1x", "-1S", "１S", "1234567890S")] == [None] * 7
+
+
+_FRAME = st.tuples(st.integers(0, 12), st.integers(0, 255), st.integers(0, 9), st.binary(max_size=64)).map(
+    lambda f: h2._frame(f[0], f[1], f[2], f[3])
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(_FRAME, max_size=6))
+def test_random_frames_never_break_the_server(served, frames):
+    """Whatever frames a client sends after the preface, the server answers, resets or closes
+    that connection only: a fresh client is answered right after."""
+    client = RawClient(served.url)
+    try:
+        client.sock.sendall(b"".join(frames))
+        client.sock.settimeout(0.2)
+        with contextlib.suppress(OSError):  # a timeout (nothing more to read) or a reset
+            while client.sock.recv(65536):
+                pass
+    finally:
+        client.close()
+    with grpc.insecure_channel(served.url) as channel:
+        stub = channel.unary_unary(INFER)
+        assert pb2.ModelInferResponse.FromString(stub(raw_request(digits_rows(1)).SerializeToString(), timeout=TIMEOUT))
