@@ -184,7 +184,6 @@ class H2GrpcServer:
         self.active_rpcs = 0
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
-        self.stopping = False
 
     async def listen(self, host: str, port: int, reuse_port: bool) -> int:
         loop = asyncio.get_running_loop()
@@ -196,7 +195,6 @@ class H2GrpcServer:
     async def stop(self, grace: float | None) -> None:
         """Stop listening, send GOAWAY, let calls in flight finish for `grace` seconds, then
         cancel what is left and close every connection."""
-        self.stopping = True
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -279,7 +277,7 @@ class _Connection(asyncio.Protocol):
         except _ConnectionError as exc:
             if out and self.transport is not None:
                 self.transport.write(b"".join(out))
-            log.info("closing an HTTP/2 connection: %s", exc)
+            log.debug("closing an HTTP/2 connection: %s", exc)  # a client's fault: not worth a log line each
             self.go_away(exc.code, str(exc))
             self.abort_all()
             return
@@ -370,8 +368,8 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - hpack's errors: the connection's state is lost
             raise _ConnectionError(COMPRESSION_ERROR, f"undecodable headers ({type(exc).__name__})") from None
         stream = self.streams.get(stream_id)
-        if stream is not None:  # trailers from the client: only their END_STREAM matters
-            if flags & END_STREAM:
+        if stream is not None:  # trailers from the client: only their END_STREAM matters, once
+            if flags & END_STREAM and stream.remote_open:
                 self._end_of_request(stream, out)
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream_id:

@@ -169,7 +169,7 @@ def test_grpc_timeout_is_enforced_by_the_server_and_the_call_is_cancelled(core):
 def test_a_reset_call_gives_its_place_back(core):
     """With one call allowed in flight, a held call the client resets is cancelled on the
     server, and the next call is answered instead of refused RESOURCE_EXHAUSTED."""
-    cancelled = threading.Event()
+    cancelled, held = threading.Event(), []
 
     class HoldsTwoRows:
         card, ready, max_input_elements = core.card, True, core.max_input_elements
@@ -182,6 +182,7 @@ def test_a_reset_call_gives_its_place_back(core):
 
         async def infer(self, request, trace=None):
             if request.inputs[0].shape[0] == 2:
+                held.append(request)
                 try:
                     await asyncio.sleep(30)
                 except asyncio.CancelledError:
@@ -195,6 +196,13 @@ def test_a_reset_call_gives_its_place_back(core):
         try:
             raw.call(1, raw_request(digits_rows(2)).SerializeToString())
             time.sleep(0.3)  # the call is in flight
+            # a second end of stream (trailers) on the same stream starts no second call
+            raw.send(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, raw.encoder.encode([("x-late", "1")]))
+            on_stream_1 = []
+            with contextlib.suppress(TimeoutError):
+                while (frame := raw.frame(timeout=0.3)) is not None:
+                    on_stream_1 += [frame] if frame[2] == 1 else []
+            assert len(held) == 1 and on_stream_1 == [] and not cancelled.is_set(), on_stream_1
             with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
                 client.infer("digits", [tin(digits_rows(1))], client_timeout=TIMEOUT)
             raw.send(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.CANCEL))
