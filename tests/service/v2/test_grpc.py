@@ -47,11 +47,24 @@ class Served:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
 
 
+TRANSPORT = {"name": "grpcio"}  # the server every test of this module runs on (see `transport`)
+
+
+@pytest.fixture(scope="module", params=["grpcio", "lean"], autouse=True)
+def transport(request) -> Iterator[str]:
+    """Both gRPC servers the Bento can run (CANARY_SERVICE_GRPC_TRANSPORT) answer this whole
+    module: same codes, metadata, limits and health."""
+    TRANSPORT["name"] = request.param
+    yield request.param
+    TRANSPORT["name"] = "grpcio"
+
+
 @contextlib.contextmanager
 def serving(
     core_provider: Callable[[], Any], port: int = 0, max_concurrent_rpcs: int | None = 1024,
-    transport: str = "lean", loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    transport: str | None = None, loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
 ) -> Iterator[Served]:  # fmt: skip
+    transport = transport or TRANSPORT["name"]
     loop = loop_factory()
     thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
     thread.start()

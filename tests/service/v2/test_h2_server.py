@@ -1,7 +1,7 @@
 """The lean gRPC server (service/v2/h2_server.py) at the HTTP/2 level: flow control, deadlines,
 resets and hostile bytes, with a raw HTTP/2 client written here (hpack encodes its headers),
 then tritonclient to show the server still answers correctly. The RPC-level behaviour (codes,
-metadata, limits, health) is tests/service/v2/test_grpc.py's, run on this server by default.
+metadata, limits, health) is tests/service/v2/test_grpc.py's, run on both servers.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def core(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(core):
-    with serving(lambda: core) as running:
+    with serving(lambda: core, transport="lean") as running:
         yield running
 
 
@@ -135,26 +135,36 @@ def test_an_answer_waits_for_the_clients_window_and_respects_its_frame_size(serv
     np.testing.assert_allclose(got, core.runner.run({"input": rows}, ["logits"])[0], rtol=1e-5, atol=1e-5)
 
 
-def test_grpc_timeout_is_enforced_by_the_server_and_the_call_is_cancelled(core):
-    cancelled = threading.Event()
+class HoldingCore:
+    """The tiny core, except that a request of `hold_rows` rows waits (30 s) until cancelled;
+    `held` lists those requests, `cancelled` is set when one is cancelled."""
 
-    class SlowCore:
-        card, ready, max_input_elements = core.card, True, core.max_input_elements
+    def __init__(self, core: Any, hold_rows: int) -> None:
+        self.card, self.ready, self.max_input_elements = core.card, True, core.max_input_elements
+        self._core, self._hold_rows = core, hold_rows
+        self.held: list[Any] = []
+        self.cancelled = threading.Event()
 
-        def is_ready(self) -> bool:
-            return True
+    def is_ready(self) -> bool:
+        return True
 
-        def check_model(self, name, version=None):
-            pass
+    def check_model(self, name: str, version: str | None = None) -> None:
+        pass
 
-        async def infer(self, request, trace=None):
+    async def infer(self, request: Any, trace: Any = None) -> Any:
+        if request.inputs[0].shape[0] == self._hold_rows:
+            self.held.append(request)
             try:
                 await asyncio.sleep(30)
             except asyncio.CancelledError:
-                cancelled.set()
+                self.cancelled.set()
                 raise
+        return await self._core.infer(request, trace)
 
-    with serving(lambda: SlowCore()) as running:
+
+def test_grpc_timeout_is_enforced_by_the_server_and_the_call_is_cancelled(core):
+    slow = HoldingCore(core, hold_rows=1)
+    with serving(lambda: slow, transport="lean") as running:
         client = RawClient(running.url)
         try:
             started = time.monotonic()
@@ -163,34 +173,14 @@ def test_grpc_timeout_is_enforced_by_the_server_and_the_call_is_cancelled(core):
         finally:
             client.close()
     assert grpc_status(answer) == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]), answer["headers"]
-    assert time.monotonic() - started < 10 and cancelled.wait(TIMEOUT)
+    assert time.monotonic() - started < 10 and slow.cancelled.wait(TIMEOUT)
 
 
 def test_a_reset_call_gives_its_place_back(core):
     """With one call allowed in flight, a held call the client resets is cancelled on the
     server, and the next call is answered instead of refused RESOURCE_EXHAUSTED."""
-    cancelled, held = threading.Event(), []
-
-    class HoldsTwoRows:
-        card, ready, max_input_elements = core.card, True, core.max_input_elements
-
-        def is_ready(self) -> bool:
-            return True
-
-        def check_model(self, name, version=None):
-            pass
-
-        async def infer(self, request, trace=None):
-            if request.inputs[0].shape[0] == 2:
-                held.append(request)
-                try:
-                    await asyncio.sleep(30)
-                except asyncio.CancelledError:
-                    cancelled.set()
-                    raise
-            return await core.infer(request, trace)
-
-    with serving(lambda: HoldsTwoRows(), max_concurrent_rpcs=1) as running:
+    holding = HoldingCore(core, hold_rows=2)
+    with serving(lambda: holding, max_concurrent_rpcs=1, transport="lean") as running:
         raw = RawClient(running.url)
         client = triton.InferenceServerClient(running.url)
         try:
@@ -202,11 +192,11 @@ def test_a_reset_call_gives_its_place_back(core):
             with contextlib.suppress(TimeoutError):
                 while (frame := raw.frame(timeout=0.3)) is not None:
                     on_stream_1 += [frame] if frame[2] == 1 else []
-            assert len(held) == 1 and on_stream_1 == [] and not cancelled.is_set(), on_stream_1
+            assert len(holding.held) == 1 and on_stream_1 == [] and not holding.cancelled.is_set(), on_stream_1
             with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
                 client.infer("digits", [tin(digits_rows(1))], client_timeout=TIMEOUT)
             raw.send(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.CANCEL))
-            assert cancelled.wait(TIMEOUT)
+            assert holding.cancelled.wait(TIMEOUT)
             assert_answers(client, core, n=1)
         finally:
             raw.close()
@@ -279,14 +269,14 @@ def test_a_compressed_message_is_unimplemented_and_a_broken_one_internal(served)
 
 def test_the_lean_server_runs_on_uvloop_as_in_the_bento(core):
     uvloop = pytest.importorskip("uvloop")
-    with serving(lambda: core, loop_factory=uvloop.new_event_loop) as running:
+    with serving(lambda: core, transport="lean", loop_factory=uvloop.new_event_loop) as running:
         client = triton.InferenceServerClient(running.url)
         assert_answers(client, core, n=5)
         assert health_status(running.url, "") == health_pb2.HealthCheckResponse.SERVING
         client.close()
 
 
-def test_grpcio_remains_a_choice_with_the_same_answers(core):
+def test_grpcio_the_default_answers_the_same(core):
     with serving(lambda: core, transport="grpcio") as running:
         client = triton.InferenceServerClient(running.url)
         assert_answers(client, core, n=4)
