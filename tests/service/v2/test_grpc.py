@@ -47,6 +47,15 @@ class Served:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
 
 
+async def _cancel_leftovers() -> None:
+    """End what the test's cores left on this loop (their batcher, which starts afresh on the
+    next loop), so no pending task is destroyed with the closed loop."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 TRANSPORT = {"name": "grpcio"}  # the server every test of this module runs on (see `transport`)
 
 
@@ -80,6 +89,7 @@ def serving(
             yield served
         finally:
             served.run(endpoint.stop(0))
+            served.run(_cancel_leftovers())
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT)
