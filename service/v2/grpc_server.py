@@ -193,6 +193,11 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _cannot_bind(address: str, cause: Exception | None = None) -> OSError:
+    detail = f" ({cause})" if cause is not None else ""
+    return OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable{detail}")
+
+
 UNARY_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 
@@ -233,9 +238,7 @@ async def start_grpc_server(
         try:
             bound = await lean.listen(host, port, reuse_port)
         except OSError as exc:
-            raise OSError(
-                f"cannot bind the gRPC server to {address}: port taken or address unavailable ({exc})"
-            ) from None
+            raise _cannot_bind(address, exc) from None
         endpoint = GrpcEndpoint(lean, bound, health_servicer)
     elif transport == "grpcio":
         endpoint = _start_grpcio(servicer, health_servicer, address, max_message_bytes, max_concurrent_rpcs, reuse_port)
@@ -267,7 +270,7 @@ def _start_grpcio(
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpcio raises instead of returning 0 in recent versions
-        raise OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable ({exc})") from None
+        raise _cannot_bind(address, exc) from None
     if not bound:
-        raise OSError(f"cannot bind the gRPC server to {address}: port taken or address unavailable")
+        raise _cannot_bind(address)
     return GrpcEndpoint(server, bound, health_servicer)
