@@ -20,9 +20,12 @@ Limits: a request message over `max_message_bytes` is answered RESOURCE_EXHAUSTE
 its size is known (its body is dropped as it arrives); calls beyond `max_concurrent_rpcs` in
 flight over all connections are answered RESOURCE_EXHAUSTED at once; a connection may hold
 `STREAMS_PER_CONNECTION` open streams (more are refused with REFUSED_STREAM); a connection
-that does not send the HTTP/2 preface within `PREFACE_TIMEOUT_S` is closed; a connection
-whose unanswered request bodies hold 4 x `max_message_bytes` gets no more window until calls
-take them (what one client can make a worker buffer). `grpc-timeout`
+that does not send the HTTP/2 preface within `PREFACE_TIMEOUT_S` is closed; when the
+unfinished request bodies of one connection exceed 4 x `max_message_bytes` (what one client
+can make a worker buffer), its newest unfinished calls are answered RESOURCE_EXHAUSTED and
+their bodies dropped until the rest fit, so older calls complete. (Withholding the window
+instead deadlocked: a client interleaving many large calls on one channel could finish none;
+64 calls of 256 KiB over one tritonclient channel, 25 timed out.) `grpc-timeout`
 is honoured (DEADLINE_EXCEEDED); a client's RST_STREAM cancels its call. Compressed messages
 (`grpc-encoding` other than identity) are answered UNIMPLEMENTED; this server never
 compresses.
@@ -221,7 +224,7 @@ class _Connection(asyncio.Protocol):
         self.peer_frame_max = FRAME_MAX
         self.send_window = DEFAULT_WINDOW  # connection level, ours to spend
         self.unacked = 0  # connection-level bytes received and not yet given back
-        self.held = 0  # request bytes buffered in streams not yet parsed: caps what is given back
+        self.held = 0  # request bytes buffered in streams not yet parsed (see `_shed_newest`)
         self.continuing: tuple[int, int, bytearray] | None = None  # (stream id, flags, block) mid-CONTINUATION
         self.closing = False
         self.preface_timer: asyncio.TimerHandle | None = None
@@ -286,15 +289,26 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     def _give_back(self, out: list[bytes]) -> None:
-        """Return the connection's window for what was read, unless the streams already hold
-        `held_limit` bytes of bodies: then the client waits until calls take theirs."""
-        if self.unacked >= RECEIVE_WINDOW // 4 and self.held <= self.server.held_limit:
+        """Return the connection's window for what was read (buffering is capped by
+        `_shed_newest`, never by withholding window: that can leave every call half-sent)."""
+        if self.unacked >= RECEIVE_WINDOW // 4:
             out.append(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
             self.unacked = 0
 
     def _release(self, stream: _Stream) -> None:
         self.held -= len(stream.body)
         stream.body = bytearray()
+
+    def _shed_newest(self, out: list[bytes]) -> None:
+        """The connection's unfinished bodies exceed `held_limit`: answer its newest calls still
+        being sent RESOURCE_EXHAUSTED (dropping their bodies) until the rest fit."""
+        limit = self.server.held_limit
+        sending = [s for s in self.streams.values() if s.remote_open and not s.answered and s.body]
+        for stream in sorted(sending, key=lambda s: s.id, reverse=True):
+            if self.held <= limit:
+                return
+            details = f"this connection's unfinished requests hold more than {limit} bytes; retry the call"
+            self._answer(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, details, (), None, out)
 
     # --- frames -----------------------------------------------------------------------
     def _frame_received(self, kind: int, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
@@ -412,9 +426,11 @@ class _Connection(asyncio.Protocol):
                 size = max(declared, stream.size - 5)
                 self._answer(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"Received message larger than max ({size} vs. {limit})", (), None, out)  # fmt: skip
+            elif self.held > self.server.held_limit:
+                self._shed_newest(out)
         if flags & END_STREAM:
             self._end_of_request(stream, out)
-        else:
+        elif self.streams.get(stream_id) is stream:  # not answered and closed meanwhile
             stream.unacked += len(payload)
             if stream.unacked >= RECEIVE_WINDOW // 4:
                 out.append(_frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", stream.unacked)))
@@ -485,14 +501,6 @@ class _Connection(asyncio.Protocol):
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self.server.active_rpcs -= 1
 
-    def _resume_reading(self) -> None:
-        """A body was taken: give the window back now if reading had stopped for it."""
-        if self.unacked and self.held <= self.server.held_limit and self.transport is not None:
-            out: list[bytes] = []
-            self._give_back(out)
-            if out and not self.transport.is_closing():
-                self.transport.write(b"".join(out))
-
     def _deadline(self, stream: _Stream) -> None:
         stream.timer = None
         if stream.task is not None and not stream.task.done():
@@ -530,7 +538,6 @@ class _Connection(asyncio.Protocol):
                     context.code, context.details = grpc.StatusCode.INTERNAL, "the request message does not parse"
                 else:
                     self._release(stream)
-                    self._resume_reading()
                     message = await method.handler(request, context)
                     response = message.SerializeToString()
                     if len(response) > self.server.max_message_bytes:

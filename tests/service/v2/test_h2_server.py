@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from typing import Any
 
 import grpc
@@ -24,8 +25,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb2
 
+from service.core.inference import BatchingConfig
 from service.v2 import h2_server as h2
-from tests.service.v2.test_grpc import TIMEOUT, assert_answers, health_status, raw_request, serving, tin
+from tests.service.v2.test_grpc import (
+    MAX_MESSAGE_BYTES,
+    TIMEOUT,
+    assert_answers,
+    health_status,
+    raw_request,
+    serving,
+    tin,
+)
 from tests.support.tiny_model import digits_rows, tiny_core
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -200,6 +210,79 @@ def test_a_reset_call_gives_its_place_back(core):
             assert_answers(client, core, n=1)
         finally:
             raw.close()
+            client.close()
+
+
+LARGE_ROWS = 976  # 976 x 64 FP32 = 249,856 bytes: under the 256 KiB message limit; 5 of them pass 4 x it
+
+
+@pytest.fixture(scope="module")
+def large_core(tmp_path_factory):
+    """Takes calls of LARGE_ROWS rows, 64 at once."""
+    return tiny_core(tmp_path_factory.mktemp("h2-large"), max_rows=1024,
+                     batching=BatchingConfig(max_batch_size=1024, max_queue_rows=1 << 17))  # fmt: skip
+
+
+def test_many_large_calls_on_one_channel_all_end_answered_or_refused(large_core):
+    """64 calls of ~250 KB at once over one channel (grpcio interleaves their bodies): every
+    call ends well before its deadline, with the model's answer or RESOURCE_EXHAUSTED naming
+    the per-connection limit. (Withholding the connection window at the limit left 25 of
+    them half-sent until DEADLINE_EXCEEDED.)"""
+    rows = digits_rows(LARGE_ROWS, seed=5)
+    want = large_core.runner.run({"input": rows}, ["logits"])[0]
+    with serving(lambda: large_core, transport="lean") as running:
+        client = triton.InferenceServerClient(running.url)
+        outcomes: list[str] = []
+
+        def call() -> None:
+            try:
+                got = client.infer("digits", [tin(rows)], client_timeout=TIMEOUT, parameters={"cache": False})
+                np.testing.assert_allclose(got.as_numpy("logits"), want, rtol=1e-5, atol=1e-5)
+                outcomes.append("answered")
+            except triton.InferenceServerException as exc:
+                outcomes.append(f"{exc.status()} {exc.message()}")
+
+        for _ in range(3):  # grpcio's interleaving varies: one round of 64 left calls stuck 1 time in 3
+            threads = [threading.Thread(target=call) for _ in range(64)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        client.close()
+    refused = [o for o in outcomes if o != "answered"]
+    assert len(outcomes) == 3 * 64 and outcomes.count("answered") >= 12, outcomes
+    assert all("RESOURCE_EXHAUSTED" in o and str(4 * MAX_MESSAGE_BYTES) in o for o in refused), refused
+
+
+def test_unfinished_bodies_over_the_connection_cap_refuse_the_newest_call_only(large_core):
+    """A client sends five ~250 KB calls but holds back each one's last bytes: the fifth pushes
+    what the connection buffers past 4 x the message limit, and that call (the newest) is
+    answered RESOURCE_EXHAUSTED; the four older ones, finished afterwards, get the model's answer."""
+    rows = digits_rows(LARGE_ROWS, seed=6)
+    want = large_core.runner.run({"input": rows}, ["logits"])[0]
+    message = raw_request(rows).SerializeToString()
+    body = b"\x00" + struct.pack(">I", len(message)) + message
+    head = [(":method", "POST"), (":scheme", "http"), (":path", INFER), (":authority", "t"),
+            ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+    with serving(lambda: large_core, transport="lean") as running:
+        client = RawClient(running.url)
+        try:
+            streams = [1, 3, 5, 7, 9]
+            for stream_id in streams:
+                client.send(h2.HEADERS, h2.END_HEADERS, stream_id, client.encoder.encode(head))
+                for start in range(0, len(body) - 100, h2.FRAME_MAX):
+                    client.send(h2.DATA, 0, stream_id, body[start : min(start + h2.FRAME_MAX, len(body) - 100)])
+            refused = client.answer(9)
+            assert grpc_status(refused) == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), refused["headers"]
+            assert str(4 * MAX_MESSAGE_BYTES) in urllib.parse.unquote(refused["headers"][-1]["grpc-message"])
+            for stream_id in streams[:-1]:
+                client.send(h2.DATA, h2.END_STREAM, stream_id, body[-100:])
+                answer = client.answer(stream_id, window_updates=True)
+                assert grpc_status(answer) == "0", answer["headers"]
+                got = pb2.ModelInferResponse.FromString(b"".join(answer["data"])[5:])
+                np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[0], "<f4").reshape(-1, 10), want,
+                                           rtol=1e-5, atol=1e-5)  # fmt: skip
+        finally:
             client.close()
 
 
