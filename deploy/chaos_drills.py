@@ -50,6 +50,7 @@ LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
 LOAD_USERS = 8
 GATE = GateOptions(duration_s=12, users=16, spawn_rate=16)
 WEIGHT = 30
+CLIENT_TIMEOUT_MARGIN_S = 5.0  # the drills' clients wait nginx's upstream timeout plus this
 FREEZE_S = 25.0  # SIGSTOP at 30%: long enough for nginx's timeouts to take the slot out
 
 
@@ -79,6 +80,9 @@ class Load:
         host = f"http://{settings.host}:{settings.nginx_rest_port}"
         argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
                 "-r", str(users), "-t", "900s", "--host", host, "--only-summary", "--stop-timeout", "5",
+                # longer than nginx's wait for a slot, so a request nginx retries on the other
+                # slot after a frozen one timed out is answered, not timed out by Locust first
+                "--request-timeout", f"{settings.upstream_timeout_s + CLIENT_TIMEOUT_MARGIN_S:g}",
                 "--csv", str(folder / "run"),  # the failures' reasons
                 "--json-file", str(folder / "final"),  # the final counts, written at exit
                 "V2RestJsonUser"]  # fmt: skip  # V2 REST JSON only

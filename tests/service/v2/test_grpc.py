@@ -30,6 +30,7 @@ from service.core.tensors import V2_TO_NUMPY
 from service.v2.grpc_codec import from_model_infer_request
 from service.v2.grpc_server import GrpcEndpoint, start_grpc_server
 from tests.support.tiny_model import digits_rows, tiny_core
+from tests.support.v2_listener import cancel_leftovers
 
 MAX_ROWS = 64
 MAX_MESSAGE_BYTES = 256 << 10  # 1100 rows of 64 FP32 (281,600 bytes) exceed it
@@ -45,15 +46,6 @@ class Served:
     def run(self, coro: Any) -> Any:
         """Run a coroutine on the server's loop, from the test thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
-
-
-async def _cancel_leftovers() -> None:
-    """End what the test's cores left on this loop (their batcher, which starts afresh on the
-    next loop), so no pending task is destroyed with the closed loop."""
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 TRANSPORT = {"name": "grpcio"}  # the server every test of this module runs on (see `transport`)
@@ -89,7 +81,7 @@ def serving(
             yield served
         finally:
             served.run(endpoint.stop(0))
-            served.run(_cancel_leftovers())
+            served.run(cancel_leftovers())
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT)

@@ -130,3 +130,34 @@ def test_a_client_that_disconnects_frees_its_queued_rows_and_costs_no_model_time
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.post(INFER, json=infer_body()).status_code == 200
     assert observer.rows <= 5, f"the model ran {observer.rows} rows for clients that had left"
+
+
+def test_each_answer_leaves_in_one_write_so_a_killed_worker_never_sends_half(app, monkeypatch):
+    """Status line, headers and body of an answer go to the socket in one send: a worker
+    killed between two sends left nginx headers without a body, a truncated 200 it cannot
+    retry elsewhere (make chaos saw one). The server side's sends are recorded on the real
+    socket, over two requests on one keep-alive connection: a 200 and a 400."""
+    sends: list[bytes] = []
+    real_send = socket.socket.send
+
+    def recording_send(sock: socket.socket, data, *flags):
+        if sock.getsockname()[1] == port:  # the listener's side of the connection
+            sends.append(bytes(data))
+        return real_send(sock, data, *flags)
+
+    with listening(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        monkeypatch.setattr(socket.socket, "send", recording_send)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for body in (json.dumps(infer_body()).encode(), b'{"inputs": 1}'):
+                head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                sock.sendall(head.encode() + body)
+                answer = b""
+                while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                    answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0]
+                ):
+                    answer += sock.recv(65536)
+        monkeypatch.undo()
+    assert [s.split(b"\r\n", 1)[0] for s in sends] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"], sends
+    assert json.loads(sends[0].split(b"\r\n\r\n", 1)[1])["outputs"][0]["name"] == "logits"
+    assert "error" in json.loads(sends[1].split(b"\r\n\r\n", 1)[1])
