@@ -64,6 +64,7 @@ DEFAULT_WINDOW = 65535
 MAX_WINDOW = (1 << 31) - 1
 RECEIVE_WINDOW = 1 << 20  # what a client may send ahead, per stream and per connection
 MAX_HEADER_BLOCK = 16384  # HPACK bytes of one request's headers (CONTINUATIONs included)
+MAX_DETAILS = 2048  # characters of a status message written in grpc-message (longer ones are cut)
 STREAMS_PER_CONNECTION = 256
 PREFACE_TIMEOUT_S = 10.0
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -124,7 +125,7 @@ _RESPONSE_HEAD = b"\x88" + _literal("content-type", "application/grpc")
 _OK_STATUS = _literal("grpc-status", "0")
 
 
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
     n = len(payload)
     return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
 
@@ -135,7 +136,7 @@ def _status_block(code: grpc.StatusCode, details: str, trailing: tuple[tuple[str
     else:
         block = _literal("grpc-status", str(code.value[0]))
         if details:
-            block += _literal("grpc-message", urllib.parse.quote(details, safe=_SAFE_MESSAGE))
+            block += _literal("grpc-message", urllib.parse.quote(details[:MAX_DETAILS], safe=_SAFE_MESSAGE))
     for key, value in trailing:
         block += _literal(key, value)
     return block
@@ -155,8 +156,8 @@ class _ConnectionError(Exception):
 
 
 class _Stream:
-    __slots__ = ("id", "headers", "body", "size", "remote_open", "answered", "task", "send_window", "pending",
-                 "unacked", "deadline_hit", "timer")  # fmt: skip
+    __slots__ = ("id", "headers", "body", "size", "remote_open", "answered", "task", "counted", "send_window",
+                 "pending", "unacked", "deadline_hit", "timer")  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
@@ -166,8 +167,9 @@ class _Stream:
         self.remote_open = True
         self.answered = False
         self.task: asyncio.Task[None] | None = None
+        self.counted = False  # counts in the server's `active_rpcs`
         self.send_window = send_window
-        self.pending: list[tuple[bytes, bytes]] | None = None  # (data left, trailers) waiting for window
+        self.pending: tuple[bytes, int, bytes] | None = None  # (data, bytes sent, trailers) waiting for window
         self.unacked = 0
         self.deadline_hit = False
         self.timer: asyncio.TimerHandle | None = None
@@ -196,15 +198,17 @@ class H2GrpcServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float | None) -> None:
-        """Stop listening, send GOAWAY, let calls in flight finish for `grace` seconds, then
-        cancel what is left and close every connection."""
+        """Stop listening, send GOAWAY, let the streams it promises to process (calls still
+        uploading, running or waiting for window to send their answer) finish for `grace`
+        seconds, then cancel what is left and close every connection."""
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
             connection.go_away(NO_ERROR)
-        tasks = [s.task for c in self.connections for s in c.streams.values() if s.task is not None]
-        if tasks and grace:
-            await asyncio.wait(tasks, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (grace or 0.0)
+        while any(c.streams for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.abort_all()
         if self._server is not None:
@@ -226,6 +230,8 @@ class _Connection(asyncio.Protocol):
         self.unacked = 0  # connection-level bytes received and not yet given back
         self.held = 0  # request bytes buffered in streams not yet parsed (see `_shed_newest`)
         self.continuing: tuple[int, int, bytearray] | None = None  # (stream id, flags, block) mid-CONTINUATION
+        self.table_size_update = False  # the next header block written starts with a table size update
+        self.writing_paused = False  # the transport's buffer is full: reading and answers' DATA wait
         self.closing = False
         self.preface_timer: asyncio.TimerHandle | None = None
 
@@ -248,6 +254,23 @@ class _Connection(asyncio.Protocol):
         for stream in self.streams.values():
             self._forget(stream)
         self.streams.clear()
+
+    def pause_writing(self) -> None:
+        """The peer does not read: stop reading its frames (PINGs, SETTINGS, calls) and sending
+        DATA until it does, so what it makes this side buffer stays bounded."""
+        self.writing_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        out: list[bytes] = []
+        self._flush_pending(out)
+        self._write(out)
+        if not self.writing_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -285,8 +308,16 @@ class _Connection(asyncio.Protocol):
             self.abort_all()
             return
         self._give_back(out)
-        if out and self.transport is not None:
+        self._write(out)
+
+    def _write(self, out: list[bytes]) -> None:
+        """Write the frames; a closing connection with no stream left is closed after them."""
+        if self.transport is None:
+            return
+        if out:
             self.transport.write(b"".join(out))
+        if self.closing and not self.streams:
+            self.transport.close()
 
     def _give_back(self, out: list[bytes]) -> None:
         """Return the connection's window for what was read (buffering is capped by
@@ -341,13 +372,11 @@ class _Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             if len(payload) != 4 or not stream_id:
                 raise _ConnectionError(PROTOCOL_ERROR, "bad RST_STREAM")
-            stream = self.streams.pop(stream_id, None)
+            stream = self.streams.get(stream_id)
             if stream is not None:
-                self._forget(stream)
+                self._close_stream(stream)
         elif kind == GOAWAY:
-            self.closing = True
-            if not self.streams and self.transport is not None:
-                self.transport.close()
+            self.closing = True  # closed once its last stream ends (`_write`)
         elif kind == PUSH_PROMISE:
             raise _ConnectionError(PROTOCOL_ERROR, "a client cannot push")
         elif kind == PRIORITY:
@@ -402,6 +431,10 @@ class _Connection(asyncio.Protocol):
         for name, value in fields:
             headers[name] = value if name not in headers else f"{headers[name]},{value}"
         self.streams[stream_id] = stream
+        timeout = headers.get("grpc-timeout")
+        seconds = parse_timeout(timeout) if timeout else None
+        if seconds is not None:  # armed now: a call whose body stops arriving expires too
+            stream.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, stream)
         if flags & END_STREAM:
             self._end_of_request(stream, out)
 
@@ -445,7 +478,9 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(FRAME_SIZE_ERROR, "bad SETTINGS length")
         for offset in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, offset)
-            if key == S_INITIAL_WINDOW_SIZE:
+            if key == S_HEADER_TABLE_SIZE:
+                self.table_size_update = True
+            elif key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window too large")
                 delta, self.peer_window = value - self.peer_window, value
@@ -491,21 +526,26 @@ class _Connection(asyncio.Protocol):
             self._answer(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight", (), None, out)
             return
         server.active_rpcs += 1
+        stream.counted = True
         stream.task = asyncio.get_running_loop().create_task(self._call(stream))
-        stream.task.add_done_callback(self._call_done)  # counts a call reset before it ran too
-        timeout = stream.headers.get("grpc-timeout")
-        seconds = parse_timeout(timeout) if timeout else None
-        if seconds is not None:
-            stream.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, stream)
+        stream.task.add_done_callback(lambda _: self._uncount(stream))  # a call cancelled before it ran too
 
-    def _call_done(self, task: asyncio.Task[None]) -> None:
-        self.server.active_rpcs -= 1
+    def _uncount(self, stream: _Stream) -> None:
+        """The call no longer counts in flight: once, when it is answered, reset or forgotten."""
+        if stream.counted:
+            stream.counted = False
+            self.server.active_rpcs -= 1
 
     def _deadline(self, stream: _Stream) -> None:
         stream.timer = None
         if stream.task is not None and not stream.task.done():
             stream.deadline_hit = True
             stream.task.cancel()
+        elif stream.task is None and not stream.answered and self.streams.get(stream.id) is stream:
+            # no call started yet (its body is still arriving): answered here, its body dropped
+            out: list[bytes] = []
+            self._answer(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), None, out)
+            self._write(out)
 
     def _refusal(self, stream: _Stream) -> tuple[grpc.StatusCode, str] | None:
         headers = stream.headers
@@ -563,7 +603,7 @@ class _Connection(asyncio.Protocol):
             return
         out: list[bytes] = []
         self._answer(stream, context.code, context.details, context.trailing, response, out)
-        self.transport.write(b"".join(out))
+        self._write(out)
 
     def _answer(self, stream: _Stream, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...],
                 response: bytes | None, out: list[bytes]) -> None:  # fmt: skip
@@ -571,28 +611,41 @@ class _Connection(asyncio.Protocol):
         self._release(stream)
         status = _status_block(code, details, trailing)
         if response is None:  # trailers-only answer
-            out.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, _RESPONSE_HEAD + status))
+            self._header_frames(stream.id, _RESPONSE_HEAD + status, END_STREAM, out)
             self._finished(stream, out)
             return
-        out.append(_frame(HEADERS, END_HEADERS, stream.id, _RESPONSE_HEAD))
-        stream.pending = [(b"\x00" + struct.pack(">I", len(response)) + response, status)]
+        self._header_frames(stream.id, _RESPONSE_HEAD, 0, out)
+        stream.pending = (b"\x00" + struct.pack(">I", len(response)) + response, 0, status)
         self._send(stream, out)
 
+    def _header_frames(self, stream_id: int, block: bytes, flags: int, out: list[bytes]) -> None:
+        """A header block as HEADERS + CONTINUATION frames of at most the peer's frame size."""
+        if self.table_size_update:  # the peer changed SETTINGS_HEADER_TABLE_SIZE: size 0 (RFC 7541 4.2)
+            self.table_size_update = False
+            block = b"\x20" + block
+        size, kind = self.peer_frame_max, HEADERS
+        for start in range(0, len(block), size):
+            last = start + size >= len(block)
+            out.append(_frame(kind, flags | (END_HEADERS if last else 0), stream_id, block[start : start + size]))
+            kind, flags = CONTINUATION, 0
+
     def _send(self, stream: _Stream, out: list[bytes]) -> None:
-        """Send what the windows allow of the stream's answer; the rest waits for WINDOW_UPDATE."""
+        """Send what the windows allow of the stream's answer; the rest waits for WINDOW_UPDATE
+        (or, while the transport's buffer is full, for `resume_writing`)."""
         assert stream.pending is not None
-        data, status = stream.pending[0]
-        while data:
-            room = min(len(data), self.send_window, stream.send_window, self.peer_frame_max)
-            if room <= 0:
-                stream.pending = [(data, status)]
+        data, sent, status = stream.pending
+        view = memoryview(data)
+        while sent < len(data):
+            room = min(len(data) - sent, self.send_window, stream.send_window, self.peer_frame_max)
+            if room <= 0 or self.writing_paused:
+                stream.pending = (data, sent, status)
                 return
-            out.append(_frame(DATA, 0, stream.id, data[:room]))
-            data = data[room:]
+            out.append(_frame(DATA, 0, stream.id, view[sent : sent + room]))
+            sent += room
             self.send_window -= room
             stream.send_window -= room
         stream.pending = None
-        out.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, status))
+        self._header_frames(stream.id, status, END_STREAM, out)
         self._finished(stream, out)
 
     def _flush_pending(self, out: list[bytes]) -> None:
@@ -608,13 +661,14 @@ class _Connection(asyncio.Protocol):
         self._close_stream(stream)
 
     def _close_stream(self, stream: _Stream) -> None:
+        """The stream is done (the connection, if closing and left without streams, is closed
+        by the `_write` that follows)."""
         self.streams.pop(stream.id, None)
         self._forget(stream)
-        if self.closing and not self.streams and self.transport is not None:
-            self.transport.close()
 
     def _forget(self, stream: _Stream) -> None:
         self._release(stream)
+        self._uncount(stream)
         stream.pending = None
         if stream.timer is not None:
             stream.timer.cancel()
