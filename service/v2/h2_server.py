@@ -11,24 +11,35 @@ What it speaks: HTTP/2 over cleartext with prior knowledge (what gRPC clients an
 grpc_pass use), unary calls only (every RPC of the V2 service and grpc.health.v1's Check);
 a streaming RPC answers UNIMPLEMENTED. HPACK decoding is the `hpack` package's (the h2
 project's), so the dynamic table and Huffman strings are handled by tested code; answers use
-literal header fields only, so this side keeps no HPACK state. Flow control is honoured both
-ways (answers wait for the client's window; the client gets window updates as bodies are
-read), frames larger than 16 KiB are refused (never advertised), and a malformed connection
-is closed with GOAWAY and the HTTP/2 error code.
+literal header fields only, so this side keeps no HPACK state (after the client sets
+SETTINGS_HEADER_TABLE_SIZE, the next block written starts with a table size update to 0), and
+a header block larger than the client's frame size goes out as HEADERS + CONTINUATION frames.
+Flow control is honoured both ways (answers wait for the client's window; the client gets
+window updates as bodies are read), frames larger than 16 KiB are refused (never advertised),
+and a malformed connection is closed with GOAWAY and the HTTP/2 error code. A client that
+does not read what it is sent is not read either: while the transport's write buffer is over
+its high-water mark, the connection stops reading (its PINGs, SETTINGS and calls wait) and
+answers stop sending DATA, until the client catches up.
 
 Limits: a request message over `max_message_bytes` is answered RESOURCE_EXHAUSTED as soon as
 its size is known (its body is dropped as it arrives); calls beyond `max_concurrent_rpcs` in
 flight over all connections are answered RESOURCE_EXHAUSTED at once; a connection may hold
-`STREAMS_PER_CONNECTION` open streams (more are refused with REFUSED_STREAM); a connection
-that does not send the HTTP/2 preface within `PREFACE_TIMEOUT_S` is closed; when the
-unfinished request bodies of one connection exceed 4 x `max_message_bytes` (what one client
-can make a worker buffer), its newest unfinished calls are answered RESOURCE_EXHAUSTED and
-their bodies dropped until the rest fit, so older calls complete. (Withholding the window
-instead deadlocked: a client interleaving many large calls on one channel could finish none;
-64 calls of 256 KiB over one tritonclient channel, 25 timed out.) `grpc-timeout`
-is honoured (DEADLINE_EXCEEDED); a client's RST_STREAM cancels its call. Compressed messages
-(`grpc-encoding` other than identity) are answered UNIMPLEMENTED; this server never
-compresses.
+`STREAMS_PER_CONNECTION` open streams (more are refused with REFUSED_STREAM); a connection that
+does not send the HTTP/2 preface within `PREFACE_TIMEOUT_S` is closed; when the unfinished
+request bodies of one connection exceed 4 x `max_message_bytes` (what one connection can make a
+worker buffer; there is no cap over connections), its newest unfinished calls are answered
+RESOURCE_EXHAUSTED and their bodies dropped until the rest fit, so older calls complete.
+(Withholding the window instead deadlocked: a client interleaving many large calls on one
+channel could finish none; 64 calls of 256 KiB over one tritonclient channel, 25 timed out.)
+Request metadata over `MAX_HEADER_LIST` (advertised as SETTINGS_MAX_HEADER_LIST_SIZE) is
+answered RESOURCE_EXHAUSTED, that call only; a header block over `MAX_HEADER_BLOCK` encoded
+bytes, or decoding past `MAX_DECODED`, closes the connection. `grpc-timeout` is honoured
+(DEADLINE_EXCEEDED) from the request's headers on, so a call whose body stops arriving expires
+too; a client's RST_STREAM cancels its call, which stops counting toward `max_concurrent_rpcs`
+at once. A status message is cut to `MAX_DETAILS` characters. Compressed messages
+(`grpc-encoding` other than identity) are answered UNIMPLEMENTED; this server never compresses.
+`stop(grace)` sends GOAWAY and gives every stream it covers (calls still uploading, running, or
+sending their answer) `grace` seconds to end before closing the connections.
 
 Handlers are `async (request, context) -> response` like grpc.aio's servicer methods; the
 context offers what they use of grpc.aio's (`invocation_metadata`, `set_trailing_metadata`,
@@ -58,12 +69,15 @@ END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
+S_MAX_HEADER_LIST_SIZE = 6
 
 FRAME_MAX = 16384  # the protocol's default; never raised, so a larger frame is an error
 DEFAULT_WINDOW = 65535
 MAX_WINDOW = (1 << 31) - 1
 RECEIVE_WINDOW = 1 << 20  # what a client may send ahead, per stream and per connection
-MAX_HEADER_BLOCK = 16384  # HPACK bytes of one request's headers (CONTINUATIONs included)
+MAX_HEADER_LIST = 16384  # a request's metadata, as RFC 9113 counts it (advertised); more: RESOURCE_EXHAUSTED
+MAX_HEADER_BLOCK = 1 << 16  # HPACK bytes of one header block (CONTINUATIONs included); more: connection error
+MAX_DECODED = 1 << 20  # what one block may decode to (hpack's bound); more: connection error
 MAX_DETAILS = 2048  # characters of a status message written in grpc-message (longer ones are cut)
 STREAMS_PER_CONNECTION = 256
 PREFACE_TIMEOUT_S = 10.0
@@ -184,7 +198,7 @@ class H2GrpcServer:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_rpcs = max_concurrent_rpcs
-        # request bodies one connection may buffer before its window stops being given back
+        # request bodies one connection may buffer before its newest calls are shed (`_shed_newest`)
         self.held_limit = 4 * max_message_bytes
         self.active_rpcs = 0
         self.connections: set[_Connection] = set()
@@ -221,7 +235,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.preface_seen = False
-        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK * 4)
+        # a bound far above MAX_HEADER_LIST: hpack's state is lost when it trips, so only hostile input should
+        self.decoder = hpack.Decoder(max_header_list_size=MAX_DECODED)
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
         self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
@@ -240,8 +255,9 @@ class _Connection(asyncio.Protocol):
         stream_transport: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
         self.transport = stream_transport
         self.server.connections.add(self)
-        settings = struct.pack(">HIHIHI", S_MAX_CONCURRENT_STREAMS, STREAMS_PER_CONNECTION,
-                               S_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW, S_ENABLE_PUSH, 0)  # fmt: skip
+        settings = struct.pack(">HIHIHIHI", S_MAX_CONCURRENT_STREAMS, STREAMS_PER_CONNECTION,
+                               S_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW, S_ENABLE_PUSH, 0,
+                               S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)  # fmt: skip
         window = struct.pack(">I", RECEIVE_WINDOW - DEFAULT_WINDOW)
         stream_transport.write(_frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, window))
         self.preface_timer = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT_S, self._preface_timed_out)
@@ -427,6 +443,13 @@ class _Connection(asyncio.Protocol):
             out.append(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return
         stream = _Stream(stream_id, self.peer_window)
+        size = sum(len(name) + len(value) + 32 for name, value in fields)  # RFC 9113 6.5.2
+        if size > MAX_HEADER_LIST:  # this call only is refused; the connection's HPACK state is intact
+            self.streams[stream_id] = stream
+            stream.remote_open = not flags & END_STREAM
+            details = f"request metadata of {size} bytes is over the limit ({MAX_HEADER_LIST})"
+            self._answer(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, details, (), None, out)
+            return
         headers = stream.headers
         for name, value in fields:
             headers[name] = value if name not in headers else f"{headers[name]},{value}"

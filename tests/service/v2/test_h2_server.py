@@ -101,9 +101,17 @@ class RawClient:
             if sid != stream_id:
                 continue
             got["frames"].append((kind, len(payload)))
-            if kind == h2.HEADERS:
-                got["headers"].append(dict(self.decoder.decode(payload)))
-            elif kind == h2.DATA:
+            if kind in (h2.HEADERS, h2.CONTINUATION):  # a header block may span CONTINUATIONs
+                if kind == h2.HEADERS:
+                    block, ending = payload, flags & h2.END_STREAM
+                else:
+                    block += payload
+                if flags & h2.END_HEADERS:
+                    got["headers"].append(dict(self.decoder.decode(block)))
+                    if ending:
+                        return got
+                continue
+            if kind == h2.DATA:
                 got["data"].append(payload)
                 if window_updates:  # give back exactly what was used, on the stream and the connection
                     for target in (stream_id, 0):
@@ -555,32 +563,30 @@ def test_a_client_that_never_reads_is_not_read_either(served, core):
     24 MB of PINGs), so the client's sends block; once it reads, every PING is acknowledged and
     a call on the same connection is answered."""
     client = RawClient(served.url)
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    pings = h2._frame(h2.PING, 0, 0, b"12345678") * 4096
+    ping = h2._frame(h2.PING, 0, 0, b"12345678")
+    pings = ping * 4096
     sent = 0
     try:
         client.sock.settimeout(1.0)
-        with contextlib.suppress(TimeoutError):  # sendall blocked for a second: the server stopped reading
+        with contextlib.suppress(TimeoutError):  # blocked for a second: the server stopped reading
             while sent < 64 << 20:
-                client.sock.sendall(pings)
-                sent += len(pings)
+                sent += client.sock.send(pings[sent % len(pings) :])
         assert sent < 64 << 20, "the server kept reading a client that never reads"
-        buffered = served.run(_write_buffers(served.endpoint))
-        assert max(buffered) < 1 << 20, buffered
+        assert max(served.run(_write_buffers(served.endpoint))) < 1 << 20
         client.sock.settimeout(TIMEOUT)
-        acked = 0
-        while acked < sent // len(pings) * 4096:  # every fully sent PING gets its ACK
-            frame = client.frame()
-            assert frame is not None
-            acked += frame[0] == h2.PING and frame[1] == h2.ACK
-        client.buffer = b""
-        client.sock.settimeout(0.5)
-        with contextlib.suppress(TimeoutError):  # the ACKs of the last, partly sent, batch
-            while client.sock.recv(1 << 16):
-                pass
-        client.sock.sendall(pings[: -(sent % len(pings)) or len(pings)][: (17 - sent % 17) % 17])
+        received, pos, acked = bytearray(), 0, 0
+        while acked < sent // len(ping):  # every PING fully sent is acknowledged
+            chunk = client.sock.recv(1 << 20)
+            assert chunk, f"closed after {acked} PING ACKs"
+            received += chunk
+            while len(received) - pos >= 9 and len(received) - pos >= 9 + int.from_bytes(
+                received[pos : pos + 3], "big"
+            ):
+                acked += received[pos + 3] == h2.PING and received[pos + 4] == h2.ACK
+                pos += 9 + int.from_bytes(received[pos : pos + 3], "big")
+        client.buffer = bytes(received[pos:])
+        client.sock.sendall(ping[sent % len(ping) :] if sent % len(ping) else b"")
         client.call(1, raw_request(digits_rows(2, seed=1)).SerializeToString())
-        client.buffer = b""
         assert_model_answer(client.answer(1), core, digits_rows(2, seed=1))
     finally:
         client.close()
@@ -588,3 +594,179 @@ def test_a_client_that_never_reads_is_not_read_either(served, core):
 
 async def _write_buffers(endpoint: Any) -> list[int]:
     return [c.transport.get_write_buffer_size() for c in endpoint.server.connections]
+
+
+def test_a_reset_call_stops_counting_in_flight_at_once_and_only_once(core):
+    """Rapid reset: 20 calls, each reset right after its end of stream, then a real call, all in
+    one write, with 2 calls allowed in flight: the real call is answered (before, the reset calls
+    still counted until a later loop turn, and it was refused RESOURCE_EXHAUSTED). None is
+    counted down twice: two held calls still fill the two places and a third is refused."""
+    holding = HoldingCore(core, hold_rows=2)
+    with serving(lambda: holding, max_concurrent_rpcs=2, transport="lean") as running:
+        client = RawClient(running.url)
+        try:
+            frames = []
+            for stream_id in range(1, 41, 2):
+                frames += [h2._frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream_id, client.encoder.encode(HEAD)),
+                           h2._frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.CANCEL))]  # fmt: skip
+            message = raw_request(digits_rows(1, seed=2)).SerializeToString()
+            frames += [h2._frame(h2.HEADERS, h2.END_HEADERS, 41, client.encoder.encode(HEAD)),
+                       h2._frame(h2.DATA, h2.END_STREAM, 41, framed(message))]  # fmt: skip
+            client.sock.sendall(b"".join(frames))
+            assert_model_answer(client.answer(41), core, digits_rows(1, seed=2))
+            client.call(43, raw_request(digits_rows(2)).SerializeToString())
+            client.call(45, raw_request(digits_rows(2)).SerializeToString())
+            deadline = time.monotonic() + TIMEOUT
+            while len(holding.held) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            client.call(47, message)
+            assert grpc_status(client.answer(47)) == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        finally:
+            client.close()
+
+
+def test_header_blocks_are_split_into_frames_of_the_peers_size():
+    """Trailers of ~45 KB (the servicer's trailing metadata) leave as HEADERS + CONTINUATION
+    frames of at most 16 KiB, END_STREAM on the HEADERS and END_HEADERS on the last one (before:
+    one 45 KB HEADERS frame, which nghttp2 and Go reject with FRAME_SIZE_ERROR)."""
+    trailing = tuple((f"x-big-{i}", str(i) * 15000) for i in range(3))
+
+    async def chatty(request: Any, context: Any) -> _Bytes:
+        context.set_trailing_metadata(trailing)
+        return request
+
+    async def run() -> None:
+        connection, transport, encoder = _connect(chatty)
+        connection.data_received(_call_frames(encoder, 1, b"hi"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        frames = transport.frames()
+        assert all(len(payload) <= h2.FRAME_MAX for *_, payload in frames), [len(f[3]) for f in frames]
+        kinds = [(kind, flags) for kind, flags, _, _ in frames]
+        assert kinds == [(h2.HEADERS, h2.END_HEADERS), (h2.DATA, 0), (h2.HEADERS, h2.END_STREAM),
+                         (h2.CONTINUATION, 0), (h2.CONTINUATION, h2.END_HEADERS)], kinds  # fmt: skip
+        decoder = hpack.Decoder()
+        decoder.max_header_list_size = 1 << 20
+        assert decoder.decode(frames[0][3]) == [(":status", "200"), ("content-type", "application/grpc")]
+        assert decoder.decode(b"".join(f[3] for f in frames[2:])) == [("grpc-status", "0"), *trailing]
+
+    asyncio.run(run())
+
+
+def test_a_long_status_message_is_cut_to_a_few_kib(served, core):
+    """ModelReady for a 20,000-character model name: NOT_FOUND, its message cut to
+    MAX_DETAILS characters, every frame within 16 KiB (before: one 20 KB trailers frame)."""
+    client = RawClient(served.url)
+    try:
+        body = framed(pb2.ModelReadyRequest(name="x" * 20000).SerializeToString())
+        headers = [(k, v if k != ":path" else "/inference.GRPCInferenceService/ModelReady") for k, v in HEAD]
+        client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode(headers))
+        client.send(h2.DATA, 0, 1, body[:16000])
+        client.send(h2.DATA, h2.END_STREAM, 1, body[16000:])
+        answer = client.answer(1)
+    finally:
+        client.close()
+    assert all(size <= h2.FRAME_MAX for _, size in answer["frames"]), answer["frames"]
+    assert grpc_status(answer) == str(grpc.StatusCode.NOT_FOUND.value[0]), answer["headers"]
+    details = urllib.parse.unquote(answer["headers"][-1]["grpc-message"])
+    assert len(details) == h2.MAX_DETAILS and "xxxx" in details, details[:100]
+    assert_answers(triton.InferenceServerClient(served.url), core)
+
+
+def test_after_the_client_changes_its_header_table_size_the_next_block_starts_with_a_size_update(served):
+    """RFC 7541 4.2: after SETTINGS_HEADER_TABLE_SIZE (0 here, as `nghttp -c 0` sends), the first
+    header block the server writes starts with a dynamic table size update to 0 (0x20); later
+    blocks do not. (Before, none did, and nghttp2 closed the connection: COMPRESSION_ERROR.)"""
+    client = RawClient(served.url, struct.pack(">HI", h2.S_HEADER_TABLE_SIZE, 0))
+    try:
+        blocks = []
+        for stream_id in (1, 3):
+            client.call(stream_id, raw_request(digits_rows(1)).SerializeToString())
+            while (frame := client.frame()) is not None:
+                if frame[0] == h2.SETTINGS and not frame[1] & h2.ACK:
+                    client.send(h2.SETTINGS, h2.ACK, 0)
+                if frame[0] == h2.HEADERS and frame[2] == stream_id:
+                    blocks.append(frame[3])
+                    if frame[1] & h2.END_STREAM:
+                        break
+    finally:
+        client.close()
+    assert [block[:1] == b"\x20" for block in blocks] == [True, False, False, False], blocks
+    decoder = hpack.Decoder()
+    assert [dict(decoder.decode(block)).get("grpc-status") for block in blocks] == [None, "0", None, "0"]
+
+
+def test_a_stalled_upload_expires_with_its_deadline_and_is_forgotten(served, core):
+    """grpc-timeout runs from the request's headers: a call whose body stops arriving is answered
+    DEADLINE_EXCEEDED (and RST_STREAM NO_ERROR, as it was still sending) and its body dropped;
+    the connection goes on serving. (Before, the timer started only at the end of the body.)"""
+    body = framed(raw_request(digits_rows(4)).SerializeToString())
+    client = RawClient(served.url)
+    try:
+        client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode([*HEAD, ("grpc-timeout", "300m")]))
+        client.send(h2.DATA, 0, 1, body[:100])
+        answer = client.answer(1)
+        assert grpc_status(answer) == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]), answer["headers"]
+        assert client.answer(1).get("reset") == h2.NO_ERROR
+        assert served.run(_held(served.endpoint)) == (0, 0)
+        client.send(h2.DATA, h2.END_STREAM, 1, body[100:])  # too late: dropped
+        client.call(3, raw_request(digits_rows(2, seed=4)).SerializeToString())
+        assert_model_answer(client.answer(3), core, digits_rows(2, seed=4))
+    finally:
+        client.close()
+
+
+async def _held(endpoint: Any) -> tuple[int, int]:
+    """Request bytes buffered and streams open, over the server's connections."""
+    connections = endpoint.server.connections
+    return sum(c.held for c in connections), sum(len(c.streams) for c in connections)
+
+
+def test_after_the_clients_goaway_resetting_its_last_call_closes_the_connection(core):
+    holding = HoldingCore(core, hold_rows=2)
+    with serving(lambda: holding, transport="lean") as running:
+        client = RawClient(running.url)
+        try:
+            client.call(1, raw_request(digits_rows(2)).SerializeToString())
+            deadline = time.monotonic() + TIMEOUT
+            while not holding.held and time.monotonic() < deadline:
+                time.sleep(0.02)
+            client.send(h2.GOAWAY, 0, 0, struct.pack(">II", 0, h2.NO_ERROR))
+            client.send(h2.RST_STREAM, 0, 1, struct.pack(">I", h2.CANCEL))
+            assert holding.cancelled.wait(TIMEOUT)
+            with contextlib.suppress(ConnectionResetError):
+                while (frame := client.frame(timeout=5)) is not None:
+                    assert frame[2] != 1, frame  # nothing more on the reset stream
+        finally:
+            client.close()
+
+
+def test_oversized_metadata_refuses_only_its_call(served, core):
+    """A call with 20 KB of metadata is answered RESOURCE_EXHAUSTED, as grpc.aio does; another
+    call still uploading on the same connection and the next ones are answered (before, the
+    whole connection got GOAWAY, failing every call on it). The big header also emptied the
+    client's HPACK table: the next blocks decode, so the server's HPACK state followed it."""
+    rows = digits_rows(3, seed=9)
+    body = framed(raw_request(rows).SerializeToString())
+    client = RawClient(served.url)
+    try:
+        client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode(HEAD))
+        client.send(h2.DATA, 0, 1, body[:50])
+        block = client.encoder.encode([*HEAD, ("x-big", "v" * 20000)])
+        client.send(h2.HEADERS, 0, 3, block[: h2.FRAME_MAX])
+        client.send(h2.CONTINUATION, h2.END_HEADERS, 3, block[h2.FRAME_MAX :])
+        client.send(h2.DATA, h2.END_STREAM, 3, body)
+        refused = client.answer(3)
+        assert grpc_status(refused) == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), refused["headers"]
+        client.send(h2.DATA, h2.END_STREAM, 1, body[50:])
+        assert_model_answer(client.answer(1), core, rows)
+        client.call(5, raw_request(rows).SerializeToString(), extra=(("x-small", "v"),))
+        assert_model_answer(client.answer(5), core, rows)
+    finally:
+        client.close()
+    with grpc.insecure_channel(served.url) as channel:
+        infer = channel.unary_unary(INFER)
+        with pytest.raises(grpc.RpcError) as refused_call:
+            infer(raw_request(rows).SerializeToString(), timeout=TIMEOUT, metadata=(("x-big", "v" * 20000),))
+        assert refused_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert pb2.ModelInferResponse.FromString(infer(raw_request(rows).SerializeToString(), timeout=TIMEOUT))
