@@ -27,8 +27,10 @@ flight over all connections are answered RESOURCE_EXHAUSTED at once; a connectio
 `STREAMS_PER_CONNECTION` open streams (more are refused with REFUSED_STREAM); a connection that
 does not send the HTTP/2 preface within `PREFACE_TIMEOUT_S` is closed; when the unfinished
 request bodies of one connection exceed 4 x `max_message_bytes` (what one connection can make a
-worker buffer; there is no cap over connections), its newest unfinished calls are answered
-RESOURCE_EXHAUSTED and their bodies dropped until the rest fit, so older calls complete.
+worker buffer), or those of all connections exceed `HELD_TOTAL_MESSAGES` x `max_message_bytes`,
+the newest unfinished calls of the connection sending are answered RESOURCE_EXHAUSTED and
+their bodies dropped until the rest fit, so older calls complete; a request whose body is not
+in `UPLOAD_TIMEOUT_S` after its headers is answered DEADLINE_EXCEEDED.
 (Withholding the window instead deadlocked: a client interleaving many large calls on one
 channel could finish none; 64 calls of 256 KiB over one tritonclient channel, 25 timed out.)
 Request metadata over `MAX_HEADER_LIST` (advertised as SETTINGS_MAX_HEADER_LIST_SIZE) is
@@ -78,6 +80,8 @@ RECEIVE_WINDOW = 1 << 20  # what a client may send ahead, per stream and per con
 MAX_HEADER_LIST = 16384  # a request's metadata, as RFC 9113 counts it (advertised); more: RESOURCE_EXHAUSTED
 MAX_HEADER_BLOCK = 1 << 16  # HPACK bytes of one header block (CONTINUATIONs included); more: connection error
 MAX_DECODED = 1 << 20  # what one block may decode to (hpack's bound); more: connection error
+HELD_TOTAL_MESSAGES = 16  # unfinished request bodies all connections may hold, in max_message_bytes
+UPLOAD_TIMEOUT_S = 30.0  # a request's body must be in this long after its headers (like REST's read timeout)
 MAX_DETAILS = 2048  # characters of a status message written in grpc-message (longer ones are cut)
 STREAMS_PER_CONNECTION = 256
 PREFACE_TIMEOUT_S = 10.0
@@ -171,7 +175,7 @@ class _ConnectionError(Exception):
 
 class _Stream:
     __slots__ = ("id", "headers", "body", "size", "remote_open", "answered", "task", "counted", "send_window",
-                 "pending", "unacked", "deadline_hit", "timer")  # fmt: skip
+                 "pending", "unacked", "deadline_hit", "timer", "upload_timer")  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
@@ -187,6 +191,7 @@ class _Stream:
         self.unacked = 0
         self.deadline_hit = False
         self.timer: asyncio.TimerHandle | None = None
+        self.upload_timer: asyncio.TimerHandle | None = None  # until the request's END_STREAM
 
 
 class H2GrpcServer:
@@ -200,6 +205,9 @@ class H2GrpcServer:
         self.max_concurrent_rpcs = max_concurrent_rpcs
         # request bodies one connection may buffer before its newest calls are shed (`_shed_newest`)
         self.held_limit = 4 * max_message_bytes
+        # and over all connections (many connections each under their cap)
+        self.held_total_limit = HELD_TOTAL_MESSAGES * max_message_bytes
+        self.held_total = 0
         self.active_rpcs = 0
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
@@ -344,17 +352,23 @@ class _Connection(asyncio.Protocol):
 
     def _release(self, stream: _Stream) -> None:
         self.held -= len(stream.body)
+        self.server.held_total -= len(stream.body)
         stream.body = bytearray()
 
     def _shed_newest(self, out: list[bytes]) -> None:
-        """The connection's unfinished bodies exceed `held_limit`: answer its newest calls still
-        being sent RESOURCE_EXHAUSTED (dropping their bodies) until the rest fit."""
-        limit = self.server.held_limit
+        """Unfinished bodies exceed this connection's `held_limit` or the server's
+        `held_total_limit`: answer this connection's newest calls still being sent
+        RESOURCE_EXHAUSTED (dropping their bodies) until both fit."""
+        server = self.server
         sending = [s for s in self.streams.values() if s.remote_open and not s.answered and s.body]
         for stream in sorted(sending, key=lambda s: s.id, reverse=True):
-            if self.held <= limit:
+            if self.held > server.held_limit:
+                whose, limit = "this connection's", server.held_limit
+            elif server.held_total > server.held_total_limit:
+                whose, limit = "the server's", server.held_total_limit
+            else:
                 return
-            details = f"this connection's unfinished requests hold more than {limit} bytes; retry the call"
+            details = f"{whose} unfinished requests hold more than {limit} bytes; retry the call"
             self._answer(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, details, (), None, out)
 
     # --- frames -----------------------------------------------------------------------
@@ -460,6 +474,10 @@ class _Connection(asyncio.Protocol):
             stream.timer = asyncio.get_running_loop().call_later(seconds, self._deadline, stream)
         if flags & END_STREAM:
             self._end_of_request(stream, out)
+        else:  # without a grpc-timeout too, a stalled upload is not held for ever
+            stream.upload_timer = asyncio.get_running_loop().call_later(
+                UPLOAD_TIMEOUT_S, self._upload_timed_out, stream
+            )
 
     def _data(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if stream_id == 0:
@@ -475,6 +493,7 @@ class _Connection(asyncio.Protocol):
         if not stream.answered:
             stream.body += data
             self.held += len(data)
+            self.server.held_total += len(data)
             body, limit = stream.body, self.server.max_message_bytes
             # the message's declared length (its 5-byte prefix) is refused as soon as it is read
             declared = struct.unpack_from(">I", body, 1)[0] if len(body) >= 5 else 0
@@ -482,7 +501,7 @@ class _Connection(asyncio.Protocol):
                 size = max(declared, stream.size - 5)
                 self._answer(stream, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"Received message larger than max ({size} vs. {limit})", (), None, out)  # fmt: skip
-            elif self.held > self.server.held_limit:
+            elif self.held > self.server.held_limit or self.server.held_total > self.server.held_total_limit:
                 self._shed_newest(out)
         if flags & END_STREAM:
             self._end_of_request(stream, out)
@@ -509,6 +528,8 @@ class _Connection(asyncio.Protocol):
                 delta, self.peer_window = value - self.peer_window, value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise _ConnectionError(FLOW_CONTROL_ERROR, "a stream window would pass 2^31-1")
             elif key == S_MAX_FRAME_SIZE:
                 if not FRAME_MAX <= value <= (1 << 24) - 1:
                     raise _ConnectionError(PROTOCOL_ERROR, "bad max frame size")
@@ -523,15 +544,18 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE length")
         increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
-            if increment == 0 or self.send_window + increment > MAX_WINDOW:
-                raise _ConnectionError(FLOW_CONTROL_ERROR, "bad connection window update")
+            if increment == 0:
+                raise _ConnectionError(PROTOCOL_ERROR, "a connection window update of 0")
+            if self.send_window + increment > MAX_WINDOW:
+                raise _ConnectionError(FLOW_CONTROL_ERROR, "the connection window would pass 2^31-1")
             self.send_window += increment
         else:
             stream = self.streams.get(stream_id)
             if stream is None:
                 return
             if increment == 0 or stream.send_window + increment > MAX_WINDOW:
-                out.append(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", FLOW_CONTROL_ERROR)))
+                code = PROTOCOL_ERROR if increment == 0 else FLOW_CONTROL_ERROR
+                out.append(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", code)))
                 self._close_stream(stream)
                 return
             stream.send_window += increment
@@ -540,6 +564,9 @@ class _Connection(asyncio.Protocol):
     # --- calls ------------------------------------------------------------------------
     def _end_of_request(self, stream: _Stream, out: list[bytes]) -> None:
         stream.remote_open = False
+        if stream.upload_timer is not None:
+            stream.upload_timer.cancel()
+            stream.upload_timer = None
         if stream.answered:
             if stream.pending is None:
                 self._close_stream(stream)
@@ -568,6 +595,14 @@ class _Connection(asyncio.Protocol):
             # no call started yet (its body is still arriving): answered here, its body dropped
             out: list[bytes] = []
             self._answer(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), None, out)
+            self._write(out)
+
+    def _upload_timed_out(self, stream: _Stream) -> None:
+        stream.upload_timer = None
+        if stream.remote_open and not stream.answered and self.streams.get(stream.id) is stream:
+            out: list[bytes] = []
+            details = f"the request did not arrive within {UPLOAD_TIMEOUT_S:g} s of its headers"
+            self._answer(stream, grpc.StatusCode.DEADLINE_EXCEEDED, details, (), None, out)
             self._write(out)
 
     def _refusal(self, stream: _Stream) -> tuple[grpc.StatusCode, str] | None:
@@ -693,9 +728,10 @@ class _Connection(asyncio.Protocol):
         self._release(stream)
         self._uncount(stream)
         stream.pending = None
-        if stream.timer is not None:
-            stream.timer.cancel()
-            stream.timer = None
+        for timer in (stream.timer, stream.upload_timer):
+            if timer is not None:
+                timer.cancel()
+        stream.timer = stream.upload_timer = None
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
 

@@ -39,6 +39,8 @@ from tests.service.v2.test_grpc import (
 from tests.support.tiny_model import digits_rows, tiny_core
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+CALL_HEAD = [(":method", "POST"), (":scheme", "http"), (":path", INFER), (":authority", "t"),
+             ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -270,16 +272,11 @@ def test_unfinished_bodies_over_the_connection_cap_refuse_the_newest_call_only(l
     want = large_core.runner.run({"input": rows}, ["logits"])[0]
     message = raw_request(rows).SerializeToString()
     body = b"\x00" + struct.pack(">I", len(message)) + message
-    head = [(":method", "POST"), (":scheme", "http"), (":path", INFER), (":authority", "t"),
-            ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
     with serving(lambda: large_core, transport="lean") as running:
         client = RawClient(running.url)
         try:
             streams = [1, 3, 5, 7, 9]
-            for stream_id in streams:
-                client.send(h2.HEADERS, h2.END_HEADERS, stream_id, client.encoder.encode(head))
-                for start in range(0, len(body) - 100, h2.FRAME_MAX):
-                    client.send(h2.DATA, 0, stream_id, body[start : min(start + h2.FRAME_MAX, len(body) - 100)])
+            _partial_calls(client, streams, body)
             refused = client.answer(9)
             assert grpc_status(refused) == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), refused["headers"]
             assert str(4 * MAX_MESSAGE_BYTES) in urllib.parse.unquote(refused["headers"][-1]["grpc-message"])
@@ -294,6 +291,76 @@ def test_unfinished_bodies_over_the_connection_cap_refuse_the_newest_call_only(l
             client.close()
 
 
+def _partial_calls(client: RawClient, stream_ids: list[int], body: bytes) -> None:
+    """Open a call on each stream and send all of `body` but its last 100 bytes."""
+    for stream_id in stream_ids:
+        client.send(h2.HEADERS, h2.END_HEADERS, stream_id, client.encoder.encode(CALL_HEAD))
+        for start in range(0, len(body) - 100, h2.FRAME_MAX):
+            client.send(h2.DATA, 0, stream_id, body[start : min(start + h2.FRAME_MAX, len(body) - 100)])
+
+
+def test_unfinished_bodies_over_the_servers_cap_refuse_the_newest_call_of_the_sender(large_core, monkeypatch):
+    """Two connections, each under its own cap: when the second one's fourth unfinished ~250 KB
+    body takes what all connections hold past the server's cap (6 x the message limit here),
+    that call is answered RESOURCE_EXHAUSTED naming the server's limit; the six other calls,
+    finished afterwards, get the model's answer."""
+    monkeypatch.setattr(h2, "HELD_TOTAL_MESSAGES", 6)
+    rows = digits_rows(LARGE_ROWS, seed=7)
+    want = large_core.runner.run({"input": rows}, ["logits"])[0]
+    message = raw_request(rows).SerializeToString()
+    body = b"\x00" + struct.pack(">I", len(message)) + message
+    with serving(lambda: large_core, transport="lean") as running:
+        first, second = RawClient(running.url), RawClient(running.url)
+        try:
+            _partial_calls(first, [1, 3, 5], body)
+            first.sock.sendall(h2._frame(h2.PING, 0, 0, b"12345678"))  # its bodies are in once PING is answered
+            while (frame := first.frame()) is not None and frame[0] != h2.PING:
+                pass
+            _partial_calls(second, [1, 3, 5, 7], body)
+            refused = second.answer(7)
+            assert grpc_status(refused) == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), refused["headers"]
+            details = urllib.parse.unquote(refused["headers"][-1]["grpc-message"])
+            assert "the server's" in details and str(6 * MAX_MESSAGE_BYTES) in details, details
+            for client in (first, second):
+                for stream_id in (1, 3, 5):
+                    client.send(h2.DATA, h2.END_STREAM, stream_id, body[-100:])
+                    answer = client.answer(stream_id, window_updates=True)
+                    assert grpc_status(answer) == "0", answer["headers"]
+                    got = pb2.ModelInferResponse.FromString(b"".join(answer["data"])[5:])
+                    np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[0], "<f4").reshape(-1, 10),
+                                               want, rtol=1e-5, atol=1e-5)  # fmt: skip
+        finally:
+            first.close()
+            second.close()
+
+
+def test_an_upload_that_stalls_without_a_grpc_timeout_is_answered_and_forgotten(served, core, monkeypatch):
+    """A call without grpc-timeout whose body stops arriving is answered DEADLINE_EXCEEDED
+    UPLOAD_TIMEOUT_S after its headers (0.5 s here), its buffered body dropped, and the same
+    connection still gets answers."""
+    monkeypatch.setattr(h2, "UPLOAD_TIMEOUT_S", 0.5)
+    client = RawClient(served.url)
+    try:
+        message = raw_request(digits_rows(2, seed=8)).SerializeToString()
+        client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode(CALL_HEAD))
+        client.send(h2.DATA, 0, 1, (b"\x00" + struct.pack(">I", len(message)) + message)[:200])
+        answer = client.answer(1)
+        assert grpc_status(answer) == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]), answer["headers"]
+        assert "did not arrive within 0.5 s" in urllib.parse.unquote(answer["headers"][-1]["grpc-message"])
+        assert served.run(_held(served.endpoint)) == (0, 0)
+        client.call(3, raw_request(digits_rows(2, seed=8)).SerializeToString())
+        assert_model_answer(client.answer(3), core, digits_rows(2, seed=8))
+    finally:
+        client.close()
+
+
+def _overflowing_initial_window(client: RawClient) -> None:
+    """A call left open, its window raised by 1,000, then an initial window of 2^31-1."""
+    client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode(CALL_HEAD))
+    client.send(h2.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1000))
+    client.send(h2.SETTINGS, 0, 0, struct.pack(">HI", h2.S_INITIAL_WINDOW_SIZE, h2.MAX_WINDOW))
+
+
 @pytest.mark.parametrize(
     ("what", "send", "code"),
     [
@@ -305,6 +372,8 @@ def test_unfinished_bodies_over_the_connection_cap_refuse_the_newest_call_only(l
         ("an interrupted header block", lambda c: (c.send(h2.HEADERS, 0, 1, b"\x82"), c.send(h2.PING, 0, 0, b"x" * 8)),
          h2.PROTOCOL_ERROR),
         ("a bad PING", lambda c: c.send(h2.PING, 0, 0, b"abc"), h2.FRAME_SIZE_ERROR),
+        ("a connection window update of 0", lambda c: c.send(h2.WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), h2.PROTOCOL_ERROR),
+        ("an initial window pushing a stream's past 2^31-1", _overflowing_initial_window, h2.FLOW_CONTROL_ERROR),
     ],
 )  # fmt: skip
 def test_protocol_violations_close_the_connection_with_goaway_and_nothing_else(served, core, what, send, code):
