@@ -136,11 +136,11 @@ class ServiceSettings(BaseSettings):
     grpc_max_concurrent_rpcs: int = Field(
         default=1024, ge=1, description="Calls in flight on the gRPC server; RESOURCE_EXHAUSTED beyond."
     )
-    grpc_transport: Literal["grpcio", "lean"] = Field(
-        default="grpcio",
-        description="gRPC server: 'grpcio' (grpc.aio, the default) or 'lean' (opt-in: HTTP/2 framed in the "
-        "worker's event loop, unary RPCs and health Check only; ~1/4 of grpc.aio's CPU per call on an empty "
-        "handler, no measured gain inside the Bento yet: README, Benchmark).",
+    grpc_transport: Literal["lean", "grpcio"] = Field(
+        default="lean",
+        description="gRPC server: 'lean' (the default: HTTP/2 framed in the worker's event loop, unary RPCs and "
+        "health Check; 2-3x grpc.aio's calls/s inside the Bento: README, Benchmark) or 'grpcio' (grpc.aio; "
+        "health Watch streams too).",
     )
 
     # -- fault injection (tests and chaos drills only; settable only here, at start)

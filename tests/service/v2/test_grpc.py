@@ -48,7 +48,7 @@ class Served:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
 
 
-TRANSPORT = {"name": "grpcio"}  # the server every test of this module runs on (see `transport`)
+TRANSPORT = {"name": "lean"}  # the server every test of this module runs on (see `transport`)
 
 
 @pytest.fixture(scope="module", params=["grpcio", "lean"], autouse=True)
@@ -57,7 +57,7 @@ def transport(request) -> Iterator[str]:
     module: same codes, metadata, limits and health."""
     TRANSPORT["name"] = request.param
     yield request.param
-    TRANSPORT["name"] = "grpcio"
+    TRANSPORT["name"] = "lean"
 
 
 @contextlib.contextmanager

@@ -436,7 +436,7 @@ def test_the_lean_server_runs_on_uvloop_as_in_the_bento(core):
         client.close()
 
 
-def test_grpcio_the_default_answers_the_same(core):
+def test_grpcio_the_other_server_answers_the_same(core):
     with serving(lambda: core, transport="grpcio") as running:
         client = triton.InferenceServerClient(running.url)
         assert_answers(client, core, n=4)
