@@ -15,6 +15,23 @@ from bench.config import ARCHITECTURES, CONTENDER_NAMES, DEFAULT_HOME, BenchConf
 SCORING = "score"  # `--only score`: the batch-scoring section (bench/scoring.py)
 
 
+def parse_service_settings(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    """`SETTING=VALUE` strings -> pairs; a setting the service does not have is an error
+    (the service would ignore its variable, and the run would measure the default)."""
+    from service.settings import ServiceSettings
+
+    settings: list[tuple[str, str]] = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().lower()
+        if not sep or not name:
+            raise ValueError(f"--service takes SETTING=VALUE, got {pair!r}")
+        if name not in ServiceSettings.model_fields:
+            raise ValueError(f"--service: the service has no setting {name!r}")
+        settings.append((name, value))
+    return tuple(settings)
+
+
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,9 +60,18 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="seconds to wait before each window for other work on the machine to pause (default 60, at most 600 in all; quick 0)",
     )
     parser.add_argument("--fresh", action="store_true", help="retrain and rebuild even if the bench home has Bentos")
+    parser.add_argument(
+        "--service", action="append", default=[], metavar="SETTING=VALUE",
+        help="a service setting for every project server of the run, e.g. grpc_transport=grpcio (repeatable; "
+        "stamped in the report). CANARY_SERVICE_* variables in the environment are ignored",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.workers < 1 or args.rows < 1:
         parser.error("--workers and --rows must be at least 1")
+    try:
+        service_settings = parse_service_settings(args.service)
+    except ValueError as exc:
+        parser.error(str(exc))
     only = args.only or ()
     overrides = {
         "home": args.home,
@@ -54,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "rows": args.rows,
         "cache": not args.no_cache,
         "fresh": args.fresh,
+        "service_settings": service_settings,
         **({"models": tuple(args.models)} if args.models else {}),
         **({"contenders": tuple(c for c in only if c != SCORING), "scoring": SCORING in only} if only else {}),
         **({"scoring_rows": args.score_rows} if args.score_rows else {}),

@@ -32,6 +32,9 @@ class BenchConfig:
     learning_rates: dict[str, float] = field(default_factory=lambda: {"digits-heavy": 1e-3})
     lr_schedules: dict[str, str] = field(default_factory=lambda: {"digits-heavy": "cosine"})
     fresh: bool = False  # retrain even when the bench home already has a built Bento
+    # (setting, value) pairs every project server of the run gets (`--service`); CANARY_SERVICE_*
+    # in the environment are ignored, so a setting's A/B is two runs with different pairs
+    service_settings: tuple[tuple[str, str], ...] = ()
     int8_models: tuple[str, ...] = ("digits-heavy",)  # also served as an int8 export (`bento-int8`)
     rows: int = 1  # rows (digits) per request
     warmup_s: float = 2.0

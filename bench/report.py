@@ -143,6 +143,7 @@ def render_markdown(
         f"{report['timestamp']} · {m['cpu_model']}, {m['cores']} cores · python {v['python']}, bentoml {v['bentoml']}, "
         f"onnxruntime {v['onnxruntime']}, torch {v['torch']}, mlflow {v['mlflow']} · {c['workers']} worker(s) per server"
         + (" · QUICK (smoke) run" if c["quick"] else "")
+        + "".join(f" · {name}={value}" for name, value in c.get("service_settings") or ())
     )
     notes = [n.format(cores=m["cores"], **c) for n in METHOD_NOTES] + list(report.get("notes", []))
     parts = [

@@ -40,7 +40,8 @@ class BenchRun:
     def context(self, rows):
         from bench.contenders import ServeContext
 
-        return ServeContext(self.config.workers, self.home.logs, rows, self.home.bentoml_home)
+        extra_env = {f"CANARY_SERVICE_{name.upper()}": value for name, value in self.config.service_settings}
+        return ServeContext(self.config.workers, self.home.logs, rows, self.home.bentoml_home, extra_env)
 
     def run_contender(
         self, contender, model: PreparedModel, rows, mode: str, connections: int, rate: float = 0.0
@@ -183,7 +184,12 @@ def run_benchmark(config: BenchConfig, say: Say) -> tuple[int, dict[str, Path] |
     machine_before = stamp.machine()
     step(f"bench home {home.home}; {config.workers} worker(s) per server; {'QUICK' if config.quick else 'full'} run")
     if stripped:
-        say(f"  ignoring {', '.join(stripped)} from the environment: servers run with default settings")
+        say(
+            f"  ignoring {', '.join(stripped)} from the environment: servers run with default settings"
+            + (" and --service" if config.service_settings else "; set one with --service SETTING=VALUE")
+        )
+    if config.service_settings:
+        say("  the project's servers run with " + ", ".join(f"{k}={v}" for k, v in config.service_settings))
     run = BenchRun(config, home, say)
     rows = sample_rows(config.rows)
 

@@ -260,6 +260,27 @@ def test_cli_quick_shrinks_every_run():
         parse_args(["--workers", "0"])
 
 
+def test_service_settings_reach_the_project_servers_and_the_report_stamp(tmp_path, capsys):
+    """`--service SETTING=VALUE` is how a run changes a service setting (CANARY_SERVICE_* in the
+    environment are stripped): it becomes the servers' variable and is stamped in the report; a
+    setting the service does not have is refused, not silently measured as the default."""
+    from bench.__main__ import parse_args
+    from bench.prepare import BenchHome
+    from bench.runner import BenchRun
+
+    config = parse_args(
+        ["--service", "grpc_transport=grpcio", "--service", "MAX_LATENCY_MS=0", "--home", str(tmp_path)]
+    )
+    assert config.service_settings == (("grpc_transport", "grpcio"), ("max_latency_ms", "0"))
+    context = BenchRun(config, BenchHome(home=tmp_path), print).context(np.zeros((1, 64), np.float32))
+    assert context.extra_env == {"CANARY_SERVICE_GRPC_TRANSPORT": "grpcio", "CANARY_SERVICE_MAX_LATENCY_MS": "0"}
+    assert config.as_dict()["service_settings"] == (("grpc_transport", "grpcio"), ("max_latency_ms", "0"))
+    for bad in ("grpc_transprt=grpcio", "grpc_transport", "=lean"):
+        with pytest.raises(SystemExit):
+            parse_args(["--service", bad])
+    assert "no setting 'grpc_transprt'" in capsys.readouterr().err
+
+
 def test_fastapi_contender_answers_a_real_digit(tmp_path):
     import onnxruntime as ort
     from fastapi.testclient import TestClient
