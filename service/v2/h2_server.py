@@ -591,17 +591,18 @@ class _Connection(asyncio.Protocol):
         if stream.task is not None and not stream.task.done():
             stream.deadline_hit = True
             stream.task.cancel()
-        elif stream.task is None and not stream.answered and self.streams.get(stream.id) is stream:
-            # no call started yet (its body is still arriving): answered here, its body dropped
-            out: list[bytes] = []
-            self._answer(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), None, out)
-            self._write(out)
+        elif stream.task is None:  # no call started yet (its body is still arriving)
+            self._expire(stream, "Deadline Exceeded")
 
     def _upload_timed_out(self, stream: _Stream) -> None:
         stream.upload_timer = None
-        if stream.remote_open and not stream.answered and self.streams.get(stream.id) is stream:
+        if stream.remote_open:
+            self._expire(stream, f"the request did not arrive within {UPLOAD_TIMEOUT_S:g} s of its headers")
+
+    def _expire(self, stream: _Stream, details: str) -> None:
+        """A call still being received runs out of time: answered DEADLINE_EXCEEDED, body dropped."""
+        if not stream.answered and self.streams.get(stream.id) is stream:
             out: list[bytes] = []
-            details = f"the request did not arrive within {UPLOAD_TIMEOUT_S:g} s of its headers"
             self._answer(stream, grpc.StatusCode.DEADLINE_EXCEEDED, details, (), None, out)
             self._write(out)
 

@@ -73,7 +73,7 @@ class RawClient:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "test"),
                    ("content-type", "application/grpc"), ("te", "trailers"), *extra]  # fmt: skip
         self.send(h2.HEADERS, h2.END_HEADERS, stream_id, self.encoder.encode(headers))
-        self.send(h2.DATA, h2.END_STREAM, stream_id, b"\x00" + struct.pack(">I", len(message)) + message)
+        self.send(h2.DATA, h2.END_STREAM, stream_id, framed(message))
 
     def frame(self, timeout: float = TIMEOUT) -> tuple[int, int, int, bytes] | None:
         """The next frame, or None when the server closed the connection."""
@@ -146,13 +146,9 @@ def test_an_answer_waits_for_the_clients_window_and_respects_its_frame_size(serv
         answer = client.answer(1, window_updates=True)
     finally:
         client.close()
-    assert grpc_status(answer) == "0", answer["headers"]
     data = [size for kind, size in answer["frames"] if kind == h2.DATA]
     assert max(data) <= 16 and len(data) > 10, data
-    body = b"".join(answer["data"])
-    message = pb2.ModelInferResponse.FromString(body[5:])
-    got = np.frombuffer(message.raw_output_contents[0], "<f4").reshape(8, 10)
-    np.testing.assert_allclose(got, core.runner.run({"input": rows}, ["logits"])[0], rtol=1e-5, atol=1e-5)
+    assert_model_answer(answer, core, rows)
 
 
 class HoldingCore:
@@ -269,9 +265,7 @@ def test_unfinished_bodies_over_the_connection_cap_refuse_the_newest_call_only(l
     what the connection buffers past 4 x the message limit, and that call (the newest) is
     answered RESOURCE_EXHAUSTED; the four older ones, finished afterwards, get the model's answer."""
     rows = digits_rows(LARGE_ROWS, seed=6)
-    want = large_core.runner.run({"input": rows}, ["logits"])[0]
-    message = raw_request(rows).SerializeToString()
-    body = b"\x00" + struct.pack(">I", len(message)) + message
+    body = framed(raw_request(rows).SerializeToString())
     with serving(lambda: large_core, transport="lean") as running:
         client = RawClient(running.url)
         try:
@@ -282,11 +276,7 @@ def test_unfinished_bodies_over_the_connection_cap_refuse_the_newest_call_only(l
             assert str(4 * MAX_MESSAGE_BYTES) in urllib.parse.unquote(refused["headers"][-1]["grpc-message"])
             for stream_id in streams[:-1]:
                 client.send(h2.DATA, h2.END_STREAM, stream_id, body[-100:])
-                answer = client.answer(stream_id, window_updates=True)
-                assert grpc_status(answer) == "0", answer["headers"]
-                got = pb2.ModelInferResponse.FromString(b"".join(answer["data"])[5:])
-                np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[0], "<f4").reshape(-1, 10), want,
-                                           rtol=1e-5, atol=1e-5)  # fmt: skip
+                assert_model_answer(client.answer(stream_id, window_updates=True), large_core, rows)
         finally:
             client.close()
 
@@ -306,9 +296,7 @@ def test_unfinished_bodies_over_the_servers_cap_refuse_the_newest_call_of_the_se
     finished afterwards, get the model's answer."""
     monkeypatch.setattr(h2, "HELD_TOTAL_MESSAGES", 6)
     rows = digits_rows(LARGE_ROWS, seed=7)
-    want = large_core.runner.run({"input": rows}, ["logits"])[0]
-    message = raw_request(rows).SerializeToString()
-    body = b"\x00" + struct.pack(">I", len(message)) + message
+    body = framed(raw_request(rows).SerializeToString())
     with serving(lambda: large_core, transport="lean") as running:
         first, second = RawClient(running.url), RawClient(running.url)
         try:
@@ -324,11 +312,7 @@ def test_unfinished_bodies_over_the_servers_cap_refuse_the_newest_call_of_the_se
             for client in (first, second):
                 for stream_id in (1, 3, 5):
                     client.send(h2.DATA, h2.END_STREAM, stream_id, body[-100:])
-                    answer = client.answer(stream_id, window_updates=True)
-                    assert grpc_status(answer) == "0", answer["headers"]
-                    got = pb2.ModelInferResponse.FromString(b"".join(answer["data"])[5:])
-                    np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[0], "<f4").reshape(-1, 10),
-                                               want, rtol=1e-5, atol=1e-5)  # fmt: skip
+                    assert_model_answer(client.answer(stream_id, window_updates=True), large_core, rows)
         finally:
             first.close()
             second.close()
@@ -343,7 +327,7 @@ def test_an_upload_that_stalls_without_a_grpc_timeout_is_answered_and_forgotten(
     try:
         message = raw_request(digits_rows(2, seed=8)).SerializeToString()
         client.send(h2.HEADERS, h2.END_HEADERS, 1, client.encoder.encode(CALL_HEAD))
-        client.send(h2.DATA, 0, 1, (b"\x00" + struct.pack(">I", len(message)) + message)[:200])
+        client.send(h2.DATA, 0, 1, framed(message)[:200])
         answer = client.answer(1)
         assert grpc_status(answer) == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]), answer["headers"]
         assert "did not arrive within 0.5 s" in urllib.parse.unquote(answer["headers"][-1]["grpc-message"])
