@@ -3,15 +3,17 @@ Parquet file of a million digits, against the in-process ONNX Runtime limit of t
 
 The command runs as a child process, as a user runs it; its rows/s is the one it reports
 (reading, checking, inference, writing), its peak memory the kernel's max RSS for it
-(`os.wait4`), and the share of the machine other processes used meanwhile is reported as
-noise. Part of `python -m bench`, or alone: `python -m bench --only score`.
+(`os.wait4` in `bench.child_usage`, a small launcher, so that the benchmark's own memory is not
+counted), and the share of the machine other processes used meanwhile is reported as noise. Part of `python -m bench`, or alone: `python -m bench --only score`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -99,18 +101,21 @@ def measure_scoring(
     if not source.exists():
         say(f"  writing {rows:,} rows to {source}")
         write_digits_file(source, rows)
-    output, log = workdir / "scored.parquet", workdir / "score.log"
+    output, log, usage_file = workdir / "scored.parquet", workdir / "score.log", workdir / "score-usage.json"
+    usage_file.unlink(missing_ok=True)
     argv = [venv_bin("canary"), "score", str(version), "--input", str(source), "--output", str(output)]
     env = {**os.environ, "CANARY_HOME": str(home)}
     busy, started = machine_busy_seconds(), time.monotonic()
     with open(log, "wb") as stderr:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
-        stdout = child.stdout.read().decode() if child.stdout else ""
-    _, status, usage = os.wait4(child.pid, 0)  # our own child: its exact CPU time and peak RSS
+        # through a small launcher: this process's own memory would count in the child's max RSS
+        launcher = [sys.executable, "-m", "bench.child_usage", str(usage_file), *argv]
+        run = subprocess.run(launcher, stdout=subprocess.PIPE, stderr=stderr, env=env, check=False)
     wall = time.monotonic() - started
-    other = (machine_busy_seconds() - busy) - (usage.ru_utime + usage.ru_stime)
-    if os.waitstatus_to_exitcode(status) != 0 or not (found := _SUMMARY.search(stdout)):
+    stdout = run.stdout.decode(errors="replace")
+    if run.returncode != 0 or not usage_file.exists() or not (found := _SUMMARY.search(stdout)):
         raise RuntimeError(f"canary score failed: {log.read_text(errors='replace').strip()[-400:]}")
+    usage = json.loads(usage_file.read_text())  # the command's exact CPU time and peak RSS
+    other = (machine_busy_seconds() - busy) - (usage["user_s"] + usage["system_s"])
     scored = int(found.group(1).replace(",", ""))
     return ScoringResult(
         model=SCORE_MODEL,
@@ -120,7 +125,7 @@ def measure_scoring(
         seconds=float(found.group(2)),
         wall_s=wall,
         rows_per_s=float(found.group(3).replace(",", "")),
-        peak_rss_mib=usage.ru_maxrss / 1024,  # KiB on Linux
+        peak_rss_mib=usage["max_rss_kib"] / 1024,
         limit_rows_per_s=limit_rows_per_s,
         other_cpu_share=max(0.0, other / wall / (os.cpu_count() or 1)),
     )
