@@ -103,10 +103,18 @@ def _read_log(path: Path) -> np.ndarray:
 
 
 def run_h2load_grpc(
-    target: str, payload: Payload, workdir: Path, duration_s: float, connections: int, warmup_s: float
+    target: str,
+    payload: Payload,
+    workdir: Path,
+    duration_s: float,
+    connections: int,
+    warmup_s: float,
+    rate: float = 0.0,
 ) -> LoadResult:
-    """Saturate `target` (host:port) with `connections` calls in flight for `duration_s`
-    after `warmup_s` of warm-up; its CPU (h2load is our child) is the load generator's."""
+    """Load `target` (host:port) with at most `connections` calls in flight for `duration_s`
+    after `warmup_s` of warm-up: closed loop (saturation), or `rate` calls/s in all, spread
+    evenly over h2load's clients (`--rps` each). Its CPU (h2load is our child) is the load
+    generator's."""
     binary = h2load_path()
     if binary is None:
         raise RuntimeError("h2load is not installed (Debian package nghttp2-client)")
@@ -120,6 +128,8 @@ def run_h2load_grpc(
         binary, "-t", "1", "-c", str(clients), "-m", str(streams), "-d", str(body),
         "-H", "content-type: application/grpc", "-H", "te: trailers",
     ]  # fmt: skip
+    if rate > 0:  # a fixed offered load, paced in C: no Python client's jitter in the latencies
+        common += [f"--rps={rate / clients:.3f}"]
     url = f"http://{target}{METHOD}"
     if warmup_s > 0:  # a run of its own: h2load's --warm-up-time still counts the warm-up's bytes
         _run(common + ["-D", h2load_duration(warmup_s), url], workdir / "h2load-warmup.log", warmup_s)

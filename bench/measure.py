@@ -65,13 +65,15 @@ def load_endpoint(
 ) -> tuple[LoadResult, CpuWindow, str]:
     """Run the load; returns (result, CPU burnt in the window by the `server_pids` trees,
     load generator name)."""
-    if endpoint.protocol == "grpc" and rate <= 0 and h2load_path():
-        # saturation: h2load (C) so the load generator is not what limits the server
+    if endpoint.protocol == "grpc" and h2load_path():
+        # h2load (C): at saturation the load generator is not what limits the server, and at a
+        # fixed load its pacing adds no interpreter jitter to the p99
         before = _cpu_now(server_pids)
-        result = run_h2load_grpc(endpoint.target, endpoint.payload, workdir, duration_s, connections, warmup_s)
+        result = run_h2load_grpc(endpoint.target, endpoint.payload, workdir, duration_s, connections, warmup_s, rate)
         clients, streams = h2grpc_shape(connections)
-        return result, _since(before, _cpu_now(server_pids)), f"h2load {clients}x{streams}"
-    if endpoint.protocol == "grpc":  # a fixed offered load: grpcload paces each call
+        paced = f" at {rate:,.0f}/s" if rate > 0 else ""
+        return result, _since(before, _cpu_now(server_pids)), f"h2load {clients}x{streams}{paced}"
+    if endpoint.protocol == "grpc":  # no h2load: grpcload (Python) paces each call
         start_at = time.time() + STARTUP_S
         window = (start_at + warmup_s, start_at + warmup_s + duration_s)
         cpu: dict[str, CpuWindow] = {}

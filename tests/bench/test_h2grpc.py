@@ -59,3 +59,19 @@ def test_real_load_counts_every_answer_by_its_grpc_status(h2load, tmp_path: Path
     assert sum(result.statuses.values()) == result.requests
     assert result.errors / result.requests == pytest.approx(error_ratio, abs=0.02), result.statuses
     assert result.p50_ms > 0
+
+
+def test_a_fixed_load_is_paced_by_h2load_at_the_offered_rate(h2load, tmp_path: Path):
+    """The fixed-load rows' gRPC latencies come from h2load pacing `rate` calls/s over its
+    connections, not from a closed loop: the count follows the rate, whatever the server could do."""
+    core = tiny_core(tmp_path)
+    with serving(lambda: core) as served:
+        try:
+            paced = run_h2load_grpc(served.url, to_grpc(digits_rows(1)), tmp_path / "paced", 2.0, 16, 0.0, rate=100.0)
+            free = run_h2load_grpc(served.url, to_grpc(digits_rows(1)), tmp_path / "free", 2.0, 16, 0.0)
+        finally:
+            served.run(core.close())
+    assert paced.statuses == {"OK": paced.requests}
+    assert 170 <= paced.requests <= 230, paced.requests  # 100/s for 2 s
+    assert free.requests > 3 * paced.requests  # the same server, unpaced
+    assert 0 < paced.p50_ms <= paced.p99_ms
