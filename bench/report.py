@@ -13,7 +13,8 @@ from bench.results import PREDLOG_CONTENDER, CacheResult, Measurement, TableRow,
 METHOD_NOTES = (
     "Saturated: closed loop, {connections} connections (gRPC: {connections} calls in flight from h2load, C, "
     "over up to 8 HTTP/2 connections, every answer's gRPC status checked by its size; the fixed-load gRPC runs "
-    "too, paced by h2load's --rps per connection); one fixed request body replayed; "
+    "too, paced by h2load's --rps per connection, or by {grpc_processes} Python grpc.aio processes where h2load "
+    "is missing: each measurement names its load generator); one fixed request body replayed; "
     "throughput over {duration_s:g} s after {warmup_s:g} s warm-up.",
     "Fixed load: wrk2 is not in Debian, so wrk paces requests itself (Lua `delay()` on a monotonic clock, "
     "at most {fixed_connections} in flight) at {fixed_fraction:g} x the slowest contender's saturated "

@@ -4,7 +4,8 @@ Parquet file of a million digits, against the in-process ONNX Runtime limit of t
 The command runs as a child process, as a user runs it; its rows/s is the one it reports
 (reading, checking, inference, writing), its peak memory the kernel's max RSS for it
 (`os.wait4` in `bench.child_usage`, a small launcher, so that the benchmark's own memory is not
-counted), and the share of the machine other processes used meanwhile is reported as noise. Part of `python -m bench`, or alone: `python -m bench --only score`.
+counted), and the share of the machine other processes used meanwhile is reported as noise.
+Part of `python -m bench`, or alone: `python -m bench --only score`.
 """
 
 from __future__ import annotations
