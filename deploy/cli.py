@@ -102,8 +102,13 @@ def build(version: Version = None, alias: Alias = None) -> None:
 def serve(
     bento: Annotated[str, typer.Argument(help="Bento tag, e.g. digits-service:v1.")],
     port: Annotated[int, typer.Option(help="BentoML HTTP port (native API, /metrics, V2 too).")] = 3000,
-    rest_port: Annotated[int, typer.Option(help="V2 REST listener, the fast path (0 = off).")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="V2 gRPC port (0 = off).")] = 50051,
+    rest_port: Annotated[
+        int | None,
+        typer.Option(help="V2 REST listener, the fast path (0 = off). [default: CANARY_SERVICE_REST_PORT or 8000]"),
+    ] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="V2 gRPC port (0 = off). [default: CANARY_SERVICE_GRPC_PORT or 50051]")
+    ] = None,
 ) -> None:
     """Serve a built Bento in the foreground (Ctrl-C stops it)."""
     import os
@@ -112,8 +117,10 @@ def serve(
     home.require()
     from deploy.process import venv_bin
 
-    os.environ["CANARY_SERVICE_REST_PORT"] = str(rest_port)
-    os.environ["CANARY_SERVICE_GRPC_PORT"] = str(grpc_port)
+    # A flag wins over the environment; the service's settings read these (default 8000 / 50051).
+    for name, value in (("CANARY_SERVICE_REST_PORT", rest_port), ("CANARY_SERVICE_GRPC_PORT", grpc_port)):
+        if value is not None:
+            os.environ[name] = str(value)
     argv = [venv_bin("bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
     os.execv(argv[0], argv)  # noqa: S606  # nosec B606 - become the server; fixed argv
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from models.home import CanaryHome  # noqa: E402
 CanaryHome().activate()
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's state folder goes with it (36 MB a run); CANARY_KEEP_TEST_HOME=1 keeps it to look into."""
+    if os.environ.get("CANARY_KEEP_TEST_HOME") != "1":
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

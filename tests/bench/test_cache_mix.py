@@ -4,7 +4,6 @@ against a recording HTTP server), and the target judges hit p50 against miss p50
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,10 +14,11 @@ from bench.cache_mix import DISTINCT_INPUTS, CacheMix, distinct_payload
 from bench.payloads import sample_rows, to_v2_json
 from bench.results import judge_targets
 from bench.wrk import run_wrk
+from tests.support.tools import require_tool
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by make setup (deploy/system-deps.sh)")
 def test_every_miss_request_carries_an_input_no_other_request_had(tmp_path):
+    require_tool("wrk", installs="wrk")
     bodies: list[bytes] = []
     lock = threading.Lock()
 

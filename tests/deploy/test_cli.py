@@ -231,8 +231,11 @@ def test_demo_and_serve_delegate(monkeypatch):
     became = Recorder()
     monkeypatch.setattr(os, "execv", became)
     monkeypatch.setattr("models.home.CanaryHome.require", lambda self: None)
+    monkeypatch.setenv("CANARY_SERVICE_REST_PORT", "8100")  # (restored after the test)
+    monkeypatch.setenv("CANARY_SERVICE_GRPC_PORT", "0")
     result = CliRunner().invoke(app, ["serve", "digits-service:v1", "--port", "3100", "--rest-port", "0"])
     assert result.exit_code == 0, result.output
     (((binary, argv), _),) = became.calls
     assert argv[1:] == ["serve", "digits-service:v1", "--host", "127.0.0.1", "--port", "3100"]
-    assert os.environ["CANARY_SERVICE_REST_PORT"] == "0"
+    assert os.environ["CANARY_SERVICE_REST_PORT"] == "0"  # the flag wins
+    assert os.environ["CANARY_SERVICE_GRPC_PORT"] == "0"  # no flag: the environment's setting stays

@@ -54,8 +54,9 @@ class FakeSlot:
         with selectors.DefaultSelector() as sel:  # wait for the ports line, noticing a death
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout_s) or not (line := self.proc.stdout.readline()):
+                tail = self.log.read_text()[-2000:]
                 self.kill()
-                raise RuntimeError(f"fake slot {self.name} did not start: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"fake slot {self.name} did not start: {tail}")
         ports = json.loads(line)
         self.rest_port, self.grpc_port = ports["rest_port"], ports["grpc_port"]
         return self
@@ -97,16 +98,17 @@ class FakeSlot:
         self._control("/_fake/reset")
 
     def kill(self) -> None:
-        """Crash it: SIGKILL, no shutdown."""
+        """Crash it: SIGKILL, no shutdown; its log goes too (nothing reads a dead slot's)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         if self.proc is not None:
             self.proc.wait(5)
             if self.proc.stdout:
                 self.proc.stdout.close()
+        self.log.unlink(missing_ok=True)
 
     def stop(self) -> None:
-        """Terminate it (SIGKILL if it lingers) and remove its log."""
+        """Terminate it (SIGKILL if it lingers) and remove its log (`kill`)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -114,7 +116,6 @@ class FakeSlot:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
-        self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self.start()

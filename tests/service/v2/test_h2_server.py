@@ -412,7 +412,8 @@ def test_a_compressed_message_is_unimplemented_and_a_broken_one_internal(served)
 
 
 def test_the_lean_server_runs_on_uvloop_as_in_the_bento(core):
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # a dependency of the project (pyproject.toml), as in the Bento
+
     with serving(lambda: core, transport="lean", loop_factory=uvloop.new_event_loop) as running:
         client = triton.InferenceServerClient(running.url)
         assert_answers(client, core, n=5)
