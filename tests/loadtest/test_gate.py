@@ -639,10 +639,11 @@ def test_healthy_twin_passes_three_runs_out_of_three(twin_outcomes):
 def test_slower_candidate_fails(canary_home, built_pipeline, stable_slot, twin_outcomes, tmp_path):
     # The injected delay is per model batch, and a request's latency here is mostly HTTP and
     # scheduling, not the model: derive the delay from stable's median under this very load
-    # (the twin runs). Half of it makes the candidate ~1.5x slower; 0.3 was too tight, as
-    # stable's median moves between runs on a shared machine (a run measured only 1.18x).
+    # (the twin runs). All of it makes the candidate ~2x slower: 0.3 was too tight, as stable's
+    # median moves between runs on a shared machine (a run measured only 1.18x), and 0.5 left
+    # too little room above the 1.2x asserted below when the median swings between runs.
     stable_p50 = statistics.median(o.result["slots"]["stable"]["p50_ms"] for o in twin_outcomes)
-    delay_ms = max(2.0, round(0.5 * stable_p50, 1))
+    delay_ms = max(2.0, round(1.0 * stable_p50, 1))
     env = {"CANARY_SERVICE_FAULT_LATENCY_MS": str(delay_ms)}
     with gate_slot(canary_home, built_pipeline.bento_tag, "slow", env) as slow:
         outcome = gate(stable_slot, slow, tmp_path)

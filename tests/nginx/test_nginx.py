@@ -512,7 +512,7 @@ def test_feedback_is_public_capped_at_1_mib_and_never_mirrored(stack: Stack) -> 
 
 
 def test_slow_shadow_candidate_does_not_slow_clients(stack: Stack) -> None:
-    sleep_s = 3.0
+    sleep_s = 4.0  # well past the bound below: a client that waited for the candidate fails it
     stack.slots["green"].behave(sleep_s=sleep_s)
     stack.route(weight=0, shadow=True)
     latencies = []
@@ -525,7 +525,7 @@ def test_slow_shadow_candidate_does_not_slow_clients(stack: Stack) -> None:
                 with httpx.Client(base_url=stack.rest_url) as fresh:
                     assert infer(fresh) == "blue"
             latencies.append(time.monotonic() - started)
-    assert max(latencies) < SHADOW_TIMEOUT_S + 0.8 < sleep_s, latencies
+    assert max(latencies) < SHADOW_TIMEOUT_S + 1.5 < sleep_s, latencies  # slack for a stall on a busy CI
     wait_until(lambda: len(stack.slots["green"].requests()) >= 6, 5, "shadow copies at the slow candidate")
 
 
