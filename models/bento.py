@@ -67,7 +67,7 @@ def build_bento(
     if heavy:
         bentoml.bentos.delete(str(bento.tag))
         raise CanaryError(f"the Bento would carry {', '.join(heavy)}; serving needs onnxruntime only")
-    home.bentos_dir.mkdir(exist_ok=True)
+    home.bentos_dir.mkdir(parents=True, exist_ok=True)
     archive = home.bentos_dir / f"digits-service-{bento_version}.bento"
     archive.unlink(missing_ok=True)
     bentoml.bentos.export_bento(bento.tag, str(archive))

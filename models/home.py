@@ -37,6 +37,12 @@ class CanaryHome(BaseSettings):
         validation_alias="MLFLOW_TRACKING_URI",
         description="A real MLflow tracking server; default is SQLite inside the state folder.",
     )
+    bento_archives: Path | None = Field(
+        default=None,
+        description="Where `canary build` exports Bento archives (env CANARY_BENTO_ARCHIVES); default "
+        "the repository's bentos/. The test suite points it into its own state folder, so a test "
+        "build never replaces a user's bentos/digits-service-vN.bento.",
+    )
 
     @property
     def embedded_uri(self) -> str:
@@ -69,7 +75,7 @@ class CanaryHome(BaseSettings):
 
     @property
     def bentos_dir(self) -> Path:
-        return REPO_ROOT / "bentos"
+        return self.bento_archives or REPO_ROOT / "bentos"
 
     def activate(self) -> None:
         """Point every library at the state folder. Call before importing bentoml or mlflow."""

@@ -10,6 +10,9 @@ from pathlib import Path
 # Must run before any test module imports bentoml (it reads BENTOML_HOME at import).
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="canary-test-home-"))
 os.environ["CANARY_HOME"] = str(_SESSION_HOME)
+# Bento archives too: the session's builds (registry versions 1, 2, ...) would otherwise
+# replace the archives a user's `make demo` or `canary build` left in the repository's bentos/.
+os.environ["CANARY_BENTO_ARCHIVES"] = str(_SESSION_HOME / "bentos")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from models.home import CanaryHome  # noqa: E402
