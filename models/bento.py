@@ -40,6 +40,10 @@ def build_bento(
     from bentoml.exceptions import NotFound
 
     ref, stored = resolve_stored(home, version, alias)
+    try:  # before the build: a folder that cannot be written fails in a line, not after a minute
+        home.bentos_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CanaryError(f"cannot write Bento archives to {home.bentos_dir}: {exc.strerror}") from None
     bento_version = f"v{ref.version}"
     say(f"building the Bento for {stored.tag} from {BENTOFILE.name}")
     try:
@@ -67,7 +71,6 @@ def build_bento(
     if heavy:
         bentoml.bentos.delete(str(bento.tag))
         raise CanaryError(f"the Bento would carry {', '.join(heavy)}; serving needs onnxruntime only")
-    home.bentos_dir.mkdir(parents=True, exist_ok=True)
     archive = home.bentos_dir / f"digits-service-{bento_version}.bento"
     archive.unlink(missing_ok=True)
     bentoml.bentos.export_bento(bento.tag, str(archive))

@@ -28,6 +28,11 @@ def test_train_and_export_write_only_inside_canary_home(tmp_path):
     assert any((state / "mlartifacts").rglob("model.onnx"))
     assert any((state / "bentoml" / "models" / "digits").iterdir())
     assert [p.name for p in archives.iterdir()] == ["digits-service-v1.bento"]
+    env["CANARY_BENTO_ARCHIVES"] = "/proc/no-such-folder"  # cannot be made: one line, exit 1
+    refused = subprocess.run([CANARY, "build", "--version", "1"], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "cannot write Bento archives to /proc/no-such-folder" in refused.stderr, refused.stderr
 
 
 def test_bento_archives_default_to_the_repository_and_follow_their_setting(monkeypatch, tmp_path):
