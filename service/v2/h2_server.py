@@ -10,7 +10,9 @@ machine with h2load and an empty handler, 14,300-18,500 calls/s on 0.93 cores vs
 What it speaks: HTTP/2 over cleartext with prior knowledge (what gRPC clients and nginx's
 grpc_pass use), unary calls only (every RPC of the V2 service and grpc.health.v1's Check);
 a streaming RPC answers UNIMPLEMENTED. HPACK decoding is the `hpack` package's (the h2
-project's), so the dynamic table and Huffman strings are handled by tested code; answers use
+project's), so the dynamic table and Huffman strings are handled by tested code (a block that
+keeps no HPACK state, as nginx sends them, is decoded field by field through a cache of fields
+already decoded: `hpack_fields.py`); answers use
 literal header fields only, so this side keeps no HPACK state (after the client sets
 SETTINGS_HEADER_TABLE_SIZE, the next block written starts with a table size update to 0), and
 a header block larger than the client's frame size goes out as HEADERS + CONTINUATION frames.
@@ -61,6 +63,8 @@ from typing import Any
 import grpc  # the status vocabulary (StatusCode, aio.AbortError) the servicers speak
 import hpack
 from google.protobuf.message import DecodeError
+
+from service.v2.hpack_fields import FieldCache
 
 log = logging.getLogger("bento_canary.v2.h2")
 
@@ -210,6 +214,7 @@ class H2GrpcServer:
         self.held_total = 0
         self.active_rpcs = 0
         self.connections: set[_Connection] = set()
+        self.header_fields = FieldCache()  # decoded stateless header fields, shared by the connections
         self._server: asyncio.Server | None = None
 
     async def listen(self, host: str, port: int, reuse_port: bool) -> int:
@@ -437,7 +442,7 @@ class _Connection(asyncio.Protocol):
 
     def _header_block(self, flags: int, stream_id: int, block: bytes, out: list[bytes]) -> None:
         try:
-            fields: list[tuple[str, str]] = self.decoder.decode(block)  # type: ignore[assignment]  # str: raw=False
+            fields = self.server.header_fields.decode(self.decoder, block)
         except Exception as exc:  # noqa: BLE001 - hpack's errors: the connection's state is lost
             raise _ConnectionError(COMPRESSION_ERROR, f"undecodable headers ({type(exc).__name__})") from None
         stream = self.streams.get(stream_id)
