@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from deploy.process import free_port
 from service.v2 import h2_server as h2
 from service.v2.hpack_fields import FieldCache
-from tests.service.v2.test_grpc import assert_answers, serving, tin
+from tests.service.v2.test_grpc import assert_answers, raw_request, serving, tin
+from tests.service.v2.test_h2_server import INFER, RawClient, assert_model_answer, framed
 from tests.support.tiny_model import digits_rows, tiny_core
 from tests.support.tools import require_tool
 
@@ -232,3 +233,30 @@ def wait_until(condition, what: str, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_a_connection_reading_back_what_nginxs_blocks_indexed_is_answered_right(core):
+    """On one connection: nginx's block split over HEADERS + CONTINUATION, the same block
+    whole, then a block that names :path and :authority by the dynamic-table entries those
+    blocks added (which this module replayed into the connection's table): three right answers."""
+    rows = digits_rows(3, seed=5)
+    body = framed(raw_request(rows).SerializeToString())
+    call = [*NGINX_CALL[:2], (":path", INFER), *NGINX_CALL[3:]]
+    block = nginx_block(call)
+    rest = b"".join(proxy_block([field]) for field in call[4:])
+    by_table = bytes([0x83, 0x86, 0x80 | 63, 0x80 | 62]) + rest  # POST, http, then :path and :authority
+    with serving(lambda: core, transport="lean") as served:
+        client = RawClient(served.url)
+        try:
+            client.send(h2.HEADERS, 0, 1, block[:20])
+            client.send(h2.CONTINUATION, h2.END_HEADERS, 1, block[20:])
+            client.send(h2.DATA, h2.END_STREAM, 1, body)
+            client.send(h2.HEADERS, h2.END_HEADERS, 3, block)
+            client.send(h2.DATA, h2.END_STREAM, 3, body)
+            client.send(h2.HEADERS, h2.END_HEADERS, 5, by_table)
+            client.send(h2.DATA, h2.END_STREAM, 5, body)
+            for stream_id in (1, 3, 5):
+                assert_model_answer(client.answer(stream_id), core, rows)
+        finally:
+            client.close()
+        assert served.endpoint.server.header_fields.whole_blocks == 1  # the third block, by hpack
