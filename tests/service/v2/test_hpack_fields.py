@@ -113,6 +113,18 @@ def test_the_cache_stays_bounded_under_a_flood_of_distinct_fields():
     assert all(len(encoded) <= cache.max_field_bytes for encoded in cache._fields)
 
 
+def test_a_field_marked_never_indexed_is_never_remembered():
+    """A credential sent never-indexed (RFC 7541 7.1.3) is decoded each time; neither it nor
+    its block stays in the worker's cache."""
+    cache, decoder = FieldCache(), hpack.Decoder()
+    secret = proxy_block([("authorization", "Bearer s3cr3t")], never=True)
+    for _ in range(2):
+        assert cache.decode(decoder, nginx_block(NGINX_CALL) + secret)[-1] == ("authorization", "Bearer s3cr3t")
+    assert cache.misses == 6 + 2  # nginx's 6 literal fields once, plus the secret every time
+    assert not any("s3cr3t" in header[1] for header, _ in cache._fields.values())
+    assert not cache._blocks
+
+
 def test_a_block_decoding_past_the_decoders_bound_fails_as_hpack_fails():
     # 1-byte static references inflate ~50x: 40,000 of them decode to ~2 MB (the bound is 1 MiB)
     block = h2._hpack_int(STATIC_INDEX["accept-encoding", "gzip, deflate"], 7, 0x80) * 40_000
