@@ -15,10 +15,11 @@ decoder of this module's own (the field reads nothing from its table). The liter
 incremental indexing are then added to the connection's table in order, as hpack adds them, so
 the next block that does refer to them finds what hpack would have. A whole block already seen
 is answered at once (a proxy repeats the same block call after call; with a per-call
-`grpc-timeout` only that field is decoded again). A field its sender marked never-indexed (RFC
-7541 7.1.3: a credential, say) is decoded every time and neither it nor its block is remembered,
-so the cache never holds a secret and its timing tells nobody what another client sent. Measured on this machine for nginx's block of
-a tritonclient call: hpack 62 us, field by field 9.5 us, a known block 0.35 us.
+`grpc-timeout` only that field is decoded again). A field its sender marked never-indexed
+(RFC 7541 7.1.3: a credential, say) is decoded every time and neither it nor its block is
+remembered, so the cache never holds a secret and its timing tells nobody what another client
+sent. Measured on this machine for nginx's block of a tritonclient call: hpack 62 us, field by
+field 9.5 us, a known block 0.35 us.
 Any other block (an index past the static table, a table size update, a truncated or overlong
 integer or string, more decoded bytes than the decoder allows) goes whole to the connection's
 own `hpack.Decoder`, untouched by this module: its table, its answer and its errors are then
@@ -36,6 +37,7 @@ MAX_BLOCKS = 256  # whole stateless blocks remembered (a proxy repeats the same 
 MAX_BLOCK_BYTES = 1024
 _STATIC: tuple[tuple[str, str], ...] = tuple((n.decode(), v.decode()) for n, v in HeaderTable.STATIC_TABLE)
 _Field = tuple[tuple[str, str], tuple[bytes, bytes]]  # the header, and its bytes (what a table entry holds)
+_UNBOUNDED = 1 << 62
 _INT_BYTES = 4  # continuation bytes of one integer: values up to 2**28, far above any length here
 
 
@@ -76,7 +78,10 @@ class FieldCache:
         # blocks already split: their fields and the entries they add to the dynamic table, in
         # order (every connection's decoder has the same bound, which they were checked against)
         self._blocks: dict[bytes, tuple[list[tuple[str, str]], list[tuple[bytes, bytes]]]] = {}
-        self._lone = hpack.Decoder()  # decodes one literal at a time; its table is never read
+        # decodes one literal at a time; its table is never read, and the bound on what a block
+        # may decode to is the connection decoder's, checked in `_split` (hpack's default, 64 KiB,
+        # would refuse one large field the connection's decoder accepts)
+        self._lone = hpack.Decoder(max_header_list_size=_UNBOUNDED)
         self.hits = self.misses = self.whole_blocks = 0
 
     def decode(self, decoder: hpack.Decoder, block: bytes) -> list[tuple[str, str]]:

@@ -272,3 +272,14 @@ def test_a_connection_reading_back_what_nginxs_blocks_indexed_is_answered_right(
         finally:
             client.close()
         assert served.endpoint.server.header_fields.whole_blocks == 1  # the third block, by hpack
+
+
+def test_a_field_decoding_larger_than_hpacks_default_bound_is_decoded_as_the_connections_decoder_does():
+    """One Huffman-coded value of 96,000 characters (60 KB on the wire, under the block limit):
+    within the connection decoder's bound, so it decodes, as with hpack (the server then refuses
+    the call's metadata as too large, not the connection)."""
+    block = proxy_block([("x-big", "a" * 96_000)])
+    assert len(block) < h2.MAX_HEADER_BLOCK
+    plain = hpack.Decoder(max_header_list_size=h2.MAX_DECODED)
+    decoder = hpack.Decoder(max_header_list_size=h2.MAX_DECODED)
+    assert FieldCache().decode(decoder, block) == plain.decode(block) == [("x-big", "a" * 96_000)]
