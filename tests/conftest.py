@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -21,11 +22,19 @@ CanaryHome().activate()
 
 import pytest  # noqa: E402
 
+_SESSION_PID = os.getpid()
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """The session's state folder goes with it (36 MB a run); CANARY_KEEP_TEST_HOME=1 keeps it to look into."""
-    if os.environ.get("CANARY_KEEP_TEST_HOME") != "1":
+
+def _remove_session_home() -> None:
+    """The session's state folder goes with it (36 MB a run); CANARY_KEEP_TEST_HOME=1 keeps it to
+    look into. Not from a forked child, which would take it from the running session."""
+    if os.getpid() == _SESSION_PID and os.environ.get("CANARY_KEEP_TEST_HOME") != "1":
         shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+# at exit, not in pytest_unconfigure: a usage error (an unknown option) ends the run before
+# pytest configures, and left an empty folder behind in /tmp every time
+atexit.register(_remove_session_home)
 
 
 @pytest.fixture(scope="session")
