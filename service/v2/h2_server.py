@@ -11,8 +11,8 @@ What it speaks: HTTP/2 over cleartext with prior knowledge (what gRPC clients an
 grpc_pass use), unary calls only (every RPC of the V2 service and grpc.health.v1's Check);
 a streaming RPC answers UNIMPLEMENTED. HPACK decoding is the `hpack` package's (the h2
 project's), so the dynamic table and Huffman strings are handled by tested code (a block that
-keeps no HPACK state, as nginx sends them, is decoded field by field through a cache of fields
-already decoded: `hpack_fields.py`); answers use
+never reads the dynamic table, as nginx sends them, is decoded field by field through a cache
+of fields already decoded: `hpack_fields.py`); answers use
 literal header fields only, so this side keeps no HPACK state (after the client sets
 SETTINGS_HEADER_TABLE_SIZE, the next block written starts with a table size update to 0), and
 a header block larger than the client's frame size goes out as HEADERS + CONTINUATION frames.
@@ -214,7 +214,7 @@ class H2GrpcServer:
         self.held_total = 0
         self.active_rpcs = 0
         self.connections: set[_Connection] = set()
-        self.header_fields = FieldCache()  # decoded stateless header fields, shared by the connections
+        self.header_fields = FieldCache()  # header fields already decoded, shared by the connections
         self._server: asyncio.Server | None = None
 
     async def listen(self, host: str, port: int, reuse_port: bool) -> int:

@@ -5,7 +5,6 @@ where hpack fails; and the header blocks nginx sends must really take the cached
 from __future__ import annotations
 
 import subprocess
-import time
 
 import hpack
 import pytest
@@ -18,6 +17,7 @@ from service.v2 import h2_server as h2
 from service.v2.hpack_fields import FieldCache
 from tests.service.v2.test_grpc import assert_answers, raw_request, serving, tin
 from tests.service.v2.test_h2_server import INFER, RawClient, assert_model_answer, framed
+from tests.support.predlog import wait_until
 from tests.support.tiny_model import digits_rows, tiny_core
 from tests.support.tools import require_tool
 
@@ -219,7 +219,7 @@ def test_nginxs_blocks_take_the_cached_path_and_calls_through_it_are_answered_ri
                                 stderr=subprocess.PIPE)  # fmt: skip
         try:
             client = triton.InferenceServerClient(f"127.0.0.1:{port}")
-            wait_until(lambda: _ready(client), "nginx in front of the lean server")
+            wait_until(lambda: _ready(client), 10.0, "nginx in front of the lean server")
             fields = served.endpoint.server.header_fields
             blocks_before, misses_before = fields.whole_blocks, fields.misses
             for n in range(1, 21):  # a client deadline per call: grpc-timeout differs every time
@@ -238,13 +238,6 @@ def _ready(client: triton.InferenceServerClient) -> bool:
         return bool(client.is_server_ready())
     except triton.InferenceServerException:
         return False
-
-
-def wait_until(condition, what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_connection_reading_back_what_nginxs_blocks_indexed_is_answered_right(core):
