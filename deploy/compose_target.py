@@ -31,7 +31,16 @@ import yaml
 
 from deploy.compose_cli import COMPOSE_DIR, ComposeCli, ComposeSettings
 from deploy.image_settings import ImageSettings
-from deploy.nginx import MODULES_DIR, NginxController, NginxError, NginxLayout, NginxPorts, SlotAddress, ensure_token
+from deploy.nginx import (
+    MODULES_DIR,
+    NginxController,
+    NginxError,
+    NginxLayout,
+    NginxPorts,
+    SlotAddress,
+    ensure_token,
+    serving,
+)
 from deploy.stack import LocalStack
 from deploy.state import SLOTS, ReleaseState, SlotState
 from models.errors import CanaryError
@@ -287,8 +296,8 @@ class ComposeNginx(NginxController):
         seen = None
         while time.monotonic() < deadline:
             try:
-                seen = self.status(token).get("config_generation")
-                if seen == generation:
+                seen = serving(self.status(token))
+                if seen == [generation]:
                     return
             except CanaryError:
                 pass

@@ -389,17 +389,17 @@ class NginxController:
         def settled() -> bool:
             nonlocal seen, log
             try:
-                seen = self.status(token)["config_generation"]
+                seen = serving(self.status(token))
             except NginxError as exc:
                 seen = exc
             with contextlib.suppress(OSError), self.error_log.open(errors="replace") as handle:
                 handle.seek(log_offset)  # what nginx said since the signal
                 log = handle.read()
-            return seen == generation or bool(_REJECTED.search(log))
+            return seen == [generation] or bool(_REJECTED.search(log))
 
-        if not _wait(settled, self.timeout_s) or seen != generation:
+        if not _wait(settled, self.timeout_s) or seen != [generation]:
             raise NginxConfigError(f"nginx did not confirm config generation {generation} "
-                                   f"(it reports {seen}): {_one_line(log)}")  # fmt: skip
+                                   f"(its workers serve {seen}): {_one_line(log)}")  # fmt: skip
 
     def _pid(self) -> int | None:
         try:
@@ -411,6 +411,15 @@ class NginxController:
         if not _alive(pid) or "nginx: master process" not in cmdline or str(self.conf) not in cmdline:
             return None
         return pid
+
+
+def serving(status: dict[str, Any]) -> list[int]:
+    """The config generations nginx's workers serve new connections with, from `/canary/status`.
+
+    Right after a reload the old workers may still accept for a moment: a reload is complete
+    when this is the new generation alone, not when the one worker that answered runs it."""
+    found = status.get("serving_generations")
+    return sorted(found) if isinstance(found, list) else []
 
 
 # a reload nginx gave up on (old workers keep the old config). Not "bind() to ... failed":

@@ -163,6 +163,39 @@ end
 function M.init_worker()
   -- workers are forked from one master: seed each differently
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+  dict:set("worker:" .. ngx.worker.pid(), cfg.config_generation)
+end
+
+-- The config generations of the workers that still take new connections. Each worker
+-- records itself at start ("worker:<pid>"); one that is gone, or that the master has told to
+-- shut down after a reload, no longer counts: nginx retitles it "worker process is shutting
+-- down" in the same step that closes its listeners. A reload is complete, for every new
+-- connection, once this is the new generation alone (NginxController.apply waits for it).
+local function state_and_parent(pid)
+  local stat = read_file("/proc/" .. pid .. "/stat") or ""
+  return stat:match(".*%) (%a) (%d+)")  -- after the last ")" of the name: state, parent pid
+end
+
+local function serving_generations()
+  local me, master = ngx.worker.pid(), select(2, state_and_parent("self"))
+  local seen, list = { [cfg.config_generation] = true }, { cfg.config_generation }
+  for _, key in ipairs(dict:get_keys(0)) do
+    local pid = key:match("^worker:(%d+)$")
+    if pid and tonumber(pid) ~= me then
+      local state, parent = state_and_parent(pid)
+      if master == nil or parent ~= master or state == "Z" or state == "X" then
+        dict:delete(key)  -- exited, or its pid now another process's: forget it
+      elseif not (read_file("/proc/" .. pid .. "/cmdline") or ""):find("shutting down", 1, true) then
+        local generation = dict:get(key)
+        if generation and not seen[generation] then
+          seen[generation] = true
+          list[#list + 1] = generation
+        end
+      end
+    end
+  end
+  table.sort(list)
+  return list
 end
 
 local function is_down(slot) return dict:get("down:" .. slot) ~= nil end
@@ -363,6 +396,7 @@ local function status_table()
     stable = s.stable, candidate = s.candidate or json.null, weight = s.weight, shadow = s.shadow,
     slots = slots, generation = dict:get("generation"),
     config_generation = cfg.config_generation, worker_pid = ngx.worker.pid(),
+    serving_generations = serving_generations(),
     max_fails = cfg.max_fails, fail_timeout_s = cfg.fail_timeout,
   }
 end
