@@ -21,7 +21,8 @@ from models.data import load_split
 from service.core.predlog import LogIdentity, Prediction, UnreadableInput, row_inputs, to_row
 from service.sinks import open_store
 from tests.support.canary_cli import canary_in_process as canary
-from tests.support.predlog import FEEDBACK, LabelStore, wait_until
+from tests.support.predlog import FEEDBACK, LabelStore
+from tests.support.waiting import wait_until
 
 THRESHOLDS = GateThresholds.from_yaml()
 

@@ -36,6 +36,7 @@ from tests.support.gate_fixtures import (
     gate_slot,
     run_locust,
 )
+from tests.support.waiting import wait_until
 
 pytest_plugins = ["tests.support.gate_fixtures"]  # stable_slot, twin_slot, twin_outcomes, worse_model...
 
@@ -528,22 +529,13 @@ def test_requests_killed_in_flight_at_the_stop_are_failures_not_lost(tmp_path, m
     assert next(c for c in result["checks"] if c["name"] == "requests_paired")["passed"]
 
 
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
-
-
 @pytest.mark.parametrize("fate", ["freeze", "kill"])
 def test_a_candidate_that_stops_answering_mid_run_fails_the_gate(tmp_path, fate):
     with fake_slot("blue", "2") as blue, fake_slot("green", "3") as green, ThreadPoolExecutor(1) as pool:
         stable, candidate = fake_target(blue, "never", "blue", "2"), fake_target(green, "always", "green", "3")
         running = pool.submit(fake_gate, stable, candidate, tmp_path / "out")
         # The load is under way once the candidate has answered a hundred inputs (~1 s).
-        wait_for(lambda: len(infer_requests(green)) >= 100 or running.done(), 90, "the load did not start")
+        wait_until(lambda: len(infer_requests(green)) >= 100 or running.done(), 90, "the load to start", 0.05)
         assert not running.done(), running.result().error
         struck = time.monotonic()
         green.freeze() if fate == "freeze" else green.kill()

@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from deploy.nginx import (
 from deploy.process import free_port
 from tests.support.listeners import listen_addresses
 from tests.support.upstreams import FakeSlot
+from tests.support.waiting import wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NEEDED = [Path(NGINX), MODULES_DIR / "ngx_http_lua_module.so", MODULES_DIR / "ndk_http_module.so",
@@ -52,15 +53,6 @@ FAIL_TIMEOUT_S = 2  # short, so a slot marked down by one test is healthy again 
 UPSTREAM_TIMEOUT_S = 1.5  # a slot silent this long has failed (hung-slot tests)
 MAX_FAILS = 3
 VERSIONS = {"blue": "v1", "green": "v2"}
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll `condition` until it returns something truthy; fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.02)
-    return result
 
 
 @dataclass

@@ -13,8 +13,9 @@ import pytest
 from models.data import PIXEL_RANGE, load_split
 from service.core.drift import ALERT_PSI, DriftMonitor, DriftReference, psi
 from service.sinks import open_store
-from tests.support.predlog import INFER, RecordingObserver, logged_server, wait_until
+from tests.support.predlog import INFER, RecordingObserver, logged_server
 from tests.support.redis_server import RedisProcess
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import pytest
 from service.core.feedback import MAX_LABELS
 from service.sinks import open_store
 from service.v2.rest import V2RestApp
-from tests.support.predlog import FEEDBACK, INFER, LoggedServer, logged_server, wait_until
+from tests.support.predlog import FEEDBACK, INFER, LoggedServer, logged_server
 from tests.support.redis_server import RedisProcess
 from tests.support.tiny_model import digits_rows, tiny_core
 from tests.support.v2_listener import listening
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")

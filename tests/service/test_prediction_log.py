@@ -21,9 +21,10 @@ import redis
 from deploy.predictions import export_predictions
 from service.sinks import open_store
 from tests.support.postgres_server import PASSWORD, postgres_server  # noqa: F401
-from tests.support.predlog import INFER, logged_server, wait_until
+from tests.support.predlog import INFER, logged_server
 from tests.support.redis_server import redis_server  # noqa: F401
 from tests.support.tiny_model import digits_rows
+from tests.support.waiting import wait_until
 
 STREAM = "canary:predlog:stream"
 HEX32 = r"^[0-9a-f]{32}$"

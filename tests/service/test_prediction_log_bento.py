@@ -17,7 +17,8 @@ from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 from models.data import load_split
 from service.sinks import open_store
 from tests.support.metrics import scrape, total
-from tests.support.predlog import FEEDBACK, INFER, wait_until
+from tests.support.predlog import FEEDBACK, INFER
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

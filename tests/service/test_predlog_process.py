@@ -19,9 +19,10 @@ import pytest
 from service.core.predlog import Prediction
 from service.core.predlog_wire import HEADER, pack, unpack
 from service.sinks import open_store
-from tests.support.predlog import INFER, logged_server, wait_until
+from tests.support.predlog import INFER, logged_server
 from tests.support.redis_server import redis_server  # noqa: F401
 from tests.support.tiny_model import digits_rows
+from tests.support.waiting import wait_until
 
 STREAM = "canary:predlog:stream"
 

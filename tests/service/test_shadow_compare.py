@@ -15,9 +15,10 @@ import pytest
 from service.core.feedback import LoggedPrediction
 from service.core.shadow_compare import ShadowComparer, ShadowTally
 from service.sinks import open_store
-from tests.support.predlog import INFER, RecordingObserver, logged_server, wait_until
+from tests.support.predlog import INFER, RecordingObserver, logged_server
 from tests.support.redis_server import RedisProcess, redis_server  # noqa: F401
 from tests.support.tiny_model import digits_rows
+from tests.support.waiting import wait_until
 
 
 class RecordingShadow(RecordingObserver):

@@ -19,7 +19,8 @@ from tritonclient.grpc import service_pb2_grpc as pb2_grpc
 
 from models.data import load_split
 from tests.support.metrics import scrape, total
-from tests.support.predlog import INFER, wait_until
+from tests.support.predlog import INFER
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 ROWS = 120  # distinct test digits, one per request and per connection (the cache is off)

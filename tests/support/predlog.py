@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,6 @@ from tests.support.v2_listener import listening
 
 INFER = "/v2/models/digits/infer"
 FEEDBACK = "/v2/models/digits/feedback"
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll `condition` until it returns something truthy; fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.02)
-    return result
 
 
 class LabelStore:

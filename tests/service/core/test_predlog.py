@@ -11,8 +11,9 @@ import numpy as np
 
 from service.core.predlog import LogIdentity, Prediction, PredictionLog, to_row
 from service.sinks import open_store
-from tests.support.predlog import RecordingObserver, wait_until
+from tests.support.predlog import RecordingObserver
 from tests.support.redis_server import redis_server  # noqa: F401
+from tests.support.waiting import wait_until
 
 WHO = LogIdentity("blue", "digits", "3")
 

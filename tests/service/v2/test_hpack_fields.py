@@ -17,9 +17,9 @@ from service.v2 import h2_server as h2
 from service.v2.hpack_fields import FieldCache
 from tests.service.v2.test_grpc import assert_answers, raw_request, serving, tin
 from tests.service.v2.test_h2_server import INFER, RawClient, assert_model_answer, framed
-from tests.support.predlog import wait_until
 from tests.support.tiny_model import digits_rows, tiny_core
 from tests.support.tools import require_tool
+from tests.support.waiting import wait_until
 
 NGINX_CALL = [(":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
               (":authority", "127.0.0.1:40123"), ("content-type", "application/grpc"),
