@@ -310,11 +310,14 @@ def _current(httproute: Obj) -> tuple[str, str, int]:
 # -- the commands ------------------------------------------------------------------------
 
 
-def plan_weight(httproute: Obj, grpcroute: Obj, stable: str, candidate: str, weight: int) -> K8sPlan:
+def plan_weight(
+    httproute: Obj, grpcroute: Obj, stable: str, candidate: str, weight: int, deployments: Iterable[Obj]
+) -> K8sPlan:
     """Send `weight` percent of unforced REST and gRPC traffic to `candidate`, the rest to `stable`.
 
     The roles must be the ones the HTTPRoute's x-canary rules already state (a role change
-    is `switch` or `promote`); the GRPCRoute is brought in line with them.
+    is `switch` or `promote`); the GRPCRoute is brought in line with them. A weight above 0
+    needs the candidate ready and rolled out; 0 (a rollback) needs nothing.
     """
     check_slot(stable)
     check_slot(candidate)
@@ -327,6 +330,8 @@ def plan_weight(httproute: Obj, grpcroute: Obj, stable: str, candidate: str, wei
             f"the routes have stable={current_stable} candidate={current_candidate}, not stable={stable} "
             f"candidate={candidate}; use switch or promote to change roles"
         )
+    if weight > 0:
+        _require_ready(deployments, candidate, f"send {weight}% to the candidate")
     summary = f"candidate {candidate} {current}% -> {weight}% (stable {stable} {100 - weight}%)"
     return _routing_plan("weight", summary, httproute, grpcroute, stable, candidate, weight, shadow=None)
 
@@ -346,12 +351,51 @@ def plan_rollback(httproute: Obj, grpcroute: Obj) -> K8sPlan:
     return _routing_plan("rollback", summary, httproute, grpcroute, stable, candidate, 0)
 
 
+@dataclass(frozen=True)
+class _Rollout:
+    """A Deployment's rollout, read as `kubectl rollout status` reads it."""
+
+    desired: int
+    pods: int
+    updated: int
+    ready: int
+    observed: bool
+
+    @classmethod
+    def of(cls, deployment: Obj) -> _Rollout:
+        spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+        observed = int(status.get("observedGeneration") or 0) >= int(deployment["metadata"].get("generation") or 0)
+        counts = (int(status.get(key) or 0) for key in ("replicas", "updatedReplicas", "readyReplicas"))
+        return cls(int(spec.get("replicas", 1)), *counts, observed)
+
+    @property
+    def complete(self) -> bool:
+        """The controller has seen the current spec, and every pod runs it (no old pod left)."""
+        return self.observed and self.updated >= self.desired and self.pods == self.updated
+
+    def progress(self) -> str:
+        if not self.observed:
+            return "the Deployment controller has not yet picked up its new spec"
+        return f"{self.updated} of {self.desired} pods updated, {max(0, self.pods - self.updated)} old still serving"
+
+
 def _require_ready(deployments: Iterable[Obj], slot: str, action: str) -> Obj:
+    """The slot's Deployment, if traffic may move to it: a ready replica, and a finished rollout.
+
+    Until a rollout finishes the old pods stay ready (maxUnavailable 0) and the Service sends
+    them the slot's traffic: a slot still rolling out (or stuck, its new pods crash-looping)
+    would get traffic, or be promoted, on the image it is leaving."""
     deployment = _deployments_by_slot(deployments).get(slot)
     if deployment is None:
         raise ValueError(f"cannot {action}: no Deployment for slot {slot}")
-    if int((deployment.get("status") or {}).get("readyReplicas") or 0) < 1:
-        raise ValueError(f"cannot {action}: slot {slot} ({_meta(deployment)[0]}) has no ready replica")
+    rollout, name = _Rollout.of(deployment), _meta(deployment)[0]
+    if rollout.ready < 1:
+        raise ValueError(f"cannot {action}: slot {slot} ({name}) has no ready replica")
+    if not rollout.complete:
+        raise ValueError(
+            f"cannot {action}: slot {slot} ({name}) is still rolling out to {_image(deployment)} "
+            f"({rollout.progress()}); wait until `canary --target k8s status` shows its rollout complete"
+        )
     return deployment
 
 
@@ -449,21 +493,16 @@ def read_status(deployments: Iterable[Obj], httproute: Obj, grpcroute: Obj) -> d
             "deployment": None,
         }
         if deployment is not None:
-            spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
-            image = _image(deployment)
+            image, rollout = _image(deployment), _Rollout.of(deployment)
             tag = _VERSION_TAG.search(image)
-            desired = int(spec.get("replicas", 1))
-            updated = int(status.get("updatedReplicas") or 0)
-            generation = int(deployment["metadata"].get("generation") or 0)
-            observed = int(status.get("observedGeneration") or 0) >= generation
             entry.update(
                 deployment=_meta(deployment)[0],
                 image=image,
                 model_version=int(tag.group(1)) if tag else None,
-                replicas=desired,
-                ready_replicas=int(status.get("readyReplicas") or 0),
-                updated_replicas=updated,
-                rollout_complete=observed and updated >= desired and int(status.get("replicas") or 0) == updated,
+                replicas=rollout.desired,
+                ready_replicas=rollout.ready,
+                updated_replicas=rollout.updated,
+                rollout_complete=rollout.complete,
             )
         slots[slot] = entry
     return {

@@ -142,7 +142,7 @@ class K8sTarget:
         """The candidate's share of unforced REST and gRPC traffic; roles stay."""
         http, grpc = self._routes()
         stable, candidate, _ = self._roles(http, grpc)
-        plan = _planned(k8s_plan.plan_weight, http, grpc, stable, candidate, percent)
+        plan = _planned(k8s_plan.plan_weight, http, grpc, stable, candidate, percent, self._deployments())
         return self._apply(plan, dry_run, f"canary --target k8s weight {percent}", reason)
 
     def rollback(self, dry_run: bool = False, reason: str = "") -> K8sPlan:

@@ -249,7 +249,9 @@ def test_the_http_route_passes_only_the_api_paths():
         for rule in http["spec"]["rules"]:
             paths = {(m["path"]["type"], m["path"]["value"]) for m in rule["matches"]}
             assert paths == {("PathPrefix", "/v2"), ("Exact", "/classify")}, rule
-        (patch, _) = k8s_plan.plan_weight(http, grpc, "blue", "green", 10).patches
+        (patch, _) = k8s_plan.plan_weight(
+            http, grpc, "blue", "green", 10, [recorded("deployment-blue"), recorded("deployment-green")]
+        ).patches
         assert [rule["matches"] for rule in patch.payload()["spec"]["rules"]] == [
             rule["matches"] for rule in http["spec"]["rules"]
         ]
@@ -443,7 +445,9 @@ def test_read_status_reports_slots_images_replicas_and_weights(cluster):
 
 
 def test_weight_patches_both_routes_with_exact_merge_patch_bodies(cluster):
-    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 25)
+    plan = k8s_plan.plan_weight(
+        cluster["http"], cluster["grpc"], "blue", "green", 25, [cluster["blue"], cluster["green"]]
+    )
     http, grpc = plan.patches
     assert (http.kind, http.name, http.namespace, http.patch_type) == (
         "HTTPRoute",
@@ -484,7 +488,9 @@ def test_weight_patches_both_routes_with_exact_merge_patch_bodies(cluster):
 
 
 def test_setting_the_current_weight_plans_no_patch(cluster):
-    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 10)
+    plan = k8s_plan.plan_weight(
+        cluster["http"], cluster["grpc"], "blue", "green", 10, [cluster["blue"], cluster["green"]]
+    )
     assert plan.patches == ()
     assert "  nothing to patch" in plan.describe()
 
@@ -493,7 +499,9 @@ def test_a_hand_edited_grpc_route_is_brought_back_in_line(cluster):
     for ref in cluster["grpc"]["spec"]["rules"][2]["backendRefs"]:
         ref["weight"] = 1  # someone split gRPC 50/50 by hand
     assert status(cluster)["consistent"] is False
-    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 10)
+    plan = k8s_plan.plan_weight(
+        cluster["http"], cluster["grpc"], "blue", "green", 10, [cluster["blue"], cluster["green"]]
+    )
     assert [patch.kind for patch in plan.patches] == ["GRPCRoute"]
     assert status(applied(cluster, plan))["consistent"] is True
 
@@ -515,7 +523,9 @@ def test_a_hand_edited_grpc_route_is_brought_back_in_line(cluster):
 )  # fmt: skip
 def test_bad_weight_requests_are_one_line_errors(cluster, stable, candidate, weight, message):
     with pytest.raises(ValueError) as caught:
-        k8s_plan.plan_weight(cluster["http"], cluster["grpc"], stable, candidate, weight)
+        k8s_plan.plan_weight(
+            cluster["http"], cluster["grpc"], stable, candidate, weight, [cluster["blue"], cluster["green"]]
+        )
     assert str(caught.value) == message and "\n" not in message
 
 
@@ -581,7 +591,12 @@ def test_a_weight_change_keeps_the_mirror_and_rollback_or_a_role_change_stops_it
     """As on the local stack: mirroring follows the candidate only until traffic is rolled
     back or the roles change (after a switch the mirror would copy stable's traffic to itself)."""
     mirrored = applied(cluster, k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True))
-    weighted = applied(mirrored, k8s_plan.plan_weight(mirrored["http"], mirrored["grpc"], "blue", "green", 40))
+    weighted = applied(
+        mirrored,
+        k8s_plan.plan_weight(
+            mirrored["http"], mirrored["grpc"], "blue", "green", 40, [mirrored["blue"], mirrored["green"]]
+        ),
+    )
     assert status(weighted)["shadow"] is True and status(weighted)["weight"] == 40
     deployments = [cluster["blue"], cluster["green"]]
     for plan in (
@@ -601,6 +616,41 @@ def test_switch_and_promote_refuse_a_candidate_without_ready_pods(cluster):
             ValueError, match=r"^cannot (switch|promote): slot green \(digits-green\) has no ready replica$"
         ):
             plan(cluster["http"], cluster["grpc"], [cluster["blue"], cluster["green"]])
+
+
+@pytest.mark.parametrize(
+    ("status", "progress"),
+    [
+        # a surge pod of the new image is up; the three old ones still serve the slot
+        ({"replicas": 4, "updatedReplicas": 1, "readyReplicas": 4}, "1 of 3 pods updated, 3 old still serving"),
+        # stuck: the new pods crash-loop, maxUnavailable 0 keeps every old pod ready
+        ({"replicas": 5, "updatedReplicas": 2, "readyReplicas": 3}, "2 of 3 pods updated, 3 old still serving"),
+        # the image was just patched: the controller has not looked yet
+        ({"observedGeneration": 5}, "the Deployment controller has not yet picked up its new spec"),
+    ],
+)
+def test_traffic_never_moves_to_a_slot_still_rolling_out(cluster, status, progress):
+    """Old pods stay ready while a rollout runs, so readiness alone would send the candidate's
+    traffic (or a promotion) to the image it is leaving."""
+    cluster["green"]["status"].update(status)
+    deployments = [cluster["blue"], cluster["green"]]
+    refused = (
+        lambda: k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 1, deployments),
+        lambda: k8s_plan.plan_switch(cluster["http"], cluster["grpc"], deployments),
+        lambda: k8s_plan.plan_promote(cluster["http"], cluster["grpc"], deployments),
+    )
+    for plan in refused:
+        with pytest.raises(ValueError) as error:
+            plan()
+        assert str(error.value).startswith("cannot ") and "\n" not in str(error.value)
+        image = "registry.example.com/bento-canary/digits-service:v4"
+        assert f"slot green (digits-green) is still rolling out to {image} ({progress})" in str(error.value)
+    assert (
+        k8s_plan.read_status(deployments, cluster["http"], cluster["grpc"])["slots"]["green"]["rollout_complete"]
+        is False
+    )
+    back = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 0, deployments)
+    assert back.summary == "candidate green 10% -> 0% (stable blue 100%)"  # a rollback needs nothing
 
 
 def test_promote_makes_the_candidate_stable_and_refuses_when_both_run_one_image(cluster):
@@ -665,7 +715,9 @@ def test_a_route_without_the_owned_rules_is_refused(cluster):
 
 
 def test_plans_are_immutable_and_print_their_exact_requests(cluster):
-    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 25)
+    plan = k8s_plan.plan_weight(
+        cluster["http"], cluster["grpc"], "blue", "green", 25, [cluster["blue"], cluster["green"]]
+    )
     patch = plan.patches[0]
     with pytest.raises(TypeError):
         patch.body["spec"] = {}  # type: ignore[index]

@@ -54,7 +54,7 @@ def planned(command: str) -> k8s_plan.K8sPlan:
     http, grpc = objects["HTTPRoute", "digits"], objects["GRPCRoute", "digits"]
     slots = [objects["Deployment", "digits-blue"], objects["Deployment", "digits-green"]]
     return {
-        "weight": lambda: k8s_plan.plan_weight(http, grpc, "blue", "green", 25),
+        "weight": lambda: k8s_plan.plan_weight(http, grpc, "blue", "green", 25, slots),
         "rollback": lambda: k8s_plan.plan_rollback(http, grpc),
         "switch": lambda: k8s_plan.plan_switch(http, grpc, slots),
         "promote": lambda: k8s_plan.plan_promote(http, grpc, slots),
@@ -109,6 +109,17 @@ def test_a_release_runs_rollback_deploy_weight_promote_and_back(target, api):
     status = target.status()
     green = status["slots"]["green"]
     assert (green["image"], green["model_version"], green["rollout_complete"]) == (V5, 5, False)
+    # Until the rollout finishes, green's old v4 pods still answer for the slot: no traffic,
+    # no promotion. A rollback (weight 0) needs nothing.
+    for command in (lambda: target.weight(50), target.promote, target.switch):
+        with pytest.raises(CanaryError) as refused:
+            command()
+        assert_one_line(refused, f"slot green (digits-green) is still rolling out to {V5} (the Deployment "
+                                 "controller has not yet picked up its new spec)")  # fmt: skip
+    target.weight(0)
+    assert [patch.kind for patch in api.patches] == ["HTTPRoute", "GRPCRoute", "Deployment"]
+    api.finish_rollout("digits-green")
+    assert target.status()["slots"]["green"]["rollout_complete"] is True
     target.weight(50)
     promotion = target.promote()
     assert promotion.model_version == 5

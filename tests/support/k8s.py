@@ -112,6 +112,13 @@ class FakeApi:
         self.objects[key] = apply_patch(current, patch.patch_type, patch.payload())
         return copy.deepcopy(self.objects[key])
 
+    def finish_rollout(self, name: str) -> None:
+        """What the Deployment controller reports once every pod of `name` runs its spec."""
+        deployment = self.objects["Deployment", name]
+        desired = deployment["spec"]["replicas"]
+        deployment["status"].update(observedGeneration=deployment["metadata"]["generation"], replicas=desired,
+                                    updatedReplicas=desired, readyReplicas=desired, availableReplicas=desired)  # fmt: skip
+
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         from models.errors import ConflictError
 
