@@ -151,7 +151,9 @@ class DigitsService:
             faults=FaultPlan(settings.fault_latency_ms, settings.fault_error_ratio, settings.fault_after_requests),
             predlog=self.predlog,
         )
-        self.feedback = FeedbackDesk(store, card.name, self.metrics) if store is not None else None
+        # ids not found yet are looked up again for two flush intervals (and half a second)
+        settle_s = 2 * settings.prediction_log_flush_interval_s + 0.5
+        self.feedback = FeedbackDesk(store, card.name, self.metrics, settle_s=settle_s) if store is not None else None
         self.core.start()
         self.roster = WorkerRoster(shared_folder(), WORKERS)
         self.core.peers_ready = self.roster.all_ready  # the slot is ready when every worker is

@@ -15,6 +15,7 @@ took the post. The tallies live in the store (stack-wide, they survive slot rest
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -139,11 +140,31 @@ def labels_from(payload: Any, classes: int | None) -> list[Label]:
 
 
 class FeedbackDesk:
-    """Joins labels to logged predictions of `model` and keeps the tallies current."""
+    """Joins labels to logged predictions of `model` and keeps the tallies current.
 
-    def __init__(self, store: PredictionStore, model: str, observer: CoreObserver | None = None) -> None:
-        self.store, self.model = store, model
+    The log writes an answer a flush interval or so after it went out (longer on a loaded
+    machine), so `post` looks ids it cannot find up again for `settle_s` before it refuses:
+    a label posted right after its answer is not lost to the writer's lag."""
+
+    RETRY_S = 0.1  # between lookups while ids settle
+
+    def __init__(
+        self, store: PredictionStore, model: str, observer: CoreObserver | None = None, *, settle_s: float = 0.0
+    ) -> None:
+        self.store, self.model, self.settle_s = store, model, settle_s
         self.observer = observer or CoreObserver()
+
+    async def post(self, labels: list[Label]) -> FeedbackResult:
+        """`submit` on a worker thread, again while ids are unknown, for at most `settle_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settle_s
+        while True:
+            try:
+                return await asyncio.to_thread(self.submit, labels)
+            except UnknownPrediction:  # nothing was recorded: trying again is safe
+                if loop.time() + self.RETRY_S > deadline:
+                    raise
+            await asyncio.sleep(self.RETRY_S)
 
     def submit(self, labels: list[Label]) -> FeedbackResult:
         """Blocking (store round trips): call it from a worker thread."""

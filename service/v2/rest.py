@@ -267,7 +267,7 @@ class V2RestApp:
             raise Unavailable(f"server is busy: {self._feedback_in_flight} feedback posts wait on the log store")
         self._feedback_in_flight += 1
         try:
-            result = await asyncio.to_thread(desk.submit, labels)
+            result = await desk.post(labels)
         finally:
             self._feedback_in_flight -= 1
         return Reply.json(result.to_json())

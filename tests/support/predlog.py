@@ -79,11 +79,12 @@ class LoggedServer:
 @contextlib.contextmanager
 def logged_server(
     tmp_path: Path, store: Any, *, version: str = "1", slot: str = "blue", seed: int = 0,
-    process_url: str | None = None, hang_timeout_s: float = 5.0, **log_options: Any,
+    process_url: str | None = None, hang_timeout_s: float = 5.0, settle_s: float = 0.0, **log_options: Any,
 ) -> Iterator[LoggedServer]:  # fmt: skip
     """The tiny model (version `version`) behind the real V2 listener, logging every answer
     to `store` (and joining labels against it), until the block ends. With `process_url` the
-    log's writer is a process of its own writing to that store (`ProcessPredictionLog`)."""
+    log's writer is a process of its own writing to that store (`ProcessPredictionLog`);
+    `settle_s` is the feedback desk's (0: an id not in the store yet is refused at once)."""
     observer = RecordingObserver()
     options = {"flush_interval_s": 0.05, **log_options}
     predlog: PredictionLog
@@ -94,7 +95,7 @@ def logged_server(
         predlog = PredictionLog(store, LogIdentity(slot, "digits", version), observer=observer, **options)
     core = tiny_core(tmp_path, version=version, seed=seed, observer=observer, predlog=predlog)
     predlog.start()
-    app = V2RestApp(8 << 20, core, FeedbackDesk(store, "digits", observer))
+    app = V2RestApp(8 << 20, core, FeedbackDesk(store, "digits", observer, settle_s=settle_s))
     try:
         with listening(app, close_core=True) as url:
             yield LoggedServer(url, predlog, observer, version)
