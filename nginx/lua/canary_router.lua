@@ -17,6 +17,8 @@
 --   client as it is: it neither marks the slot down nor moves the request.
 -- * Unforced traffic fails over to the candidate only while the candidate already has a
 --   share of traffic (weight > 0): at 0% it is untested and never a fallback.
+-- * An unforced request routed to a slot that has lost its role by the time nginx connects
+--   (promote stops the old stable right after the change) goes to the stable slot.
 -- * Slots live only on the hosts the rendered config names (`slot_hosts`): the admin API may
 --   move a slot to another port, never to another machine, so whoever holds the admin token
 --   cannot send clients' requests (and their answers) to a server of their own.
@@ -227,13 +229,14 @@ local function may_force()
 end
 
 -- The slot a failing slot's unforced traffic may move to: the candidate only while it has
--- a share of traffic (at 0% it has not been judged yet), stable always.
+-- a share of traffic (at 0% it has not been judged yet), stable always. A slot that lost its
+-- role since the request was routed (promote stops the old stable) falls back to stable.
 local function fallback(s, slot)
   if slot == s.stable then
     if s.candidate and s.weight > 0 then return s.candidate end
     return nil
   end
-  if slot == s.candidate then return s.stable end
+  return s.stable
 end
 
 -- (slot, forced): the slot that answers this request, and whether a privileged client chose it.
@@ -314,8 +317,15 @@ function M.balance(port_field)
     slot = fallback(s, slot) or slot
     ctx.slot = slot
     ngx.var.canary_slot = slot
-  elseif not ctx.shadow and not ctx.forced and fallback(s, slot) then
-    balancer.set_more_tries(1)
+  else
+    if not ctx.shadow and not ctx.forced and slot ~= s.stable and slot ~= s.candidate then
+      -- routed (access phase) before a role change, connecting after it: the slot it chose
+      -- has no role any more and may be stopping; the stable slot answers instead
+      slot = s.stable
+      ctx.slot = slot
+      ngx.var.canary_slot = slot
+    end
+    if not ctx.shadow and not ctx.forced and fallback(s, slot) then balancer.set_more_tries(1) end
   end
   if not ctx.shadow then -- the mirror subrequest shares the main request's variables
     ctx.tried = (ctx.tried and (ctx.tried .. " ") or "") .. slot

@@ -397,6 +397,27 @@ def test_dead_stable_at_weight_0_is_not_replaced_by_the_untested_candidate(stack
     assert stack.slots["green"].requests() == []
 
 
+def test_a_request_routed_before_a_promote_reaches_the_new_stable(stack: Stack) -> None:
+    """`promote` moves the roles, then stops the old stable. A request nginx routed before the
+    change (its slot is chosen on the headers; here the body is still uploading) connects
+    after it: the new stable answers it, not the stopped slot's 503."""
+    body = json.dumps({"inputs": [1, 2, 3]}).encode()
+    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: canary\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", stack.ports.rest), timeout=10) as sock:
+        sock.sendall(head + body[:4])
+        time.sleep(0.5)  # nginx routes on the headers: to blue, stable at weight 0
+        stack.route(stable="green", candidate=None, weight=0)  # what promote does, then:
+        stack.slots["blue"].stop()
+        sock.sendall(body[4:])
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        text = answer.read()
+    assert answer.status == 200, text
+    assert answer.getheader("x-canary-slot") == json.loads(text)["slot"] == "green"
+    assert stack.status()["slots"]["blue"]["recent_failures"] == 0  # no connect to the stopped slot
+
+
 @pytest.mark.parametrize("mode", ["always", "never"])
 def test_a_forced_request_never_fails_over(stack: Stack, mode: str) -> None:
     """The gate forces each slot; an answer from the other slot would be measured as this one's."""
