@@ -348,7 +348,8 @@ def test_killed_candidate_costs_no_request(stack: Stack) -> None:
                 stack.slots["green"].kill()
             answers.append(infer(client))  # asserts 200 from a live slot
     assert "green" in answers[:50] and set(answers[50:]) == {"blue"}
-    assert stack.status()["slots"]["green"]["recent_failures"] >= 1
+    green = stack.status()["slots"]["green"]  # both keys expire FAIL_TIMEOUT_S after they were set
+    assert green["recent_failures"] >= 1 or green["down"], green
     with grpcclient.InferenceServerClient(stack.grpc_target) as client:
         assert {grpc_version(client) for _ in range(20)} == {"v1"}
 

@@ -78,17 +78,23 @@ def test_rest_and_grpc_requests_share_batches(second_version, split):
     barrier = threading.Barrier(16)
     rows = split.x_test[:16]
 
+    # Every client connects before the barrier, so the 16 calls leave together even on a
+    # loaded machine (a connection set up after it could miss the window).
     def rest(i: int) -> int:
-        barrier.wait()
         body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": rows[i].tolist()}]}
-        return httpx.post(f"{second_version.url}/v2/models/digits/infer", json=body, timeout=30).status_code
+        with httpx.Client(base_url=second_version.url, timeout=30) as client:
+            assert client.get("/v2/health/ready").status_code == 200
+            barrier.wait()
+            return client.post("/v2/models/digits/infer", json=body).status_code
 
     def grpc(i: int) -> int:
         client = triton_grpc.InferenceServerClient(second_version.grpc)
         request = triton_grpc.InferInput("input", [1, 64], "FP32")
         request.set_data_from_numpy(rows[i : i + 1])
+        assert client.is_server_ready()
         barrier.wait()
         client.infer("digits", [request])
+        client.close()
         return 200
 
     with ThreadPoolExecutor(16) as pool:

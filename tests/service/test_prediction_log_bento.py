@@ -58,7 +58,9 @@ def test_every_protocol_is_logged_under_its_id_and_labels_become_online_accuracy
         "v2": "rest", "mount": "rest", "grpc": "grpc", "native": "bentoml"}  # fmt: skip
     assert {name: rows[rid]["classes"] for name, rid in ids.items()} == {k: [v] for k, v in predicted.items()}
     assert {(r["slot"], r["model_version"]) for r in rows.values()} == {("test", version)}
-    assert total(scrape(serving.url), "canary_prediction_log_written_total") >= written_before + 4
+    # the counter follows the rows: the writer reports them written after the store has them
+    wait_until(lambda: total(scrape(serving.url), "canary_prediction_log_written_total") >= written_before + 4,
+               10, "the written counter to count the four rows")  # fmt: skip
     # written by the slot's log writer process, a child of the worker that answered
     port = int(serving.v2.rsplit(":", 1)[1])
     worker = next(psutil.Process(c.pid) for c in psutil.net_connections("tcp") if c.laddr.port == port and c.pid)
