@@ -365,8 +365,8 @@ class _Rollout:
     def of(cls, deployment: Obj) -> _Rollout:
         spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
         observed = int(status.get("observedGeneration") or 0) >= int(deployment["metadata"].get("generation") or 0)
-        counts = (int(status.get(key) or 0) for key in ("replicas", "updatedReplicas", "readyReplicas"))
-        return cls(int(spec.get("replicas", 1)), *counts, observed)
+        pods, updated, ready = (int(status.get(key) or 0) for key in ("replicas", "updatedReplicas", "readyReplicas"))
+        return cls(int(spec.get("replicas", 1)), pods, updated, ready, observed)
 
     @property
     def complete(self) -> bool:

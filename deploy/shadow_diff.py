@@ -18,7 +18,8 @@ Locust gate, which sends both requests of a pair at the same moment, judges late
 Missing answers: nginx mirrors REST and native-API requests (not gRPC), so from the first
 mirrored request of the window to its end, every such request stable answered should have a
 shadow answer too. The log is read `SHADOW_GRACE_S` past the window's end (the gate waits for
-that moment), so a copy still in flight at the end is not missed. A request without one (the
+that moment, then reads until the log's writer has caught up: `read_when_settled`), so a copy
+still in flight at the end, or answered but not yet written, is not missed. A request without one (the
 copy failed, timed out or was shed) counts as a candidate error: a candidate that dies or
 sheds during the window, even in its last second, fails the gate instead of being judged on
 the copies it still answered. Users never see a shadow answer, so
@@ -27,8 +28,9 @@ this is the judgement at 0% exposure.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,24 @@ from loadtest.gate import (
 SHADOW_GRACE_S = 3.0
 MIRRORED = frozenset({"rest", "bentoml"})  # the protocols nginx mirrors (gRPC is not mirrored)
 MAX_REQUESTS = 500_000  # requests of a window held in memory at most
+
+
+def read_when_settled(
+    read: Callable[[], Iterable[dict[str, Any]]], *, quiet_s: float = 1.0, limit_s: float = 15.0
+) -> Iterable[dict[str, Any]]:
+    """`read()` once the log's writer has caught up with the window: two counts `quiet_s` apart
+    agree (it lags the answers by a flush interval, more on a loaded machine, and a copy not
+    written yet would count as the candidate's error), or `limit_s` has passed. The rows are
+    counted, not kept, so a large window is still read a page at a time."""
+    deadline = time.monotonic() + limit_s
+    count = sum(1 for _ in read())
+    while time.monotonic() + quiet_s <= deadline:
+        time.sleep(quiet_s)
+        again = sum(1 for _ in read())
+        if again == count:
+            break
+        count = again
+    return read()
 
 
 @dataclass

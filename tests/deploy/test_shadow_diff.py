@@ -4,9 +4,12 @@ end-to-end test (real nginx mirroring to real slots) is in tests/deploy/test_sta
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
-from deploy.shadow_diff import SHADOW_GRACE_S, judge_shadow, pair_shadow
+from deploy.shadow_diff import SHADOW_GRACE_S, judge_shadow, pair_shadow, read_when_settled
 from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds
 from tests.support.predlog import LabelStore
 
@@ -99,3 +102,35 @@ def test_shadow_gate_refusals_are_one_line(capsys):
         code, _, err = canary_in_process(capsys, *args)
         assert code == 1 and expected in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_the_window_is_read_until_the_logs_writer_has_caught_up():
+    """The candidate's writer lags its answers (a flush interval, more under load): the last
+    copies reach the log after the gate's grace. Read once, they are missing, counted as the
+    candidate's errors, and a twin fails; read until two reads agree, it passes."""
+    rows = traffic(600)
+    copies = [row for row in rows if row["shadow"]]
+    log = [row for row in rows if row not in copies[-40:]]  # the last 40 copies not written yet
+
+    def writer() -> None:
+        for row in copies[-40:]:
+            time.sleep(0.01)
+            log.append(row)
+
+    early = pair_shadow(list(log), until=rows[-1]["time"])
+    assert (early.expected, early.missing) == (600, 40)
+    assert judge_shadow(early, LabelStore({}), THRESHOLDS).verdict.verdict == FAIL
+    late = threading.Thread(target=writer)
+    late.start()
+    settled = read_when_settled(lambda: list(log), quiet_s=0.3, limit_s=10)
+    late.join()
+    window = pair_shadow(settled, until=rows[-1]["time"])
+    assert (window.expected, window.missing) == (600, 0)
+    assert judge_shadow(window, LabelStore({}), THRESHOLDS).verdict.verdict == PASS
+
+
+def test_a_log_that_keeps_growing_is_read_for_at_most_the_limit():
+    grown = []
+    started = time.monotonic()
+    rows = list(read_when_settled(lambda: grown.append({}) or list(grown), quiet_s=0.1, limit_s=0.5))
+    assert 0.4 <= time.monotonic() - started < 5 and len(rows) >= 4
