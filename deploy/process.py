@@ -53,8 +53,12 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
 
 def stop_tree(pid: int, exited: Callable[[], bool], timeout: float) -> None:
     """SIGTERM `pid` (BentoML then stops its workers), SIGKILL its whole tree if it lingers,
-    and SIGKILL any worker that outlived it (BentoML's workers run in sessions of their own)."""
-    tree = descendants(pid)
+    and SIGKILL any worker that outlived it (BentoML's workers run in sessions of their own),
+    waiting up to 5 s for those to be gone."""
+    try:
+        tree = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -62,9 +66,11 @@ def stop_tree(pid: int, exited: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.1)
     if not exited():
         kill_tree(pid)
-    for child in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
+    for child in tree:  # psutil refuses a pid that now names another process
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    # gone before returning: a caller checks the slot's ports right after
+    psutil.wait_procs(tree, timeout=5)
 
 
 @dataclass
