@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +26,43 @@ from models.errors import CanaryError
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A loopback port nothing holds now, outside the kernel's ephemeral range.
+
+    The port is bound later (a slot binds its listeners after loading its model). Port 0
+    would give one from the ephemeral range, where every outgoing connection on the machine
+    takes its local port: a long-lived client connection landing on it meanwhile made a
+    slot's bind fail ('Address already in use', seen in `make chaos`). Outside the range,
+    only another listener can take it."""
+    low, high = _ephemeral_range()
+    pool = [(1 << 14, low - 1), (high + 1, 65535)]  # 16384..: clear of the well-known services
+    spans = [(a, b) for a, b in pool if b >= a]
+    draw = secrets.SystemRandom()
+    for _ in range(256):
+        a, b = draw.choice(spans) if spans else (1024, 65535)
+        port = draw.randint(a, b)
+        if port in _GIVEN:  # a caller may not have bound the last few yet
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.append(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded machine: any
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_GIVEN: deque[int] = deque(maxlen=256)  # this process's latest answers
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
 
 
 def venv_bin(name: str) -> str:
