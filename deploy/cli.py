@@ -474,7 +474,7 @@ def _shadow_gate(since: str, source: str | None, limits) -> None:
     import time
 
     from deploy.predictions import open_log_store, parse_window, reading_log
-    from deploy.shadow_diff import SHADOW_GRACE_S, judge_shadow, pair_shadow, read_when_settled
+    from deploy.shadow_diff import SETTLE_TAIL_S, SHADOW_GRACE_S, judge_shadow, pair_shadow, read_when_settled
 
     if _OPTIONS["target"] == "k8s" and not source:
         raise CanaryError("--source shadow on k8s reads the cluster's prediction log: give --from <its URL>")
@@ -484,7 +484,8 @@ def _shadow_gate(since: str, source: str | None, limits) -> None:
         say(f"waiting {SHADOW_GRACE_S:.0f} s for the answers to the last copies")
         time.sleep(SHADOW_GRACE_S)
         with reading_log(where):
-            rows = read_when_settled(lambda: store.read_range(start, end + SHADOW_GRACE_S))
+            rows = read_when_settled(lambda: store.read_range(start, end + SHADOW_GRACE_S),
+                                     lambda: store.read_range(max(start, end - SETTLE_TAIL_S), end + SHADOW_GRACE_S))  # fmt: skip
             report = judge_shadow(pair_shadow(rows, end), store, limits)
     finally:
         store.close()

@@ -336,10 +336,13 @@ def plan_weight(
     return _routing_plan("weight", summary, httproute, grpcroute, stable, candidate, weight, shadow=None)
 
 
-def plan_shadow(httproute: Obj, grpcroute: Obj, on: bool) -> K8sPlan:
+def plan_shadow(httproute: Obj, grpcroute: Obj, on: bool, deployments: Iterable[Obj]) -> K8sPlan:
     """Mirror unforced REST traffic to the candidate (answers discarded), or stop; roles and
-    weights stay."""
+    weights stay. Mirroring needs the candidate ready and rolled out (its old pods would
+    answer the copies and be judged in its place)."""
     stable, candidate, current = _current(httproute)
+    if on:
+        _require_ready(deployments, candidate, "mirror traffic to the candidate")
     summary = f"mirror stable traffic to candidate {candidate}" if on else "stop mirroring"
     return _routing_plan("shadow", summary, httproute, grpcroute, stable, candidate, current, shadow=on)
 
@@ -370,8 +373,15 @@ class _Rollout:
 
     @property
     def complete(self) -> bool:
-        """The controller has seen the current spec, and every pod runs it (no old pod left)."""
-        return self.observed and self.updated >= self.desired and self.pods == self.updated
+        """As `kubectl rollout status`: the controller has seen the current spec, and every
+        wanted pod runs it, no old pod left."""
+        return self.current_only and self.updated >= self.desired
+
+    @property
+    def current_only(self) -> bool:
+        """No old pod answers for the slot (what moving traffic to it needs; a scale-up by the
+        HPA, or a quota that holds new pods back, is not a rollout)."""
+        return self.observed and self.pods == self.updated
 
     def progress(self) -> str:
         if not self.observed:
@@ -391,7 +401,7 @@ def _require_ready(deployments: Iterable[Obj], slot: str, action: str) -> Obj:
     rollout, name = _Rollout.of(deployment), _meta(deployment)[0]
     if rollout.ready < 1:
         raise ValueError(f"cannot {action}: slot {slot} ({name}) has no ready replica")
-    if not rollout.complete:
+    if not rollout.current_only:
         raise ValueError(
             f"cannot {action}: slot {slot} ({name}) is still rolling out to {_image(deployment)} "
             f"({rollout.progress()}); wait until `canary --target k8s status` shows its rollout complete"

@@ -154,7 +154,7 @@ class K8sTarget:
     def shadow(self, on: bool, dry_run: bool = False) -> K8sPlan:
         """Mirror unforced REST traffic to the candidate (RequestMirror on the HTTPRoute)."""
         http, grpc = self._routes()
-        plan = _planned(k8s_plan.plan_shadow, http, grpc, on)
+        plan = _planned(k8s_plan.plan_shadow, http, grpc, on, self._deployments())
         return self._apply(plan, dry_run, f"canary --target k8s shadow {'on' if on else 'off'}")
 
     def switch(self, dry_run: bool = False) -> K8sPlan:

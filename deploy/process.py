@@ -105,8 +105,18 @@ def stop_tree(pid: int, exited: Callable[[], bool], timeout: float) -> None:
     for child in tree:  # psutil refuses a pid that now names another process
         with contextlib.suppress(psutil.Error):
             child.kill()
-    # gone before returning: a caller checks the slot's ports right after
-    psutil.wait_procs(tree, timeout=5)
+    # gone before returning: a caller checks the slot's ports right after. A zombie holds no
+    # port (an init that does not reap may keep it for ever), so it counts as gone.
+    deadline = time.monotonic() + 5
+    while any(_running(child) for child in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass

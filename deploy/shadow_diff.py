@@ -50,22 +50,28 @@ from loadtest.gate import (
 # How long after the window's end a copy's answer may still be logged: nginx's shadow timeout
 # (1 s) + the log's flush interval (0.5 s) + slack
 SHADOW_GRACE_S = 3.0
+SETTLE_TAIL_S = 10.0  # the window's last seconds, counted until the log's writer has caught up
 MIRRORED = frozenset({"rest", "bentoml"})  # the protocols nginx mirrors (gRPC is not mirrored)
 MAX_REQUESTS = 500_000  # requests of a window held in memory at most
 
 
 def read_when_settled(
-    read: Callable[[], Iterable[dict[str, Any]]], *, quiet_s: float = 1.0, limit_s: float = 15.0
+    read: Callable[[], Iterable[dict[str, Any]]],
+    tail: Callable[[], Iterable[dict[str, Any]]],
+    *,
+    quiet_s: float = 1.0,
+    limit_s: float = 15.0,
 ) -> Iterable[dict[str, Any]]:
-    """`read()` once the log's writer has caught up with the window: two counts `quiet_s` apart
-    agree (it lags the answers by a flush interval, more on a loaded machine, and a copy not
-    written yet would count as the candidate's error), or `limit_s` has passed. The rows are
-    counted, not kept, so a large window is still read a page at a time."""
+    """`read()` once the log's writer has caught up with the window's end: two counts of
+    `tail()` (the last seconds of the window and the grace) `quiet_s` apart agree, or
+    `limit_s` has passed. The writer lags the answers by a flush interval, more on a loaded
+    machine, and a copy not written yet would count as the candidate's error. Only the tail
+    is counted; the window itself is read once, a page at a time."""
     deadline = time.monotonic() + limit_s
-    count = sum(1 for _ in read())
+    count = sum(1 for _ in tail())
     while time.monotonic() + quiet_s <= deadline:
         time.sleep(quiet_s)
-        again = sum(1 for _ in read())
+        again = sum(1 for _ in tail())
         if again == count:
             break
         count = again

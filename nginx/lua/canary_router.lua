@@ -173,21 +173,29 @@ end
 -- shut down after a reload, no longer counts: nginx retitles it "worker process is shutting
 -- down" in the same step that closes its listeners. A reload is complete, for every new
 -- connection, once this is the new generation alone (NginxController.apply waits for it).
+-- state, parent pid, and whether the process is gone (ENOENT); nil state and parent when
+-- /proc could not be read for another reason (no file descriptor left, hidepid)
 local function state_and_parent(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat") or ""
-  return stat:match(".*%) (%a) (%d+)")  -- after the last ")" of the name: state, parent pid
+  local f, _, code = io.open("/proc/" .. pid .. "/stat", "rb")
+  if not f then return nil, nil, code == 2 end
+  local stat = f:read("*a") or ""
+  f:close()
+  local state, parent = stat:match(".*%) (%a) (%d+)")  -- after the last ")" of the name
+  return state, parent, false
 end
 
 local function serving_generations()
   local me, master = ngx.worker.pid(), select(2, state_and_parent("self"))
+  if not master then return json.null end  -- nobody can tell: apply() waits, then says so
   local seen, list = { [cfg.config_generation] = true }, { cfg.config_generation }
   for _, key in ipairs(dict:get_keys(0)) do
     local pid = key:match("^worker:(%d+)$")
     if pid and tonumber(pid) ~= me then
-      local state, parent = state_and_parent(pid)
-      if master == nil or parent ~= master or state == "Z" or state == "X" then
+      local state, parent, gone = state_and_parent(pid)
+      local title = parent and read_file("/proc/" .. pid .. "/cmdline") or ""
+      if gone or (parent and parent ~= master) or state == "Z" or state == "X" then
         dict:delete(key)  -- exited, or its pid now another process's: forget it
-      elseif not (read_file("/proc/" .. pid .. "/cmdline") or ""):find("shutting down", 1, true) then
+      elseif not title:find("shutting down", 1, true) then  -- (unreadable now: counted)
         local generation = dict:get(key)
         if generation and not seen[generation] then
           seen[generation] = true

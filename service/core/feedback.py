@@ -146,25 +146,38 @@ class FeedbackDesk:
     machine), so `post` looks ids it cannot find up again for `settle_s` before it refuses:
     a label posted right after its answer is not lost to the writer's lag."""
 
-    RETRY_S = 0.1  # between lookups while ids settle
+    RETRY_S = 0.25  # between lookups while ids settle
+    MAX_SETTLING = 4  # posts waiting for ids at once; beyond, an unknown id is refused at once
 
     def __init__(
         self, store: PredictionStore, model: str, observer: CoreObserver | None = None, *, settle_s: float = 0.0
     ) -> None:
         self.store, self.model, self.settle_s = store, model, settle_s
         self.observer = observer or CoreObserver()
+        self._settling = 0
 
     async def post(self, labels: list[Label]) -> FeedbackResult:
-        """`submit` on a worker thread, again while ids are unknown, for at most `settle_s`."""
+        """`submit` on a worker thread, again while ids are unknown, for at most `settle_s`
+        (and for at most `MAX_SETTLING` posts at once: a backfill of expired ids must not
+        hold every slot of the server's feedback posts)."""
+        try:
+            return await asyncio.to_thread(self.submit, labels)
+        except UnknownPrediction:
+            if self.settle_s <= 0 or self._settling >= self.MAX_SETTLING:
+                raise
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settle_s
-        while True:
-            try:
-                return await asyncio.to_thread(self.submit, labels)
-            except UnknownPrediction:  # nothing was recorded: trying again is safe
-                if loop.time() + self.RETRY_S > deadline:
-                    raise
-            await asyncio.sleep(self.RETRY_S)
+        self._settling += 1
+        try:
+            while True:
+                await asyncio.sleep(self.RETRY_S)
+                try:
+                    return await asyncio.to_thread(self.submit, labels)
+                except UnknownPrediction:  # nothing was recorded: trying again is safe
+                    if loop.time() + self.RETRY_S > deadline:
+                        raise
+        finally:
+            self._settling -= 1
 
     def submit(self, labels: list[Label]) -> FeedbackResult:
         """Blocking (store round trips): call it from a worker thread."""

@@ -570,7 +570,7 @@ MIRROR_GREEN = {"type": "RequestMirror", "requestMirror": {"backendRef": {"name"
 
 def test_shadow_mirrors_the_weighted_rest_rule_to_the_candidate_and_off_again(cluster):
     cluster["http"]["spec"]["rules"][2]["filters"] = [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {}}]
-    plan = k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True)
+    plan = k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True, [cluster["blue"], cluster["green"]])
     (http,) = plan.patches  # the GRPCRoute is never mirrored
     assert http.kind == "HTTPRoute" and http.payload()["metadata"] == {"resourceVersion": "48213"}
     rules = http.payload()["spec"]["rules"]
@@ -579,8 +579,11 @@ def test_shadow_mirrors_the_weighted_rest_rule_to_the_candidate_and_off_again(cl
     assert [ref["weight"] for ref in rules[2]["backendRefs"]] == [90, 10]  # weights stay
     mirrored = applied(cluster, plan)
     assert status(mirrored)["shadow"] is True
-    assert k8s_plan.plan_shadow(mirrored["http"], mirrored["grpc"], True).patches == ()
-    off = applied(mirrored, k8s_plan.plan_shadow(mirrored["http"], mirrored["grpc"], False))
+    assert (
+        k8s_plan.plan_shadow(mirrored["http"], mirrored["grpc"], True, [mirrored["blue"], mirrored["green"]]).patches
+        == ()
+    )
+    off = applied(mirrored, k8s_plan.plan_shadow(mirrored["http"], mirrored["grpc"], False, []))
     assert off["http"]["spec"]["rules"][2]["filters"] == [
         {"type": "ResponseHeaderModifier", "responseHeaderModifier": {}}
     ]
@@ -590,7 +593,9 @@ def test_shadow_mirrors_the_weighted_rest_rule_to_the_candidate_and_off_again(cl
 def test_a_weight_change_keeps_the_mirror_and_rollback_or_a_role_change_stops_it(cluster):
     """As on the local stack: mirroring follows the candidate only until traffic is rolled
     back or the roles change (after a switch the mirror would copy stable's traffic to itself)."""
-    mirrored = applied(cluster, k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True))
+    mirrored = applied(
+        cluster, k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True, [cluster["blue"], cluster["green"]])
+    )
     weighted = applied(
         mirrored,
         k8s_plan.plan_weight(
@@ -638,6 +643,7 @@ def test_traffic_never_moves_to_a_slot_still_rolling_out(cluster, status, progre
         lambda: k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 1, deployments),
         lambda: k8s_plan.plan_switch(cluster["http"], cluster["grpc"], deployments),
         lambda: k8s_plan.plan_promote(cluster["http"], cluster["grpc"], deployments),
+        lambda: k8s_plan.plan_shadow(cluster["http"], cluster["grpc"], True, deployments),
     )
     for plan in refused:
         with pytest.raises(ValueError) as error:
@@ -651,6 +657,19 @@ def test_traffic_never_moves_to_a_slot_still_rolling_out(cluster, status, progre
     )
     back = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 0, deployments)
     assert back.summary == "candidate green 10% -> 0% (stable blue 100%)"  # a rollback needs nothing
+
+
+def test_a_slot_scaling_up_with_only_current_pods_may_take_traffic(cluster):
+    """The HPA raised replicas from 3 to 5 and two pods are still being created (or a quota
+    holds them back): no old pod answers for the slot, so this is no rollout to wait for."""
+    cluster["green"]["spec"]["replicas"] = 5
+    cluster["green"]["metadata"]["generation"] = cluster["green"]["status"]["observedGeneration"] = 7
+    deployments = [cluster["blue"], cluster["green"]]
+    plan = k8s_plan.plan_weight(cluster["http"], cluster["grpc"], "blue", "green", 50, deployments)
+    assert plan.summary == "candidate green 10% -> 50% (stable blue 50%)"
+    k8s_plan.plan_promote(cluster["http"], cluster["grpc"], deployments)
+    shown = k8s_plan.read_status(deployments, cluster["http"], cluster["grpc"])["slots"]["green"]
+    assert shown["rollout_complete"] is False  # as kubectl says: 3 of 5 wanted pods exist
 
 
 def test_promote_makes_the_candidate_stable_and_refuses_when_both_run_one_image(cluster):
