@@ -12,6 +12,7 @@ import numpy as np
 from deploy.shadow_diff import SHADOW_GRACE_S, judge_shadow, pair_shadow, read_when_settled
 from loadtest.gate import FAIL, INCONCLUSIVE, PASS, GateThresholds
 from tests.support.predlog import LabelStore
+from tests.support.waiting import wait_until
 
 THRESHOLDS = GateThresholds.from_yaml()
 
@@ -122,8 +123,10 @@ def test_the_window_is_read_until_the_logs_writer_has_caught_up():
     assert judge_shadow(early, LabelStore({}), THRESHOLDS).verdict.verdict == FAIL
     late = threading.Thread(target=writer)
     late.start()
+    wait_until(lambda: len(log) > len(rows) - 40, 10, "the late writer to start")
+    # a second between counts: the writer (10 ms a row) would have to stall that long to be missed
     settled = read_when_settled(lambda: list(log), lambda: [row for row in log if row["time"] > rows[-1]["time"] - 1],
-                                quiet_s=0.3, limit_s=10)  # fmt: skip
+                                quiet_s=1.0, limit_s=20)  # fmt: skip
     late.join()
     window = pair_shadow(settled, until=rows[-1]["time"])
     assert (window.expected, window.missing) == (600, 0)
