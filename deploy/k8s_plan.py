@@ -404,7 +404,8 @@ def _require_ready(deployments: Iterable[Obj], slot: str, action: str) -> Obj:
     if not rollout.current_only:
         raise ValueError(
             f"cannot {action}: slot {slot} ({name}) is still rolling out to {_image(deployment)} "
-            f"({rollout.progress()}); wait until `canary --target k8s status` shows its rollout complete"
+            f"({rollout.progress()}); wait until `canary --target k8s status` shows its rollout complete "
+            "(stuck? `deploy` another version to it)"
         )
     return deployment
 
