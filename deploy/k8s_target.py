@@ -142,7 +142,9 @@ class K8sTarget:
         """The candidate's share of unforced REST and gRPC traffic; roles stay."""
         http, grpc = self._routes()
         stable, candidate, _ = self._roles(http, grpc)
-        plan = _planned(k8s_plan.plan_weight, http, grpc, stable, candidate, percent, self._deployments())
+        # a rollback (0) needs no Deployment: it must work even when they cannot be read
+        slots = self._deployments() if percent > 0 else []
+        plan = _planned(k8s_plan.plan_weight, http, grpc, stable, candidate, percent, slots)
         return self._apply(plan, dry_run, f"canary --target k8s weight {percent}", reason)
 
     def rollback(self, dry_run: bool = False, reason: str = "") -> K8sPlan:
@@ -154,7 +156,7 @@ class K8sTarget:
     def shadow(self, on: bool, dry_run: bool = False) -> K8sPlan:
         """Mirror unforced REST traffic to the candidate (RequestMirror on the HTTPRoute)."""
         http, grpc = self._routes()
-        plan = _planned(k8s_plan.plan_shadow, http, grpc, on, self._deployments())
+        plan = _planned(k8s_plan.plan_shadow, http, grpc, on, self._deployments() if on else [])
         return self._apply(plan, dry_run, f"canary --target k8s shadow {'on' if on else 'off'}")
 
     def switch(self, dry_run: bool = False) -> K8sPlan:

@@ -192,10 +192,10 @@ local function serving_generations()
     local pid = key:match("^worker:(%d+)$")
     if pid and tonumber(pid) ~= me then
       local state, parent, gone = state_and_parent(pid)
-      local title = parent and read_file("/proc/" .. pid .. "/cmdline") or ""
       if gone or (parent and parent ~= master) or state == "Z" or state == "X" then
         dict:delete(key)  -- exited, or its pid now another process's: forget it
-      elseif not title:find("shutting down", 1, true) then  -- (unreadable now: counted)
+      elseif not (read_file("/proc/" .. pid .. "/cmdline") or ""):find("shutting down", 1, true) then
+        -- (a worker whose /proc entry cannot be read now is counted: it may still accept)
         local generation = dict:get(key)
         if generation and not seen[generation] then
           seen[generation] = true
@@ -325,15 +325,15 @@ function M.balance(port_field)
     slot = fallback(s, slot) or slot
     ctx.slot = slot
     ngx.var.canary_slot = slot
-  else
-    if not ctx.shadow and not ctx.forced and slot ~= s.stable and slot ~= s.candidate then
+  elseif not ctx.shadow and not ctx.forced then
+    if slot ~= s.stable and slot ~= s.candidate then
       -- routed (access phase) before a role change, connecting after it: the slot it chose
       -- has no role any more and may be stopping; the stable slot answers instead
       slot = s.stable
       ctx.slot = slot
       ngx.var.canary_slot = slot
     end
-    if not ctx.shadow and not ctx.forced and fallback(s, slot) then balancer.set_more_tries(1) end
+    if fallback(s, slot) then balancer.set_more_tries(1) end
   end
   if not ctx.shadow then -- the mirror subrequest shares the main request's variables
     ctx.tried = (ctx.tried and (ctx.tried .. " ") or "") .. slot
